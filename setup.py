@@ -1,0 +1,24 @@
+"""Install the qmargin_spk speaker-verification toolkit."""
+from setuptools import find_packages, setup
+
+setup(
+    name="qmargin_spk",
+    version="0.1.0",
+    description="Speaker-verification recipes with the Q-Margin family of sparse alpha-divergence losses",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["qmargin_spk", "qmargin_spk.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "torchaudio>=2.1",
+        "speechbrain>=1.0,<1.2",
+        "soundfile>=0.12",
+        "numpy>=1.24",
+        "scikit-learn>=1.3",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "matplotlib>=3.7"],
+        "plot": ["matplotlib>=3.7"],
+    },
+)
