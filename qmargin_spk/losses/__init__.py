@@ -1,0 +1,21 @@
+"""Losses: the alpha-divergence functional core and the cosine-classifier loss modules."""
+from qmargin_spk.losses.alpha_divergence import (
+    SparsePosterior,
+    alpha_divergence_posterior,
+    fenchel_young_loss,
+    posterior_statistics,
+    solve_sparse_posterior,
+)
+from qmargin_spk.losses.margin_losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, QMarginLoss
+
+__all__ = [
+    "AAMLoss",
+    "AlphaEntmaxLoss",
+    "CosFaceLoss",
+    "QMarginLoss",
+    "SparsePosterior",
+    "alpha_divergence_posterior",
+    "fenchel_young_loss",
+    "posterior_statistics",
+    "solve_sparse_posterior",
+]

@@ -1,0 +1,275 @@
+"""Functional core: the alpha-divergence operator with a reference measure and its Fenchel-Young loss.
+
+Formulas from ``shared/design/qmargin.md`` (Koutsianos et al., ECCV 2026; Roulet et al., ICML 2025).
+For logits ``theta`` [B, C], a prior ``q`` that is 1 everywhere except ``q_y = exp(log_q_target)``
+at the target, and ``alpha > 1``::
+
+    p_j = q_j * [1 + (alpha - 1)(theta_j - tau)]_+ ** (1 / (alpha - 1)),  tau such that sum_j p_j = 1
+
+``alpha == 1`` is the closed form ``softmax(theta + log q)`` (Q-Margin at alpha 1 is CosFace).
+
+The support of ``p`` is a prefix of the classes sorted by logit and every class below
+``tau_lo - 1/(alpha - 1)`` is inactive (``tau_lo`` the lower end of the bracket), so the solver
+only ever looks at those *candidates*: a few per row, gathered with one ``topk``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_HALLEY_MAX_ITER = 60
+
+
+@dataclass
+class SparsePosterior:
+    """``p`` stored as (index, value) pairs: ``p[b, indices[b, i]] = values[b, i]``, zero elsewhere."""
+
+    indices: torch.Tensor  # [B, K] long, candidate classes (padding entries carry value 0)
+    values: torch.Tensor  # [B, K] float, p on the candidates (sums to 1 per row)
+    tau: torch.Tensor  # [B] the threshold (nan for alpha == 1, which has none)
+    support_size: torch.Tensor  # [B] long, number of classes with p > 0
+
+    def to_dense(self, num_classes: int) -> torch.Tensor:
+        """Scatter into a dense ``[B, C]`` tensor."""
+        dense = self.values.new_zeros(self.values.shape[0], num_classes)
+        return dense.scatter_add_(1, self.indices, self.values)
+
+
+def validate_inputs(logits: torch.Tensor, target: torch.Tensor, alpha: float) -> None:
+    """Raise ``ValueError`` on alpha < 1, non-2-D logits, mismatched or out-of-range targets, non-finite logits."""
+    if not alpha >= 1.0:
+        raise ValueError(f"alpha must be >= 1, got {alpha}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, C], got shape {tuple(logits.shape)}")
+    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(f"targets must be [B] with B = {logits.shape[0]}, got shape {tuple(target.shape)}")
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"targets must be integer class indices, got dtype {target.dtype}")
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= logits.shape[1]):
+        raise ValueError(
+            f"targets out of range [0, {logits.shape[1]}): min {int(target.min())}, max {int(target.max())}"
+        )
+    # One reduction catches NaN and inf; only an overflowing sum needs the element-wise check.
+    if not bool(torch.isfinite(logits.sum())) and not bool(torch.isfinite(logits).all()):
+        raise ValueError("logits contain NaN or inf")
+
+
+def _solver_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _f_prime_inv_q(log_q: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``f'(1/q) = (q^(1-alpha) - 1) / (alpha - 1)``, from ``log q``."""
+    am1 = alpha - 1.0
+    return torch.expm1(-am1 * log_q) / am1
+
+
+def _mass(theta: torch.Tensor, log_q: torch.Tensor, tau: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Unnormalised posterior ``q_j [1 + (alpha-1)(theta_j - tau)]_+^(1/(alpha-1))`` for a row-wise ``tau``."""
+    am1 = alpha - 1.0
+    u = torch.clamp_min(1.0 + am1 * (theta - tau.unsqueeze(1)), 0.0)
+    return torch.where(u > 0, torch.exp(log_q + torch.log(u) / am1), torch.zeros_like(u))
+
+
+def _tau_sorted_closed_form(theta: torch.Tensor, q: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Exact tau for alpha 2 or 1.5 from prefix sums over candidates sorted by decreasing logit."""
+    if alpha == 2.0:
+        big_q = torch.cumsum(q, dim=1)
+        s1 = torch.cumsum(q * (1.0 + theta), dim=1)
+        tau_k = (s1 - 1.0) / big_q
+        active = (1.0 + theta - tau_k > 0) & (q > 0)
+    else:  # alpha == 1.5: p = q (c - t)^2 with c = 1 + theta / 2, t = tau / 2
+        c = 1.0 + 0.5 * theta
+        big_q = torch.cumsum(q, dim=1)
+        s1 = torch.cumsum(q * c, dim=1)
+        s2 = torch.cumsum(q * c * c, dim=1)
+        disc = torch.clamp_min(s1 * s1 - big_q * (s2 - 1.0), 0.0)
+        t_k = (s1 - torch.sqrt(disc)) / big_q
+        tau_k = 2.0 * t_k
+        active = (c > t_k) & (q > 0)
+    # The support is the largest self-consistent prefix.
+    last = active.shape[1] - 1 - torch.flip(active, dims=[1]).to(torch.int8).argmax(dim=1)
+    return tau_k.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+def _tau_halley(theta: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Safeguarded Halley + bisection on ``g(tau) = sum_j p_j(tau) - 1`` within the exact bracket."""
+    am1 = alpha - 1.0
+    inv = 1.0 / am1
+    lo = (theta - _f_prime_inv_q(log_q, alpha)).amax(dim=1)
+    total_q = torch.logsumexp(log_q, dim=1)
+    hi = theta.amax(dim=1) - _f_prime_inv_q(total_q, alpha)
+    tau = lo.clone()
+    q = torch.exp(log_q)
+    eps = torch.finfo(theta.dtype).eps
+    for _ in range(_HALLEY_MAX_ITER):
+        u = torch.clamp_min(1.0 + am1 * (theta - tau.unsqueeze(1)), 0.0)
+        pos = u > 0
+        log_u = torch.log(torch.where(pos, u, torch.ones_like(u)))
+        w0 = torch.where(pos, q * torch.exp(inv * log_u), torch.zeros_like(u))
+        w1 = torch.where(pos, q * torch.exp((inv - 1.0) * log_u), torch.zeros_like(u))
+        w2 = torch.where(pos, q * torch.exp((inv - 2.0) * log_u), torch.zeros_like(u))
+        g = w0.sum(dim=1) - 1.0
+        g1 = -w1.sum(dim=1)
+        g2 = (2.0 - alpha) * w2.sum(dim=1)
+        # Keep the bracket: g is non-increasing, so g >= 0 means the root lies above.
+        lo = torch.where(g >= 0, tau, lo)
+        hi = torch.where(g < 0, tau, hi)
+        width = hi - lo
+        if bool((g.abs() <= 4 * eps).all() | (width <= eps * (1.0 + tau.abs())).all()):
+            break
+        denom = 2.0 * g1 * g1 - g * g2
+        step = torch.where(denom != 0, 2.0 * g * g1 / torch.where(denom != 0, denom, torch.ones_like(denom)),
+                           torch.zeros_like(g))
+        proposal = tau - step
+        inside = (proposal > lo) & (proposal < hi) & torch.isfinite(proposal)
+        tau = torch.where(inside, proposal, 0.5 * (lo + hi))
+    return tau
+
+
+def _candidates(theta: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor, alpha: float):
+    """Gather, sorted by decreasing logit, every class that can be in the support.
+
+    Returns ``[B, K]`` logits, class indices and ``log q`` (``-inf`` on padding), K the largest
+    candidate count of the batch.
+    """
+    am1 = alpha - 1.0
+    batch = theta.shape[0]
+    rows = torch.arange(batch, device=theta.device)
+    top_other = theta.scatter(1, target.unsqueeze(1), float("-inf")).amax(dim=1)
+    target_theta = theta[rows, target]
+    # tau_lo = max_j (theta_j - f'(1/q_j)); f'(1) = 0 for every non-target class.
+    tau_lo = torch.maximum(top_other, target_theta - _f_prime_inv_q(log_q_target, alpha))
+    cand_row, cand_col = (theta > (tau_lo - 1.0 / am1).unsqueeze(1)).nonzero(as_tuple=True)
+    counts = torch.bincount(cand_row, minlength=batch)
+    starts = torch.cumsum(counts, dim=0) - counts
+    slot = torch.arange(cand_row.shape[0], device=theta.device) - starts[cand_row]
+    k = int(counts.max())
+    cand_theta = theta.new_full((batch, k), float("-inf"))
+    cand_theta[cand_row, slot] = theta[cand_row, cand_col]
+    cand_idx = torch.zeros(batch, k, dtype=torch.long, device=theta.device)
+    cand_idx[cand_row, slot] = cand_col
+    cand_theta, order = torch.sort(cand_theta, dim=1, descending=True, stable=True)
+    cand_idx = cand_idx.gather(1, order)
+    live = torch.isfinite(cand_theta)
+    log_q = torch.where(cand_idx == target.unsqueeze(1), log_q_target.unsqueeze(1), torch.zeros_like(cand_theta))
+    log_q = torch.where(live, log_q, torch.full_like(log_q, float("-inf")))
+    # Padding: a finite logit below every candidate, weight zero.
+    cand_theta = torch.where(live, cand_theta, (tau_lo - 1.0 / am1).unsqueeze(1).expand_as(cand_theta))
+    return cand_theta, cand_idx, log_q
+
+
+def solve_sparse_posterior(
+    logits: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor | float, alpha: float
+) -> SparsePosterior:
+    """The alpha-divergence posterior with the Q-Margin-style prior, as (index, value) pairs.
+
+    ``log_q_target`` is ``log q_y`` per row (or one float for all rows); every other class has
+    ``q_j = 1``. Solved in float64 for float64 logits and float32 otherwise; deterministic.
+    """
+    validate_inputs(logits, target, alpha)
+    work = _solver_dtype(logits.dtype)
+    theta = logits.detach().to(work)
+    target = target.long()
+    log_q_target = torch.as_tensor(log_q_target, dtype=work, device=theta.device).expand(theta.shape[0])
+    if alpha == 1.0:
+        shifted = theta.scatter_add(1, target.unsqueeze(1), log_q_target.unsqueeze(1))
+        values = torch.softmax(shifted, dim=1)
+        indices = torch.arange(theta.shape[1], device=theta.device).expand_as(theta)
+        nan = torch.full((theta.shape[0],), float("nan"), dtype=work, device=theta.device)
+        return SparsePosterior(indices, values, nan, (values > 0).sum(dim=1))
+    cand_theta, cand_idx, log_q = _candidates(theta, target, log_q_target, alpha)
+    if alpha in (1.5, 2.0):
+        tau = _tau_sorted_closed_form(cand_theta, torch.exp(log_q), alpha)
+    else:
+        tau = _tau_halley(cand_theta, log_q, alpha)
+    values = _mass(cand_theta, log_q, tau, alpha)
+    values = values / values.sum(dim=1, keepdim=True)
+    return SparsePosterior(cand_idx, values, tau, (values > 0).sum(dim=1))
+
+
+def alpha_divergence_posterior(
+    logits: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor | float, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``p`` [B, C] (in the logits' dtype) and the support size per row."""
+    sparse = solve_sparse_posterior(logits, target, log_q_target, alpha)
+    return sparse.to_dense(logits.shape[1]).to(logits.dtype), sparse.support_size
+
+
+def fy_loss_from_posterior(
+    logits: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor, sparse: SparsePosterior, alpha: float
+) -> torch.Tensor:
+    """Per-row Fenchel-Young loss ``<p - e_y, theta> + regulariser terms`` from a solved posterior."""
+    theta = logits.detach().to(sparse.values.dtype)
+    log_q_target = log_q_target.to(theta.dtype).expand(theta.shape[0])
+    rows = torch.arange(theta.shape[0], device=theta.device)
+    target_theta = theta[rows, target]
+    p_theta = (sparse.values * theta.gather(1, sparse.indices)).sum(dim=1)
+    if alpha == 1.0:
+        # KL generator: logsumexp(theta + log q) - theta_y - log q_y, i.e. cross-entropy.
+        shifted = theta.scatter_add(1, target.unsqueeze(1), log_q_target.unsqueeze(1))
+        return torch.logsumexp(shifted, dim=1) - shifted[rows, target]
+    am1 = alpha - 1.0
+    is_target = sparse.indices == target.unsqueeze(1)
+    p_target = (sparse.values * is_target).sum(dim=1)
+    p_pow = sparse.values.clamp_min(0.0) ** alpha
+    others = (p_pow * ~is_target).sum(dim=1)
+    inv_q_target = torch.exp(-am1 * log_q_target)  # q_y^(1 - alpha)
+    regulariser = (inv_q_target * (1.0 - p_target**alpha) - others) / (alpha * am1)
+    return p_theta - target_theta + regulariser
+
+
+class _FenchelYoungLoss(torch.autograd.Function):
+    """Mean loss on ``scale * inputs``; backward is ``scale (p - e_y) / B``, no backprop through the solver."""
+
+    @staticmethod
+    def forward(ctx, inputs, target, scale, log_q_target, alpha, stats):  # noqa: D102
+        logits = inputs * scale if scale != 1.0 else inputs
+        sparse = solve_sparse_posterior(logits, target, log_q_target, alpha)
+        log_q = torch.as_tensor(log_q_target, dtype=sparse.values.dtype, device=logits.device)
+        per_row = fy_loss_from_posterior(logits, target.long(), log_q, sparse, alpha)
+        ctx.save_for_backward(sparse.indices, sparse.values, target)
+        ctx.shape, ctx.dtype, ctx.scale = inputs.shape, inputs.dtype, scale
+        if stats is not None:
+            stats.update(posterior_statistics(sparse, target.long()))
+        return per_row.mean().to(inputs.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        indices, values, target = ctx.saved_tensors
+        batch = values.shape[0]
+        factor = grad_out.to(values.dtype) * (ctx.scale / batch)
+        grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=values.device)
+        grad.scatter_add_(1, indices, (values * factor).to(ctx.dtype))
+        grad.scatter_add_(1, target.long().unsqueeze(1), (-factor).to(ctx.dtype).expand(batch, 1))
+        return grad, None, None, None, None, None
+
+
+def fenchel_young_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    log_q_target: torch.Tensor | float = 0.0,
+    alpha: float = 1.5,
+    stats: dict | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Mean alpha-divergence Fenchel-Young loss of ``scale * logits`` over the batch.
+
+    The gradient w.r.t. ``logits`` is ``scale * (p - e_y) / B`` (``scale`` is folded in so
+    cosine classifiers need no extra ``B x C`` product). ``stats``, when given, is filled
+    with :func:`posterior_statistics` of this batch.
+    """
+    return _FenchelYoungLoss.apply(logits, target, float(scale), log_q_target, float(alpha), stats)
+
+
+def posterior_statistics(sparse: SparsePosterior, target: torch.Tensor) -> dict[str, float]:
+    """Numbers worth logging: mean/max support size, mean ``p_y``, fraction of rows with ``p_y = 0``."""
+    p_target = (sparse.values * (sparse.indices == target.unsqueeze(1))).sum(dim=1)
+    support = sparse.support_size.to(torch.float64)
+    return {
+        "support_mean": float(support.mean()),
+        "support_max": float(support.max()),
+        "p_target_mean": float(p_target.mean()),
+        "p_target_zero_frac": float((p_target <= 0).to(torch.float64).mean()),
+    }

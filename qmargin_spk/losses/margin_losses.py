@@ -1,0 +1,119 @@
+"""Loss modules for cosine classifiers, drop-in ``compute_cost`` objects for a SpeechBrain recipe.
+
+Every module takes cosines ``[B, 1, C]`` or ``[B, C]`` and targets ``[B, 1]`` or ``[B]`` and returns
+a scalar. ``scale`` and ``margin`` are plain attributes that a scheduler may change between steps,
+and ``stats`` holds the posterior statistics of the last forward (support size, ``p_y``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from qmargin_spk.losses.alpha_divergence import fenchel_young_loss, validate_inputs
+
+
+def _flatten(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring SpeechBrain's ``[B, 1, C]`` / ``[B, 1]`` shapes to ``[B, C]`` / ``[B]``."""
+    if outputs.dim() == 3:
+        if outputs.shape[1] != 1:
+            raise ValueError(f"outputs must be [B, 1, C] or [B, C], got shape {tuple(outputs.shape)}")
+        outputs = outputs.squeeze(1)
+    if targets.dim() == 2:
+        if targets.shape[1] != 1:
+            raise ValueError(f"targets must be [B, 1] or [B], got shape {tuple(targets.shape)}")
+        targets = targets.squeeze(1)
+    return outputs, targets
+
+
+class _CosineLoss(torch.nn.Module):
+    """Shared shape handling, validation and statistics of the cosine-classifier losses."""
+
+    def __init__(self, scale: float, margin: float) -> None:
+        super().__init__()
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.scale = float(scale)
+        self.margin = float(margin)
+        self.stats: dict[str, float] = {}
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor, length: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean loss over the batch (``length`` is accepted for SpeechBrain and ignored)."""
+        cosines, targets = _flatten(outputs, targets)
+        validate_inputs(cosines, targets, self.alpha)
+        return self._loss(cosines, targets.long())
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, scale={self.scale}, margin={self.margin}"
+
+
+class QMarginLoss(_CosineLoss):
+    """Q-Margin: the alpha-divergence Fenchel-Young loss with the margin in the target's prior.
+
+    ``q_y = exp(-scale * margin)``, ``q_j = 1`` otherwise; logits ``scale * cos`` are never changed.
+    ``alpha = 1`` is exactly CosFace; ``margin = 0`` is alpha-entmax.
+    """
+
+    def __init__(self, alpha: float = 1.5, scale: float = 10.0, margin: float = 0.2) -> None:
+        if not alpha >= 1.0:
+            raise ValueError(f"alpha must be >= 1, got {alpha}")
+        super().__init__(scale, margin)
+        self.alpha = float(alpha)
+
+    def _loss(self, cosines: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.stats = {}
+        return fenchel_young_loss(
+            cosines, targets, -self.scale * self.margin, self.alpha, stats=self.stats, scale=self.scale
+        )
+
+
+class AlphaEntmaxLoss(QMarginLoss):
+    """The alpha-entmax loss on ``scale * cos`` (Q-Margin with no margin; alpha 2 is SparseMax)."""
+
+    def __init__(self, alpha: float = 1.5, scale: float = 10.0) -> None:
+        super().__init__(alpha=alpha, scale=scale, margin=0.0)
+
+
+class CosFaceLoss(QMarginLoss):
+    """CosFace / AM-softmax: cross-entropy on ``scale * (cos - margin * e_y)``; Q-Margin at alpha 1."""
+
+    def __init__(self, scale: float = 30.0, margin: float = 0.2) -> None:
+        super().__init__(alpha=1.0, scale=scale, margin=margin)
+
+
+class AAMLoss(_CosineLoss):
+    """ArcFace / additive angular margin: cross-entropy with ``cos(theta_y + margin)`` at the target.
+
+    Like SpeechBrain's ``AdditiveAngularMargin`` (same fallback ``cos - sin(pi - m) m`` past
+    ``theta + m > pi``), but the margin is read at every forward so a scheduler can ramp it,
+    and only the target column is modified (no dense one-hot).
+    """
+
+    alpha = 1.0
+
+    def __init__(self, scale: float = 30.0, margin: float = 0.2, easy_margin: bool = False) -> None:
+        super().__init__(scale, margin)
+        self.easy_margin = easy_margin
+
+    def _loss(self, cosines: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        cosines = cosines.float() if cosines.dtype in (torch.float16, torch.bfloat16) else cosines
+        target_cos = cosines.gather(1, targets.unsqueeze(1)).clamp(-1 + 1e-7, 1 - 1e-7)
+        sine = torch.sqrt(1.0 - target_cos * target_cos)
+        shifted = target_cos * math.cos(self.margin) - sine * math.sin(self.margin)
+        if self.easy_margin:
+            shifted = torch.where(target_cos > 0, shifted, target_cos)
+        else:
+            threshold = math.cos(math.pi - self.margin)
+            shifted = torch.where(target_cos > threshold, shifted, target_cos - math.sin(math.pi - self.margin) * self.margin)
+        logits = self.scale * cosines.scatter(1, targets.unsqueeze(1), shifted)
+        log_p = F.log_softmax(logits, dim=1)
+        with torch.no_grad():
+            p_target = log_p.gather(1, targets.unsqueeze(1)).exp()
+            self.stats = {
+                "support_mean": float(cosines.shape[1]),
+                "support_max": float(cosines.shape[1]),
+                "p_target_mean": float(p_target.mean()),
+                "p_target_zero_frac": float((p_target <= 0).float().mean()),
+            }
+        return F.nll_loss(log_p, targets)
