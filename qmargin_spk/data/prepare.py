@@ -1,0 +1,374 @@
+"""The recipe's prepare stage: VoxCeleb-layout audio trees -> checked manifests.
+
+Inputs are roots laid out as ``<root>/wav/<spk>/<video>/<utt>.wav`` (VoxCeleb1) or
+``<root>/aac/<spk>/<video>/<utt>.m4a`` (VoxCeleb2 dev), plus trial lists whose paths
+are relative to the test root's ``wav/``. Everything that could break a later stage
+is found here, once:
+
+- m4a files are decoded with ffmpeg into the same root's ``wav/`` tree (threads
+  running ffmpeg processes; resumable; failures listed, not fatal);
+- unreadable, empty, non-mono (and, for training, too short) files are skipped, one
+  reason per file in ``skipped.txt``;
+- files at another sample rate are kept and listed in ``resampled.txt``;
+  :func:`qmargin_spk.data.audio.load_audio` resamples them on every load, so
+  durations here are in seconds, whatever the file's rate;
+- training and test speakers must be disjoint (VoxCeleb1-E/H use all of VoxCeleb1);
+- every trial must name a usable test utterance, with a label that agrees with the
+  speaker folders.
+
+Outputs in ``out_dir`` (all written atomically): ``train.csv`` and ``test.csv``
+(``ID,wav,duration,spk_id``; ``ID`` is ``spk/video/utt``, ``wav`` an absolute path,
+``duration`` seconds), ``skipped.txt``, ``resampled.txt``, ``conversion_failures.txt``
+and, last, ``prepare_done.json``, which holds a cheap fingerprint of the inputs (file
+counts, sizes, newest mtimes, settings) so that re-running a finished prepare does
+nothing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import subprocess
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from qmargin_spk.data.audio import AudioError, audio_info
+from qmargin_spk.utils.atomic import atomic_open, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FIELDS = ("ID", "wav", "duration", "spk_id")
+DONE_MARKER = "prepare_done.json"
+MARKER_VERSION = 1
+MAX_LISTED_PROBLEMS = 10
+
+PathLike = str | os.PathLike
+
+
+class PrepareError(RuntimeError):
+    """Inputs that cannot give a usable data set; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One utterance of a manifest."""
+
+    id: str
+    wav: str
+    duration: float
+    spk_id: str
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What the prepare stage produced; ``reused`` is True when a finished run was found."""
+
+    out_dir: Path
+    train_manifest: Path
+    test_manifest: Path
+    trial_files: list[Path]
+    num_train_utterances: int
+    num_train_speakers: int
+    num_test_utterances: int
+    num_test_speakers: int
+    num_skipped: int
+    num_resampled: int
+    num_conversion_failures: int
+    reused: bool = False
+
+    def to_json(self) -> dict:
+        return {k: [str(p) for p in v] if k == "trial_files" else str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PrepareResult":
+        path_fields = {"out_dir", "train_manifest", "test_manifest"}
+        values = {f.name: data[f.name] for f in fields(cls)}
+        values.update({k: Path(values[k]) for k in path_fields})
+        values["trial_files"] = [Path(p) for p in values["trial_files"]]
+        return cls(**values)
+
+
+def utterance_id(relative_path: str) -> str:
+    """``spk/video/utt.wav`` -> ``spk/video/utt`` (the key shared by manifests and trial lists)."""
+    return os.path.splitext(relative_path.replace(os.sep, "/"))[0]
+
+
+def _audio_files(folder: Path, extension: str) -> list[Path]:
+    """Files ``<folder>/<spk>/<video>/<utt>.<extension>``, sorted."""
+    return sorted(folder.glob(f"*/*/*.{extension}")) if folder.is_dir() else []
+
+
+def _check_layout(root: Path) -> None:
+    if not (root / "wav").is_dir() and not (root / "aac").is_dir():
+        raise PrepareError(f"{root}: no wav/ or aac/ folder (expected <root>/wav/<spk>/<video>/<utt>.wav)")
+
+
+# --- m4a -> wav -------------------------------------------------------------------
+
+
+def _decode_m4a(source: Path, target: Path, sample_rate: int) -> str | None:
+    """Decode one file with ffmpeg through a temporary name; return an error message or None."""
+    partial = target.with_name(f".{target.name}.partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    command = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(source), "-ac", "1", "-ar", str(sample_rate)]
+    command += ["-acodec", "pcm_s16le", "-f", "wav", str(partial)]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        lines = completed.stderr.strip().splitlines()
+        return lines[-1] if lines else f"ffmpeg exited with status {completed.returncode}"
+    os.replace(partial, target)
+    return None
+
+
+def convert_m4a(roots: Iterable[Path], sample_rate: int, num_workers: int) -> list[tuple[Path, str]]:
+    """Decode every ``aac/**.m4a`` that has no ``wav/`` counterpart yet; return the failures.
+
+    Outputs appear only complete (temporary name, then rename), so an interrupted
+    run resumes where it stopped. ffmpeg runs as child processes, so threads suffice
+    to keep ``num_workers`` of them busy.
+    """
+    pending = [
+        (source, root / "wav" / source.relative_to(root / "aac").with_suffix(".wav"))
+        for root in roots
+        for source in _audio_files(root / "aac", "m4a")
+    ]
+    pending = [(source, target) for source, target in pending if not target.exists()]
+    if not pending:
+        return []
+    if shutil.which("ffmpeg") is None:
+        raise PrepareError(
+            f"ffmpeg not found on PATH: it is needed to decode {len(pending)} m4a files "
+            f"(first: {pending[0][0]}); install it (e.g. apt-get install ffmpeg) and re-run"
+        )
+    logger.info("decoding %d m4a files with ffmpeg (%d workers)", len(pending), num_workers)
+    with ThreadPoolExecutor(num_workers) as pool:
+        errors = list(pool.map(lambda job: _decode_m4a(*job, sample_rate), pending))
+    failures = [(source, error) for (source, _), error in zip(pending, errors) if error is not None]
+    if failures:
+        logger.warning("%d of %d m4a files failed to decode, e.g. %s: %s", len(failures), len(pending), *failures[0])
+    return failures
+
+
+# --- scanning ---------------------------------------------------------------------
+
+
+@dataclass
+class _Scan:
+    rows: list[ManifestRow]
+    skipped: list[tuple[Path, str]]
+    resampled: list[tuple[Path, int]]
+
+
+def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: int) -> _Scan:
+    """Read the header of every wav under ``root/wav`` and sort usable files from the rest."""
+    paths = _audio_files(root / "wav", "wav")
+    if not paths:
+        raise PrepareError(f"{root}: no audio files under {root / 'wav'} (expected <spk>/<video>/<utt>.wav)")
+
+    def probe(path: Path):
+        try:
+            return audio_info(path), None
+        except AudioError as err:
+            return None, str(err).removeprefix(f"{path}: ")
+
+    scan = _Scan([], [], [])
+    with ThreadPoolExecutor(num_workers) as pool:
+        for path, (info, problem) in zip(paths, pool.map(probe, paths, chunksize=64)):
+            if info is not None and info.duration < min_duration:
+                problem = f"too short ({info.duration:.2f} s < min_duration {min_duration} s)"
+            if problem is not None:
+                scan.skipped.append((path, problem))
+                continue
+            if info.sample_rate != sample_rate:
+                scan.resampled.append((path, info.sample_rate))
+            relative = path.relative_to(root / "wav").as_posix()
+            scan.rows.append(ManifestRow(utterance_id(relative), os.path.abspath(path), info.duration, relative.split("/")[0]))
+    if scan.skipped:
+        logger.warning("%s: skipped %d of %d files, e.g. %s: %s", root, len(scan.skipped), len(paths), *scan.skipped[0])
+    if not scan.rows:
+        raise PrepareError(f"{root}: none of the {len(paths)} audio files is usable, e.g. {scan.skipped[0][0]}: {scan.skipped[0][1]}")
+    return scan
+
+
+# --- manifests --------------------------------------------------------------------
+
+
+def write_manifest(path: PathLike, rows: Sequence[ManifestRow]) -> None:
+    """Write ``ID,wav,duration,spk_id`` rows atomically."""
+    with atomic_open(path, "w") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(MANIFEST_FIELDS)
+        writer.writerows((row.id, row.wav, f"{row.duration:.6f}", row.spk_id) for row in rows)
+
+
+def read_manifest(path: PathLike) -> list[ManifestRow]:
+    """Read a manifest written by :func:`write_manifest` (extra columns are ignored)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = set(MANIFEST_FIELDS) - set(reader.fieldnames or ())
+        if missing:
+            raise PrepareError(f"{path}: manifest lacks columns {sorted(missing)}")
+        return [ManifestRow(r["ID"], r["wav"], float(r["duration"]), r["spk_id"]) for r in reader]
+
+
+# --- checks -----------------------------------------------------------------------
+
+
+def check_disjoint_speakers(train_speakers: set[str], test_speakers: set[str], allow_overlap: bool = False) -> None:
+    """Refuse (or, with ``allow_overlap``, warn) when a test speaker is also a training speaker."""
+    shared = sorted(train_speakers & test_speakers)
+    if not shared:
+        return
+    message = (
+        f"{len(shared)} speakers are in both training and test data, e.g. {', '.join(shared[:5])}; "
+        "results on this test set would be optimistic"
+    )
+    if not allow_overlap:
+        raise PrepareError(message + " (pass allow_overlap to continue anyway)")
+    logger.warning(message)
+
+
+def validate_trial_list(path: PathLike, test_ids: set[str], skipped: dict[str, str] | None = None) -> tuple[int, int]:
+    """Check ``label enrol test`` lines against the test utterance ids; return (targets, non-targets).
+
+    A trial must have three fields, a 0/1 label that agrees with the speaker folders,
+    and paths of usable test utterances. All problems are reported as ``file:line``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PrepareError(f"{path}: trial list not found")
+    skipped = skipped or {}
+    problems: list[str] = []
+    counts = [0, 0]
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 3 or parts[0] not in ("0", "1"):
+                problems.append(f"{path}:{number}: expected '<0|1> <enrol> <test>', got {line.strip()!r}")
+                continue
+            label, enrol, test = int(parts[0]), utterance_id(parts[1]), utterance_id(parts[2])
+            for utt, written in ((enrol, parts[1]), (test, parts[2])):
+                if utt not in test_ids:
+                    reason = f"unusable ({skipped[utt]})" if utt in skipped else "not in the test root"
+                    problems.append(f"{path}:{number}: {written} is {reason}")
+            if label != (enrol.split("/")[0] == test.split("/")[0]):
+                problems.append(f"{path}:{number}: label {label} disagrees with speakers of {parts[1]} and {parts[2]}")
+            counts[label] += 1
+    if problems:
+        more = f"\n... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
+        raise PrepareError(f"{len(problems)} problems in trial list {path}:\n" + "\n".join(problems[:MAX_LISTED_PROBLEMS]) + more)
+    if counts[0] + counts[1] == 0:
+        raise PrepareError(f"{path}: trial list is empty")
+    return counts[1], counts[0]
+
+
+# --- fingerprint ------------------------------------------------------------------
+
+
+def _tree_summary(paths: list[Path]) -> dict:
+    stats = [p.stat() for p in paths]
+    return {
+        "files": len(stats),
+        "bytes": sum(s.st_size for s in stats),
+        "newest_mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
+    }
+
+
+def input_fingerprint(train_roots: Sequence[Path], test_root: Path, trial_files: Sequence[Path], settings: dict) -> dict:
+    """A cheap summary of everything prepare reads: audio trees (counts, sizes, mtimes), trial lists, settings."""
+    trees = {
+        str(root): {ext: _tree_summary(_audio_files(root / folder, ext)) for folder, ext in (("wav", "wav"), ("aac", "m4a"))}
+        for root in [*train_roots, test_root]
+    }
+    trials = {str(p): _tree_summary([p]) if p.is_file() else None for p in trial_files}
+    return {"version": MARKER_VERSION, "trees": trees, "trials": trials, "settings": settings}
+
+
+def _write_listing(path: Path, entries: Iterable[tuple[object, object]]) -> None:
+    atomic_write_text(path, "".join(f"{a}\t{b}\n" for a, b in entries))
+
+
+# --- the stage --------------------------------------------------------------------
+
+
+def prepare(
+    train_roots: Sequence[PathLike],
+    test_root: PathLike,
+    trial_files: Sequence[PathLike],
+    out_dir: PathLike,
+    min_duration: float = 0.5,
+    sample_rate: int = 16000,
+    allow_overlap: bool = False,
+    num_workers: int = 4,
+) -> PrepareResult:
+    """Decode, scan and check the data; write manifests and listings to ``out_dir``.
+
+    ``min_duration`` (seconds) applies to training files only: a test file is kept if
+    it is readable, since trial lists may need it. Raises :class:`PrepareError` for a
+    missing layout, a root without usable audio, duplicate training ids, overlapping
+    speakers (unless ``allow_overlap``) and bad trial lists.
+    """
+    train_roots = [Path(os.path.abspath(r)) for r in train_roots]
+    test_root = Path(os.path.abspath(test_root))
+    trial_paths = [Path(os.path.abspath(t)) for t in trial_files]
+    out_dir = Path(out_dir)
+    settings = {"min_duration": min_duration, "sample_rate": sample_rate, "allow_overlap": allow_overlap}
+    if not train_roots:
+        raise PrepareError("no training root given")
+    for root in [*train_roots, test_root]:
+        _check_layout(root)
+
+    marker = out_dir / DONE_MARKER
+    if marker.is_file():
+        done = json.loads(marker.read_text(encoding="utf-8"))
+        outputs_present = all((out_dir / name).is_file() for name in ("train.csv", "test.csv"))
+        if outputs_present and done.get("fingerprint") == input_fingerprint(train_roots, test_root, trial_paths, settings):
+            logger.info("%s: inputs unchanged since the last prepare, nothing to do", out_dir)
+            return PrepareResult.from_json(done["result"] | {"reused": True})
+        marker.unlink()
+
+    failures = convert_m4a([*train_roots, test_root], sample_rate, num_workers)
+    _write_listing(out_dir / "conversion_failures.txt", failures)
+
+    train = [scan_root(root, sample_rate, min_duration, num_workers) for root in train_roots]
+    test = scan_root(test_root, sample_rate, 0.0, num_workers)
+    train_rows = [row for scan in train for row in scan.rows]
+    duplicates = [utt for utt, count in Counter(row.id for row in train_rows).items() if count > 1]
+    if duplicates:
+        raise PrepareError(f"{len(duplicates)} utterance ids occur in more than one training root, e.g. {duplicates[0]}")
+    check_disjoint_speakers({r.spk_id for r in train_rows}, {r.spk_id for r in test.rows}, allow_overlap)
+
+    test_skipped = {utterance_id(p.relative_to(test_root / "wav").as_posix()): why for p, why in test.skipped}
+    for trial_path in trial_paths:
+        targets, nontargets = validate_trial_list(trial_path, {row.id for row in test.rows}, test_skipped)
+        logger.info("%s: %d target and %d non-target trials", trial_path, targets, nontargets)
+
+    scans = [*train, test]
+    write_manifest(out_dir / "train.csv", train_rows)
+    write_manifest(out_dir / "test.csv", test.rows)
+    _write_listing(out_dir / "skipped.txt", [entry for scan in scans for entry in scan.skipped])
+    _write_listing(out_dir / "resampled.txt", [entry for scan in scans for entry in scan.resampled])
+    result = PrepareResult(
+        out_dir=out_dir,
+        train_manifest=out_dir / "train.csv",
+        test_manifest=out_dir / "test.csv",
+        trial_files=trial_paths,
+        num_train_utterances=len(train_rows),
+        num_train_speakers=len({r.spk_id for r in train_rows}),
+        num_test_utterances=len(test.rows),
+        num_test_speakers=len({r.spk_id for r in test.rows}),
+        num_skipped=sum(len(scan.skipped) for scan in scans),
+        num_resampled=sum(len(scan.resampled) for scan in scans),
+        num_conversion_failures=len(failures),
+    )
+    fingerprint = input_fingerprint(train_roots, test_root, trial_paths, settings)
+    atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "result": result.to_json()}, indent=1) + "\n")
+    return result

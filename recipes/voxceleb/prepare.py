@@ -1,0 +1,49 @@
+"""VoxCeleb recipe, stage 1: decode, scan and check the data, write manifests.
+
+Example (VoxCeleb2 dev for training, VoxCeleb1 for the cleaned test lists):
+
+    python recipes/voxceleb/prepare.py --train_root /data/vox2_dev --test_root /data/vox1 \\
+        --trials /data/vox1/veri_test2.txt --trials /data/vox1/list_test_hard2.txt --out exp/data
+
+Re-running with unchanged inputs does nothing; see qmargin_spk.data.prepare for details.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from qmargin_spk.data.prepare import PrepareError, prepare
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Prepare VoxCeleb-layout data: manifests, checks, m4a decoding.")
+    parser.add_argument("--train_root", action="append", required=True, help="root with wav/ or aac/ (repeatable)")
+    parser.add_argument("--test_root", required=True, help="root with wav/ that the trial lists refer to")
+    parser.add_argument("--trials", action="append", default=[], help="trial list to validate (repeatable)")
+    parser.add_argument("--out", required=True, help="output folder for manifests and listings")
+    parser.add_argument("--allow_overlap", action="store_true", help="only warn when train and test share speakers")
+    parser.add_argument("--min_duration", type=float, default=0.5, help="shortest training utterance kept, seconds")
+    parser.add_argument("--num_workers", type=int, default=4, help="parallel header reads and ffmpeg processes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = prepare(
+            args.train_root,
+            args.test_root,
+            args.trials,
+            args.out,
+            min_duration=args.min_duration,
+            allow_overlap=args.allow_overlap,
+            num_workers=args.num_workers,
+        )
+    except PrepareError as err:
+        print(f"prepare failed: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_json(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
