@@ -1,0 +1,43 @@
+"""Scoring: trial lists, embedding extraction, cosine / AS-norm back-ends, reports, the scoring stage."""
+from qmargin_spk.scoring.backends import (
+    asnorm_scores,
+    cohort_statistics,
+    cosine_scores,
+    l2_normalise,
+    pair_scores,
+    speaker_means,
+)
+from qmargin_spk.scoring.embeddings import EmbeddingTable, extract_embeddings
+from qmargin_spk.scoring.pipeline import BACKENDS, score_trial_lists
+from qmargin_spk.scoring.report import read_score_file, results_table, write_results, write_score_file
+from qmargin_spk.scoring.trials import (
+    MissingTrialFilesError,
+    TrialList,
+    check_trial_files,
+    read_trial_list,
+    read_trial_lists,
+    unique_utterances,
+)
+
+__all__ = [
+    "BACKENDS",
+    "EmbeddingTable",
+    "MissingTrialFilesError",
+    "TrialList",
+    "asnorm_scores",
+    "check_trial_files",
+    "cohort_statistics",
+    "cosine_scores",
+    "extract_embeddings",
+    "l2_normalise",
+    "pair_scores",
+    "read_score_file",
+    "read_trial_list",
+    "read_trial_lists",
+    "results_table",
+    "score_trial_lists",
+    "speaker_means",
+    "unique_utterances",
+    "write_results",
+    "write_score_file",
+]

@@ -1,0 +1,132 @@
+"""Scoring stage: trial lists -> embeddings -> scores -> metrics, plots and reports."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from qmargin_spk.metrics import DEFAULT_FARS, DEFAULT_P_TARGETS, compute_metrics, det_available, plot_det
+from qmargin_spk.scoring.backends import asnorm_scores, cosine_scores, speaker_means
+from qmargin_spk.scoring.embeddings import EmbedFn, EmbeddingTable, extract_embeddings
+from qmargin_spk.scoring.report import write_results, write_score_file
+from qmargin_spk.scoring.trials import TrialFiles, check_trial_files, read_trial_lists, unique_utterances
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("cosine", "asnorm")
+
+
+def score_trial_lists(
+    embed_fn: EmbedFn,
+    model_id: str,
+    test_root: str | os.PathLike,
+    trial_files: TrialFiles,
+    out_dir: str | os.PathLike,
+    backend: str = "cosine",
+    cohort_paths: Mapping[str, str | os.PathLike] | None = None,
+    cohort_speakers: Mapping[str, str] | None = None,
+    top_n: int = 300,
+    subtract_mean: bool | None = None,
+    batch_size: int = 16,
+    chunk_seconds: float | None = None,
+    sample_rate: int = 16000,
+    p_targets: Sequence[float] = DEFAULT_P_TARGETS,
+    fars: Sequence[float] = DEFAULT_FARS,
+    max_missing_listed: int = 10,
+    print_table: bool = True,
+) -> dict:
+    """Score every trial list with one set of embeddings and write all result files to ``out_dir``.
+
+    ``test_root`` is the VoxCeleb1 ``wav/`` folder the lists' paths are relative to.
+    ``cohort_paths`` (utt id -> audio) are training utterances: their speaker means
+    (speaker from ``cohort_speakers``, else the first path component of the utt id,
+    as in VoxCeleb ids) form the AS-norm cohort, and their mean embedding is
+    subtracted from every embedding when ``subtract_mean`` (default: whenever a
+    cohort is given). Embeddings are cached under ``out_dir/embeddings`` keyed on
+    ``model_id``. Writes per list ``<list>.<backend>.scores`` and ``.det.png`` (if
+    matplotlib is installed), and ``results.<backend>.json`` / ``.md``; returns the
+    JSON content plus the ``table``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
+    if subtract_mean is None:
+        subtract_mean = cohort_paths is not None
+    if cohort_paths is None and (backend == "asnorm" or subtract_mean):
+        raise ValueError(f"backend {backend!r} with subtract_mean={subtract_mean} needs cohort_paths")
+    out_dir = Path(out_dir)
+    test_root = Path(test_root)
+
+    trial_lists = read_trial_lists(trial_files)
+    check_trial_files(trial_lists, test_root, max_missing_listed)
+    settings = dict(batch_size=batch_size, chunk_seconds=chunk_seconds, sample_rate=sample_rate)
+    test_paths = {utt: test_root / utt for utt in unique_utterances(trial_lists).tolist()}
+    test_table = extract_embeddings(test_paths, embed_fn, out_dir / "embeddings" / "test.pt", model_id, **settings)
+
+    cohort = mean = None
+    if cohort_paths is not None:
+        cohort_table = extract_embeddings(cohort_paths, embed_fn, out_dir / "embeddings" / "cohort.pt", model_id, **settings)
+        cohort, mean = _cohort(cohort_table, cohort_speakers, subtract_mean)
+
+    results = []
+    for trials in trial_lists:
+        enrol_index = test_table.indices(trials.enrol)
+        test_index = test_table.indices(trials.test)
+        if backend == "asnorm":
+            scores = asnorm_scores(test_table.vectors, enrol_index, test_index, cohort, top_n=top_n, mean=mean)
+        else:
+            scores = cosine_scores(test_table.vectors, enrol_index, test_index, mean=mean)
+        score_file = out_dir / f"{trials.name}.{backend}.scores"
+        write_score_file(score_file, trials.enrol, trials.test, scores, trials.labels)
+        metrics = compute_metrics(scores, trials.labels, p_targets=p_targets, fars=fars)
+        det_file = None
+        if det_available():
+            det_file = out_dir / f"{trials.name}.{backend}.det.png"
+            plot_det(scores, trials.labels, det_file, title=f"{trials.name} ({backend}, {model_id})")
+        results.append(
+            {
+                "list": trials.name,
+                "trial_file": str(trials.path),
+                "backend": backend,
+                "n_trials": len(trials),
+                "metrics": metrics.to_dict(),
+                "score_file": str(score_file),
+                "det_plot": None if det_file is None else str(det_file),
+            }
+        )
+
+    run = {
+        "model_id": model_id,
+        "backend": backend,
+        "test_root": str(test_root),
+        "n_utterances": len(test_table.utt_ids),
+        "settings": {
+            **settings,
+            "subtract_mean": subtract_mean,
+            "top_n": top_n if backend == "asnorm" else None,
+            "n_cohort_speakers": None if cohort is None else int(cohort.shape[0]),
+        },
+        "results": results,
+    }
+    table = write_results(run, out_dir / f"results.{backend}.json", out_dir / f"results.{backend}.md")
+    if print_table:
+        print(table, end="")
+    return {**run, "table": table}
+
+
+def _cohort(
+    table: EmbeddingTable, speakers: Mapping[str, str] | None, subtract_mean: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-speaker mean embeddings of the cohort and, if asked, the mean cohort embedding."""
+    if speakers is None:
+        labels = [utt.split("/")[0] for utt in table.utt_ids]
+    else:
+        absent = [utt for utt in table.utt_ids if utt not in speakers]
+        if absent:
+            raise KeyError(f"{len(absent)} cohort utterances have no speaker in cohort_speakers, e.g. {absent[:5]}")
+        labels = [speakers[utt] for utt in table.utt_ids]
+    means, _ = speaker_means(table.vectors, labels)
+    return means, table.vectors.mean(dim=0) if subtract_mean else None

@@ -1,0 +1,74 @@
+"""Result files of a scoring run: score files, JSON and a Markdown table, all written atomically.
+
+A result entry (one per trial list) is a dict with at least ``list``, ``backend``,
+``n_trials`` and ``metrics`` (:meth:`VerificationMetrics.to_dict`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from qmargin_spk.utils.atomic import atomic_open, atomic_write_text
+
+
+def write_score_file(
+    path: str | os.PathLike, enrol: Sequence[str], test: Sequence[str], scores: np.ndarray, labels: np.ndarray
+) -> None:
+    """One ``enrol test score label`` line per trial; scores as ``repr`` of float64 (round-trips exactly)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not len(enrol) == len(test) == scores.size == len(labels):
+        raise ValueError("enrol, test, scores and labels must have the same length")
+    rows = zip(np.asarray(enrol).tolist(), np.asarray(test).tolist(), scores.tolist(), np.asarray(labels).tolist())
+    with atomic_open(path, "w") as handle:
+        handle.writelines(f"{e} {t} {s!r} {int(y)}\n" for e, t, s, y in rows)
+
+
+def read_score_file(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Inverse of :func:`write_score_file`: ``(enrol, test, float64 scores, int8 labels)``."""
+    enrol, test, scores, labels = [], [], [], []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.split()
+            if len(fields) != 4:
+                raise ValueError(f"{path}:{number}: expected 'enrol test score label', got {line.strip()!r}")
+            enrol.append(fields[0])
+            test.append(fields[1])
+            scores.append(float(fields[2]))
+            labels.append(int(fields[3]))
+    return enrol, test, np.array(scores, dtype=np.float64), np.array(labels, dtype=np.int8)
+
+
+def results_table(results: Sequence[dict]) -> str:
+    """Markdown table: list, back-end, trials, EER %, minDCF per prior, TAR % per FAR."""
+    if not results:
+        raise ValueError("no results to tabulate")
+    priors = list(results[0]["metrics"]["min_dcf"])
+    fars = list(results[0]["metrics"]["tar_at_far"])
+    header = ["list", "back-end", "trials", "EER %"]
+    header += [f"minDCF@{p}" for p in priors] + [f"TAR@FAR={far} %" for far in fars]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for result in results:
+        metrics = result["metrics"]
+        cells = [result["list"], result["backend"], str(result["n_trials"]), f"{100 * metrics['eer']:.3f}"]
+        cells += [f"{metrics['min_dcf'][p]['value']:.4f}" for p in priors]
+        cells += [_percent_or_na(metrics["tar_at_far"][far]["tar"]) for far in fars]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    run: dict, json_path: str | os.PathLike, markdown_path: str | os.PathLike
+) -> str:
+    """Write ``run`` (with its ``results`` entries) as JSON and its table as Markdown; return the table."""
+    table = results_table(run["results"])
+    atomic_write_text(json_path, json.dumps(run, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(markdown_path, table)
+    return table
+
+
+def _percent_or_na(value: float | None) -> str:
+    """TAR as a percentage, or ``n/a`` when it was not reported."""
+    return "n/a" if value is None else f"{100 * value:.2f}"
