@@ -1,0 +1,127 @@
+"""Waveform augmentation of training batches: reverberation, then additive noise.
+
+Noise comes from a folder of wavs. With MUSAN-style subfolders ``noise/``, ``music/``
+and ``speech/`` each category gets its usual SNR range (0-15, 5-15, 13-20 dB) and
+``speech`` is mixed as babble (the sum of several talkers); a folder without them is
+all ``noise``. Without a noise folder, synthetic coloured noise (power ~ f^-beta,
+beta in [0, 2]) is added at 5-20 dB so that training still sees noise. Reverberation
+convolves with a random RIR from a folder (unit-energy RIR, aligned on its direct
+path, output rescaled to the input level); there is none without a folder.
+
+SpeechBrain's AddNoise/AddReverb are not used: they load audio with torchaudio,
+which cannot read files in this environment.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio.functional
+
+from qmargin_spk.data.audio import AudioError, audio_info, load_audio
+from qmargin_spk.data.dataset import repeat_pad
+
+CATEGORY_SNR_DB = {"noise": (0.0, 15.0), "music": (5.0, 15.0), "speech": (13.0, 20.0)}
+SYNTHETIC_SNR_DB = (5.0, 20.0)
+BABBLE_TALKERS = (3, 7)
+
+
+def add_noise_at_snr(clean: torch.Tensor, noise: torch.Tensor, snr_db: float) -> torch.Tensor:
+    """``clean + g * noise`` with ``g`` chosen so that the power ratio is ``snr_db`` (silent inputs pass through)."""
+    clean_power = clean.pow(2).mean()
+    noise_power = noise.pow(2).mean()
+    if clean_power == 0 or noise_power == 0:
+        return clean
+    return clean + noise * torch.sqrt(clean_power / (noise_power * 10.0 ** (snr_db / 10.0)))
+
+
+def reverberate(clean: torch.Tensor, rir: torch.Tensor) -> torch.Tensor:
+    """Convolve with a unit-energy ``rir``, keep the samples aligned with its direct path, restore the input level."""
+    rir = rir / rir.norm().clamp_min(1e-12)
+    direct = int(rir.abs().argmax())
+    wet = torchaudio.functional.fftconvolve(clean, rir)[direct : direct + len(clean)]
+    return wet * clean.norm() / wet.norm().clamp_min(1e-12)
+
+
+def coloured_noise(length: int, slope: float, rng: np.random.Generator) -> torch.Tensor:
+    """Gaussian noise whose power spectrum falls as f^-slope (0 white, 1 pink, 2 brown)."""
+    spectrum = np.fft.rfft(rng.standard_normal(length))
+    spectrum *= np.maximum(np.arange(len(spectrum)), 1.0) ** (-slope / 2.0)
+    return torch.from_numpy(np.fft.irfft(spectrum, n=length)).float()
+
+
+def _wavs_under(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.wav"))
+
+
+def noise_categories(noise_dir: str | os.PathLike) -> dict[str, list[Path]]:
+    """Noise files by category: MUSAN subfolders if any exist, else everything as ``noise``."""
+    noise_dir = Path(noise_dir)
+    subfolders = [name for name in CATEGORY_SNR_DB if (noise_dir / name).is_dir()]
+    found = {name: _wavs_under(noise_dir / name) for name in subfolders} if subfolders else {"noise": _wavs_under(noise_dir)}
+    categories = {name: files for name, files in found.items() if files}
+    if not categories:
+        raise ValueError(f"{noise_dir}: no noise wavs found")
+    return categories
+
+
+class WaveformAugmenter:
+    """Augment a batch ``[B, T]``: each row is reverberated with ``reverb_prob`` and noised with ``noise_prob``."""
+
+    def __init__(
+        self,
+        noise_dir: str | os.PathLike | None = None,
+        rir_dir: str | os.PathLike | None = None,
+        noise_prob: float = 0.6,
+        reverb_prob: float = 0.2,
+        sample_rate: int = 16000,
+        seed: int = 0,
+    ):
+        self.noise = noise_categories(noise_dir) if noise_dir is not None else {}
+        self.rirs = _wavs_under(Path(rir_dir)) if rir_dir is not None else []
+        if rir_dir is not None and not self.rirs:
+            raise ValueError(f"{rir_dir}: no RIR wavs found")
+        self.noise_prob = noise_prob
+        self.reverb_prob = reverb_prob
+        self.sample_rate = sample_rate
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, wavs: torch.Tensor) -> torch.Tensor:
+        out = wavs.clone()
+        for row in range(len(out)):
+            if self.rirs and self.rng.random() < self.reverb_prob:
+                rir = self._load(self.rirs[self.rng.integers(len(self.rirs))])
+                if rir is not None:
+                    out[row] = reverberate(out[row], rir)
+            if self.rng.random() < self.noise_prob:
+                out[row] = self._add_noise(out[row])
+        return out
+
+    def _load(self, path: Path, length: int | None = None) -> torch.Tensor | None:
+        """A whole file, or a random ``length``-sample segment of it (repeat-padded); None if unreadable."""
+        try:
+            if length is None:
+                return load_audio(path, self.sample_rate)
+            available = int(audio_info(path).duration * self.sample_rate)
+            start = int(self.rng.integers(0, available - length + 1)) if available > length else 0
+            return repeat_pad(load_audio(path, self.sample_rate, start=start, num_samples=min(length, available)), length)
+        except AudioError as err:
+            warnings.warn(f"augmentation skipped an unreadable file: {err}", RuntimeWarning)
+            return None
+
+    def _add_noise(self, clean: torch.Tensor) -> torch.Tensor:
+        if not self.noise:
+            snr = self.rng.uniform(*SYNTHETIC_SNR_DB)
+            return add_noise_at_snr(clean, coloured_noise(len(clean), self.rng.uniform(0.0, 2.0), self.rng), snr)
+        names = sorted(self.noise)
+        category = names[self.rng.integers(len(names))]
+        files = self.noise[category]
+        talkers = self.rng.integers(BABBLE_TALKERS[0], BABBLE_TALKERS[1] + 1) if category == "speech" else 1
+        segments = [self._load(files[self.rng.integers(len(files))], len(clean)) for _ in range(talkers)]
+        segments = [s for s in segments if s is not None]
+        if not segments:
+            return clean
+        return add_noise_at_snr(clean, torch.stack(segments).sum(0), self.rng.uniform(*CATEGORY_SNR_DB[category]))
