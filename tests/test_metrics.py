@@ -208,6 +208,33 @@ def test_speechbrain_convention_is_exact():
         assert ours.min_dcf_normalised is False
 
 
+# Lists where SpeechBrain's float32 arithmetic matters: its EER scan ends on a midpoint
+# threshold (float32 |FAR - FRR| below the exact gap), and its float32 costs pick
+# another minimum than float64 costs would.
+FLOAT32_CORNER_CASES = [
+    ([0.6, 1.3, 0.9, 0.3, 0.6, -1.5, -0.3, -1.3], [1, 1, 0, 0, 0, 0, 0, 0]),
+    ([0.3, 0.3, -0.0, 1.3, 1.1, 1.6, 0.3, -1.0], [1, 1, 1, 1, 1, 1, 0, 0]),
+    (
+        [-0.8, 0.2, 0.9, 1.6, 0.6, -0.1, -0.3, 1.2, 1.6, 0.3, -1.2, -1.0, 1.6, 0.2, -1.7, -0.1, -1.2, -0.6, -0.5,
+         -0.7, 0.6, -0.1, -0.6, 0.4, 0.8, -1.6, -0.3, -1.0, -0.2, -1.3, 0.0, -0.0, -0.3, -1.0, -0.4, -1.1, -1.4,
+         0.2, -1.1, 1.2, 0.7, -2.0, 0.3, -1.1, 0.0, 0.0, -2.0, -0.2, -0.3, 1.0, -1.2, 0.7, -1.1, -0.3, -0.8, 1.4],
+        [1] * 8 + [0] * 48,
+    ),
+]
+
+
+@pytest.mark.parametrize("scores, labels", FLOAT32_CORNER_CASES)
+def test_speechbrain_convention_float32_corner_cases(scores, labels):
+    from speechbrain.utils.metric_stats import EER, minDCF
+
+    scores, labels = np.array(scores), np.array(labels)
+    positive, negative = torch.tensor(scores[labels == 1]), torch.tensor(scores[labels == 0])
+    ours = compute_metrics(scores, labels, p_targets=(0.01, 0.05), convention="speechbrain")
+    assert (ours.eer, ours.eer_threshold) == EER(positive, negative)
+    for p in (0.01, 0.05):
+        assert (ours.min_dcf_at(p).value, ours.min_dcf_at(p).threshold) == minDCF(positive, negative, p_target=p)
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("decimals", [None, 1])
 def test_kaldi_convention_matches_formula(seed, decimals):
