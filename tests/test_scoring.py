@@ -80,7 +80,12 @@ def test_check_trial_files_reports_missing(tmp_path):
     (root / "s1" / "ok.wav").write_bytes(b"")
     path = write_lines(
         tmp_path / "list.txt",
-        ["1 s1/ok.wav s1/ok.wav", "0 s1/ok.wav s2/gone1.wav", "0 s2/gone2.wav s1/ok.wav", "1 s2/gone3.wav s2/gone1.wav"],
+        [
+            "1 s1/ok.wav s1/ok.wav",
+            "0 s1/ok.wav s2/gone1.wav",
+            "0 s2/gone2.wav s1/ok.wav",
+            "1 s2/gone3.wav s2/gone1.wav",
+        ],
     )
     lists = read_trial_lists([path])
     with pytest.raises(MissingTrialFilesError) as error:
@@ -350,6 +355,9 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     cohort = make_corpus(tmp_path / "vox2", {"id00001": 400.0, "id00002": 1000.0, "id00003": 2000.0}, 3, seed=99)
     out = tmp_path / "exp" / "scores"
 
+    vectors = torch.stack([spectral_embedder(load_audio(wav_root / u)[None], torch.ones(1))[0] for u in utts])
+    index = {u: i for i, u in enumerate(utts)}
+
     result = score_trial_lists(spectral_embedder, "toy-v1", wav_root, {"O": o, "E": e}, out)
     assert [r["list"] for r in result["results"]] == ["O", "E"]
     for entry in result["results"]:
@@ -357,8 +365,6 @@ def test_pipeline_end_to_end(tmp_path, capsys):
         enrol, test, scores, labels = read_score_file(entry["score_file"])
         trials = read_trial_list(entry["trial_file"])
         assert enrol == trials.enrol.tolist() and labels.tolist() == trials.labels.tolist()
-        vectors = torch.stack([spectral_embedder(load_audio(wav_root / u)[None], torch.ones(1))[0] for u in utts])
-        index = {u: i for i, u in enumerate(utts)}
         expected = cosine_loop(vectors, [index[u] for u in enrol], [index[u] for u in test])
         np.testing.assert_allclose(scores, expected, atol=1e-6)
         if det_available():
@@ -378,7 +384,9 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     assert normed["settings"]["n_cohort_speakers"] == 3 and normed["settings"]["subtract_mean"] is True
     assert (out / "results.asnorm.md").is_file()
     cohort_utts = sorted(cohort)
-    cohort_vectors = torch.stack([spectral_embedder(load_audio(cohort[u])[None], torch.ones(1))[0] for u in cohort_utts])
+    cohort_vectors = torch.stack(
+        [spectral_embedder(load_audio(cohort[u])[None], torch.ones(1))[0] for u in cohort_utts]
+    )
     speaker_vectors = torch.stack([cohort_vectors[i : i + 3].mean(dim=0) for i in (0, 3, 6)])
     enrol, test, scores, _ = read_score_file(out / "O.asnorm.scores")
     expected = asnorm_loop(
@@ -390,7 +398,9 @@ def test_pipeline_end_to_end(tmp_path, capsys):
 def test_pipeline_checks_files_before_extracting(tmp_path):
     wav_root = tmp_path / "wav"
     make_corpus(wav_root, {"id1": 300.0}, 2, seed=0)
-    trials = write_lines(tmp_path / "t.txt", ["1 id1/vid0/00000.wav id1/vid1/00001.wav", "0 id1/vid0/00000.wav id9/x/1.wav"])
+    trials = write_lines(
+        tmp_path / "t.txt", ["1 id1/vid0/00000.wav id1/vid1/00001.wav", "0 id1/vid0/00000.wav id9/x/1.wav"]
+    )
 
     def must_not_run(wavs, rel_lens):
         raise AssertionError("no extraction before the lists are checked")

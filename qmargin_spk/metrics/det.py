@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from qmargin_spk.metrics.verification import operating_points
 from qmargin_spk.utils.atomic import atomic_open
@@ -20,12 +21,12 @@ def det_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def probit(probabilities: np.ndarray) -> np.ndarray:
+def probit(probabilities: ArrayLike) -> np.ndarray:
     """Inverse standard-normal CDF; 0 and 1 map to -inf and +inf."""
     return torch.special.ndtri(torch.as_tensor(np.asarray(probabilities, dtype=np.float64))).numpy()
 
 
-def plot_det(scores, labels, path: str | os.PathLike, title: str | None = None) -> None:
+def plot_det(scores: ArrayLike, labels: ArrayLike, path: str | os.PathLike, title: str | None = None) -> None:
     """Draw the DET curve of a trial list (default-convention operating points) to ``path``."""
     if not det_available():
         raise RuntimeError("DET plots need matplotlib: pip install matplotlib (the 'plot' extra)")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 CONVENTIONS = ("default", "speechbrain", "kaldi")
 DEFAULT_P_TARGETS = (0.01, 0.05)
@@ -139,7 +140,7 @@ class VerificationMetrics:
         }
 
 
-def validate_trials(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+def validate_trials(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Return ``(float64 scores, bool labels)`` or raise ValueError saying what is wrong."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels)
@@ -169,7 +170,7 @@ def validate_trials(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return scores, labels
 
 
-def operating_points(scores, labels) -> OperatingPoints:
+def operating_points(scores: ArrayLike, labels: ArrayLike) -> OperatingPoints:
     """Default-convention operating points (ties grouped) of a trial list."""
     scores, labels = validate_trials(scores, labels)
     order = np.argsort(scores, kind="stable")
@@ -177,8 +178,8 @@ def operating_points(scores, labels) -> OperatingPoints:
 
 
 def compute_metrics(
-    scores,
-    labels,
+    scores: ArrayLike,
+    labels: ArrayLike,
     p_targets: Sequence[float] = DEFAULT_P_TARGETS,
     fars: Sequence[float] = DEFAULT_FARS,
     convention: str = "default",

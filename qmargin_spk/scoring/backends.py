@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 TRIAL_BLOCK = 1 << 16
 UTTERANCE_BLOCK = 4096
@@ -45,7 +46,7 @@ def speaker_means(embeddings: torch.Tensor, speakers: Sequence[str]) -> tuple[to
     return (sums / counts[:, None]).to(embeddings.dtype), names.tolist()
 
 
-def pair_scores(normalised: torch.Tensor, enrol_index: np.ndarray, test_index: np.ndarray) -> np.ndarray:
+def pair_scores(normalised: torch.Tensor, enrol_index: ArrayLike, test_index: ArrayLike) -> np.ndarray:
     """Dot products of row pairs ``(enrol_index[i], test_index[i])`` as float64, block by block."""
     enrol_index = torch.as_tensor(np.asarray(enrol_index, dtype=np.int64))
     test_index = torch.as_tensor(np.asarray(test_index, dtype=np.int64))
@@ -62,8 +63,8 @@ def pair_scores(normalised: torch.Tensor, enrol_index: np.ndarray, test_index: n
 
 def cosine_scores(
     embeddings: torch.Tensor,
-    enrol_index: np.ndarray,
-    test_index: np.ndarray,
+    enrol_index: ArrayLike,
+    test_index: ArrayLike,
     mean: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Cosine similarity of each trial (rows of ``embeddings``), after subtracting ``mean`` if given."""
@@ -88,8 +89,8 @@ def cohort_statistics(
 
 def asnorm_scores(
     embeddings: torch.Tensor,
-    enrol_index: np.ndarray,
-    test_index: np.ndarray,
+    enrol_index: ArrayLike,
+    test_index: ArrayLike,
     cohort: torch.Tensor,
     top_n: int = 300,
     mean: torch.Tensor | None = None,

@@ -102,7 +102,13 @@ def extract_embeddings(
     table = EmbeddingTable(utt_ids, (sums / counts[:, None]).to(torch.float32))
     if cache_path is not None:
         atomic_torch_save(
-            {"format": CACHE_FORMAT, "key": key, "model_id": model_id, "utt_ids": table.utt_ids, "vectors": table.vectors},
+            {
+                "format": CACHE_FORMAT,
+                "key": key,
+                "model_id": model_id,
+                "utt_ids": table.utt_ids,
+                "vectors": table.vectors,
+            },
             cache_path,
         )
     logger.info("embedded %d utterances (%d segments)", len(files), len(segments))

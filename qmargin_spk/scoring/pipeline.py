@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 
 from qmargin_spk.metrics import DEFAULT_FARS, DEFAULT_P_TARGETS, compute_metrics, det_available, plot_det
@@ -68,7 +67,8 @@ def score_trial_lists(
 
     cohort = mean = None
     if cohort_paths is not None:
-        cohort_table = extract_embeddings(cohort_paths, embed_fn, out_dir / "embeddings" / "cohort.pt", model_id, **settings)
+        cohort_cache = out_dir / "embeddings" / "cohort.pt"
+        cohort_table = extract_embeddings(cohort_paths, embed_fn, cohort_cache, model_id, **settings)
         cohort, mean = _cohort(cohort_table, cohort_speakers, subtract_mean)
 
     results = []

@@ -10,12 +10,13 @@ import os
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from qmargin_spk.utils.atomic import atomic_open, atomic_write_text
 
 
 def write_score_file(
-    path: str | os.PathLike, enrol: Sequence[str], test: Sequence[str], scores: np.ndarray, labels: np.ndarray
+    path: str | os.PathLike, enrol: Sequence[str], test: Sequence[str], scores: ArrayLike, labels: ArrayLike
 ) -> None:
     """One ``enrol test score label`` line per trial; scores as ``repr`` of float64 (round-trips exactly)."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -59,9 +60,7 @@ def results_table(results: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(
-    run: dict, json_path: str | os.PathLike, markdown_path: str | os.PathLike
-) -> str:
+def write_results(run: dict, json_path: str | os.PathLike, markdown_path: str | os.PathLike) -> str:
     """Write ``run`` (with its ``results`` entries) as JSON and its table as Markdown; return the table."""
     table = results_table(run["results"])
     atomic_write_text(json_path, json.dumps(run, indent=2, allow_nan=False) + "\n")
