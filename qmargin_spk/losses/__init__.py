@@ -4,9 +4,11 @@ from qmargin_spk.losses.alpha_divergence import (
     alpha_divergence_posterior,
     fenchel_young_loss,
     posterior_statistics,
+    solve_on_candidates,
     solve_sparse_posterior,
 )
 from qmargin_spk.losses.margin_losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, QMarginLoss
+from qmargin_spk.losses.sparse_head import SparseQMarginHead
 
 __all__ = [
     "AAMLoss",
@@ -14,8 +16,10 @@ __all__ = [
     "CosFaceLoss",
     "QMarginLoss",
     "SparsePosterior",
+    "SparseQMarginHead",
     "alpha_divergence_posterior",
     "fenchel_young_loss",
     "posterior_statistics",
+    "solve_on_candidates",
     "solve_sparse_posterior",
 ]

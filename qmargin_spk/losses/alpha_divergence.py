@@ -38,28 +38,42 @@ class SparsePosterior:
 
 def validate_inputs(logits: torch.Tensor, target: torch.Tensor, alpha: float) -> None:
     """Raise ``ValueError`` on alpha < 1, non-2-D logits, mismatched or out-of-range targets, non-finite logits."""
-    if not alpha >= 1.0:
-        raise ValueError(f"alpha must be >= 1, got {alpha}")
+    validate_alpha(alpha)
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, C], got shape {tuple(logits.shape)}")
-    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
-        raise ValueError(f"targets must be [B] with B = {logits.shape[0]}, got shape {tuple(target.shape)}")
+    validate_targets(target, logits.shape[0], logits.shape[1])
+    validate_finite(logits, "logits")
+
+
+def validate_alpha(alpha: float) -> None:
+    """Raise ``ValueError`` unless ``alpha >= 1``."""
+    if not alpha >= 1.0:
+        raise ValueError(f"alpha must be >= 1, got {alpha}")
+
+
+def validate_targets(target: torch.Tensor, batch: int, num_classes: int) -> None:
+    """Raise ``ValueError`` unless ``target`` is ``[batch]`` integer class indices in ``[0, num_classes)``."""
+    if target.dim() != 1 or target.shape[0] != batch:
+        raise ValueError(f"targets must be [B] with B = {batch}, got shape {tuple(target.shape)}")
     if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"targets must be integer class indices, got dtype {target.dtype}")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= logits.shape[1]):
-        raise ValueError(
-            f"targets out of range [0, {logits.shape[1]}): min {int(target.min())}, max {int(target.max())}"
-        )
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(f"targets out of range [0, {num_classes}): min {int(target.min())}, max {int(target.max())}")
+
+
+def validate_finite(values: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``values`` holds NaN or inf."""
     # One reduction catches NaN and inf; only an overflowing sum needs the element-wise check.
-    if not bool(torch.isfinite(logits.sum())) and not bool(torch.isfinite(logits).all()):
-        raise ValueError("logits contain NaN or inf")
+    if not bool(torch.isfinite(values.sum())) and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} contain NaN or inf")
 
 
-def _solver_dtype(dtype: torch.dtype) -> torch.dtype:
+def solver_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else (tau is never solved in half precision)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _f_prime_inv_q(log_q: torch.Tensor, alpha: float) -> torch.Tensor:
+def f_prime_inv_q(log_q: torch.Tensor, alpha: float) -> torch.Tensor:
     """``f'(1/q) = (q^(1-alpha) - 1) / (alpha - 1)``, from ``log q``."""
     am1 = alpha - 1.0
     return torch.expm1(-am1 * log_q) / am1
@@ -97,9 +111,9 @@ def _tau_halley(theta: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch
     """Safeguarded Halley + bisection on ``g(tau) = sum_j p_j(tau) - 1`` within the exact bracket."""
     am1 = alpha - 1.0
     inv = 1.0 / am1
-    lo = (theta - _f_prime_inv_q(log_q, alpha)).amax(dim=1)
+    lo = (theta - f_prime_inv_q(log_q, alpha)).amax(dim=1)
     total_q = torch.logsumexp(log_q, dim=1)
-    hi = theta.amax(dim=1) - _f_prime_inv_q(total_q, alpha)
+    hi = theta.amax(dim=1) - f_prime_inv_q(total_q, alpha)
     tau = lo.clone()
     q = torch.exp(log_q)
     eps = torch.finfo(theta.dtype).eps
@@ -129,35 +143,65 @@ def _tau_halley(theta: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch
 
 
 def _candidates(theta: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor, alpha: float):
-    """Gather, sorted by decreasing logit, every class that can be in the support.
-
-    Returns ``[B, K]`` logits, class indices and ``log q`` (``-inf`` on padding), K the largest
-    candidate count of the batch.
-    """
-    am1 = alpha - 1.0
+    """Every class of a dense row that can be in the support, in the layout of :func:`candidates_from_pairs`."""
     batch = theta.shape[0]
     rows = torch.arange(batch, device=theta.device)
     top_other = theta.scatter(1, target.unsqueeze(1), float("-inf")).amax(dim=1)
     target_theta = theta[rows, target]
     # tau_lo = max_j (theta_j - f'(1/q_j)); f'(1) = 0 for every non-target class.
-    tau_lo = torch.maximum(top_other, target_theta - _f_prime_inv_q(log_q_target, alpha))
-    cand_row, cand_col = (theta > (tau_lo - 1.0 / am1).unsqueeze(1)).nonzero(as_tuple=True)
-    counts = torch.bincount(cand_row, minlength=batch)
+    tau_lo = torch.maximum(top_other, target_theta - f_prime_inv_q(log_q_target, alpha))
+    floor = tau_lo - 1.0 / (alpha - 1.0)
+    cand_row, cand_col = (theta > floor.unsqueeze(1)).nonzero(as_tuple=True)
+    return candidates_from_pairs(cand_row, cand_col, theta[cand_row, cand_col], target, log_q_target, floor)
+
+
+def candidates_from_pairs(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    theta: torch.Tensor,
+    target: torch.Tensor,
+    log_q_target: torch.Tensor,
+    floor: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad candidate ``(row, class, logit)`` triples (``rows`` non-decreasing) into sorted ``[B, K]`` rows.
+
+    Returns logits sorted by decreasing value, their class indices and ``log q`` (``log_q_target``
+    at the target, 0 elsewhere), K the largest candidate count of the batch. Padding gets the
+    finite logit ``floor`` of its row (any value no candidate lies below) and ``log q = -inf``.
+    """
+    batch = target.shape[0]
+    counts = torch.bincount(rows, minlength=batch)
     starts = torch.cumsum(counts, dim=0) - counts
-    slot = torch.arange(cand_row.shape[0], device=theta.device) - starts[cand_row]
+    slot = torch.arange(rows.shape[0], device=rows.device) - starts[rows]
     k = int(counts.max())
     cand_theta = theta.new_full((batch, k), float("-inf"))
-    cand_theta[cand_row, slot] = theta[cand_row, cand_col]
-    cand_idx = torch.zeros(batch, k, dtype=torch.long, device=theta.device)
-    cand_idx[cand_row, slot] = cand_col
+    cand_theta[rows, slot] = theta
+    cand_idx = torch.zeros(batch, k, dtype=torch.long, device=rows.device)
+    cand_idx[rows, slot] = cols
     cand_theta, order = torch.sort(cand_theta, dim=1, descending=True, stable=True)
     cand_idx = cand_idx.gather(1, order)
     live = torch.isfinite(cand_theta)
     log_q = torch.where(cand_idx == target.unsqueeze(1), log_q_target.unsqueeze(1), torch.zeros_like(cand_theta))
     log_q = torch.where(live, log_q, torch.full_like(log_q, float("-inf")))
-    # Padding: a finite logit below every candidate, weight zero.
-    cand_theta = torch.where(live, cand_theta, (tau_lo - 1.0 / am1).unsqueeze(1).expand_as(cand_theta))
+    cand_theta = torch.where(live, cand_theta, floor.unsqueeze(1).expand_as(cand_theta))
     return cand_theta, cand_idx, log_q
+
+
+def solve_on_candidates(
+    cand_theta: torch.Tensor, cand_idx: torch.Tensor, log_q: torch.Tensor, alpha: float
+) -> SparsePosterior:
+    """Exact posterior (alpha > 1) on candidates laid out as :func:`candidates_from_pairs` returns them.
+
+    Exact for the full rows as long as every class left out lies at or below ``tau_lo - 1/(alpha - 1)``
+    for some lower bound ``tau_lo`` of tau: such classes carry exactly zero mass.
+    """
+    if alpha in (1.5, 2.0):
+        tau = _tau_sorted_closed_form(cand_theta, torch.exp(log_q), alpha)
+    else:
+        tau = _tau_halley(cand_theta, log_q, alpha)
+    values = _mass(cand_theta, log_q, tau, alpha)
+    values = values / values.sum(dim=1, keepdim=True)
+    return SparsePosterior(cand_idx, values, tau, (values > 0).sum(dim=1))
 
 
 def solve_sparse_posterior(
@@ -169,7 +213,7 @@ def solve_sparse_posterior(
     ``q_j = 1``. Solved in float64 for float64 logits and float32 otherwise; deterministic.
     """
     validate_inputs(logits, target, alpha)
-    work = _solver_dtype(logits.dtype)
+    work = solver_dtype(logits.dtype)
     theta = logits.detach().to(work)
     target = target.long()
     log_q_target = torch.as_tensor(log_q_target, dtype=work, device=theta.device).expand(theta.shape[0])
@@ -179,14 +223,7 @@ def solve_sparse_posterior(
         indices = torch.arange(theta.shape[1], device=theta.device).expand_as(theta)
         nan = torch.full((theta.shape[0],), float("nan"), dtype=work, device=theta.device)
         return SparsePosterior(indices, values, nan, (values > 0).sum(dim=1))
-    cand_theta, cand_idx, log_q = _candidates(theta, target, log_q_target, alpha)
-    if alpha in (1.5, 2.0):
-        tau = _tau_sorted_closed_form(cand_theta, torch.exp(log_q), alpha)
-    else:
-        tau = _tau_halley(cand_theta, log_q, alpha)
-    values = _mass(cand_theta, log_q, tau, alpha)
-    values = values / values.sum(dim=1, keepdim=True)
-    return SparsePosterior(cand_idx, values, tau, (values > 0).sum(dim=1))
+    return solve_on_candidates(*_candidates(theta, target, log_q_target, alpha), alpha)
 
 
 def alpha_divergence_posterior(
@@ -205,12 +242,24 @@ def fy_loss_from_posterior(
     log_q_target = log_q_target.to(theta.dtype).expand(theta.shape[0])
     rows = torch.arange(theta.shape[0], device=theta.device)
     target_theta = theta[rows, target]
-    p_theta = (sparse.values * theta.gather(1, sparse.indices)).sum(dim=1)
     if alpha == 1.0:
         # KL generator: logsumexp(theta + log q) - theta_y - log q_y, i.e. cross-entropy.
         shifted = theta.scatter_add(1, target.unsqueeze(1), log_q_target.unsqueeze(1))
         return torch.logsumexp(shifted, dim=1) - shifted[rows, target]
+    return fy_loss_on_candidates(theta.gather(1, sparse.indices), target_theta, target, log_q_target, sparse, alpha)
+
+
+def fy_loss_on_candidates(
+    cand_theta: torch.Tensor,
+    target_theta: torch.Tensor,
+    target: torch.Tensor,
+    log_q_target: torch.Tensor,
+    sparse: SparsePosterior,
+    alpha: float,
+) -> torch.Tensor:
+    """Per-row loss (alpha > 1) from the logits at ``sparse.indices`` and at the target only."""
     am1 = alpha - 1.0
+    p_theta = (sparse.values * cand_theta).sum(dim=1)
     is_target = sparse.indices == target.unsqueeze(1)
     p_target = (sparse.values * is_target).sum(dim=1)
     p_pow = sparse.values.clamp_min(0.0) ** alpha

@@ -1,0 +1,357 @@
+"""Q-Margin for very many classes: a cosine classifier fused with its loss, exact and sparse.
+
+``SparseQMarginHead`` owns the prototypes ``weight [C, D]`` (initialised like SpeechBrain's ECAPA
+``Classifier``) and returns the same loss and gradients as ``QMarginLoss`` on the dense cosines,
+without ever holding the ``B x C`` logits (design note, section 5):
+
+- forward streams over class chunks, computes ``theta = s cos`` of one chunk at a time and keeps
+  per row a running lower bound ``lo`` of tau and the candidates ``theta_j > lo - 1/(alpha - 1)``,
+  the only classes that can be in the support. ``lo`` starts as ``max_j (theta_j - f'(1/q_j))``;
+  when a buffer fills, tau of the candidates seen so far (a subset of the classes, so a lower
+  bound of the true tau) raises ``lo`` and prunes it. A row still holding more than ``capacity``
+  candidates at the end is recomputed alone, chunk by chunk, and counted in ``overflow_count``;
+- tau is solved exactly on the candidates (``solve_on_candidates``) and only ``(class, p)`` pairs
+  are kept;
+- backward touches only the rows ``S ∪ {y}`` of the weight: ``dL/dx_n = s/B sum_j (p_j - e_yj) w_j``
+  and ``dL/dw_j = s/B sum_b (p_bj - e_yj) x_b``, then through both L2 normalisations. The weight
+  gradient is dense (zero off the touched rows) or, with ``sparse_grad=True``, a sparse COO tensor
+  for optimisers that take one (SGD without weight decay, ``SparseAdam``).
+
+In a SpeechBrain recipe the head replaces ``classifier`` + ``compute_cost``::
+
+    head: !new:qmargin_spk.losses.SparseQMarginHead
+        num_classes: !ref <out_n_neurons>
+        embedding_dim: !ref <emb_dim>
+        alpha: 1.5
+        scale: 10.0
+        margin: 0.2
+    modules:
+        embedding_model: !ref <embedding_model>
+        head: !ref <head>
+    checkpointer: !new:speechbrain.utils.checkpoints.Checkpointer
+        recoverables:
+            embedding_model: !ref <embedding_model>
+            head: !ref <head>
+
+and ``compute_objectives`` does ``loss = self.modules.head(embeddings, spkid)`` (``[B, 1, D]`` and
+``[B, 1]`` are accepted). A margin scheduler sets ``self.modules.head.margin``; ``head.stats`` holds
+the posterior statistics of the last batch. The ``weight`` entry of the state dict has the layout
+of ``Classifier.weight``, so prototypes load either way. For several GPUs, keep the head out of
+DDP and use ``ShardedQMarginHead`` (``sharded_head.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qmargin_spk.losses.alpha_divergence import (
+    SparsePosterior,
+    candidates_from_pairs,
+    f_prime_inv_q,
+    fy_loss_on_candidates,
+    posterior_statistics,
+    solve_on_candidates,
+    solver_dtype,
+    validate_finite,
+    validate_targets,
+)
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """What one forward of a head needs to know; ``class_offset`` is the first class of this shard."""
+
+    alpha: float
+    scale: float
+    margin: float
+    chunk_size: int
+    capacity: int
+    sparse_grad: bool
+    class_offset: int = 0
+
+
+@dataclass
+class CandidatePairs:
+    """Candidate classes of a batch as flat ``(row, class, logit)`` triples."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    theta: torch.Tensor
+
+    def select(self, mask: torch.Tensor) -> CandidatePairs:
+        return CandidatePairs(self.rows[mask], self.cols[mask], self.theta[mask])
+
+    def sorted_by_row(self) -> CandidatePairs:
+        order = torch.argsort(self.rows, stable=True)
+        return CandidatePairs(self.rows[order], self.cols[order], self.theta[order])
+
+    @staticmethod
+    def cat(parts: list[CandidatePairs]) -> CandidatePairs:
+        return CandidatePairs(*(torch.cat(tensors) for tensors in zip(*((p.rows, p.cols, p.theta) for p in parts))))
+
+
+class SingleProcess:
+    """Combination of per-shard results when one process holds every class: nothing to combine."""
+
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def gather_pairs(self, pairs: CandidatePairs) -> CandidatePairs:
+        return pairs
+
+
+def chunk_logits(x_n: torch.Tensor, weight: torch.Tensor, start: int, stop: int, scale: float) -> torch.Tensor:
+    """``scale * cos`` of the normalised embeddings against prototypes ``start:stop``, in ``x_n``'s dtype."""
+    prototypes = F.normalize(weight[start:stop].to(x_n.dtype), dim=1)
+    return torch.mm(x_n, prototypes.T).mul_(scale)
+
+
+def _tau_slack(tau: torch.Tensor) -> torch.Tensor:
+    """Room left below a computed tau so that its rounding never turns it into an upper bound."""
+    return torch.finfo(tau.dtype).eps ** 0.5 * (1.0 + tau.abs())
+
+
+class CandidateStream:
+    """Running lower bound of tau and bounded candidate buffers over the class chunks of one shard."""
+
+    def __init__(self, labels: torch.Tensor, log_q_target: torch.Tensor, settings: HeadSettings, dtype: torch.dtype):
+        batch = labels.shape[0]
+        device = labels.device
+        self.labels = labels
+        self.log_q_target = log_q_target
+        self.settings = settings
+        self.gap = 1.0 / (settings.alpha - 1.0)  # theta_j <= tau - gap  <=>  p_j = 0
+        self.target_bound_shift = f_prime_inv_q(log_q_target, settings.alpha)
+        self.lo = torch.full((batch,), float("-inf"), dtype=dtype, device=device)
+        self.target_theta = torch.full((batch,), float("-inf"), dtype=dtype, device=device)
+        self.dropped_max = torch.full((batch,), float("-inf"), dtype=dtype, device=device)
+        self.counts = torch.zeros(batch, dtype=torch.long, device=device)
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        self.pairs = CandidatePairs(empty, empty, torch.empty(0, dtype=dtype, device=device))
+
+    def add_chunk(self, theta: torch.Tensor, start: int) -> None:
+        """Take the logits of classes ``start:start + n`` of the shard (``theta`` is modified and restored)."""
+        local = self.labels - self.settings.class_offset - start
+        rows = ((local >= 0) & (local < theta.shape[1])).nonzero().squeeze(1)
+        cols = local[rows]
+        target = theta[rows, cols]
+        self.target_theta[rows] = target
+        # tau >= theta_j - f'(1/q_j): the target enters the bound with its own prior.
+        theta[rows, cols] = target - self.target_bound_shift[rows]
+        self.lo = torch.maximum(self.lo, theta.amax(dim=1))
+        theta[rows, cols] = target
+        new_rows, new_cols = (theta > (self.lo - self.gap).unsqueeze(1)).nonzero(as_tuple=True)
+        new = CandidatePairs(new_rows, new_cols + (self.settings.class_offset + start), theta[new_rows, new_cols])
+        self.pairs = CandidatePairs.cat([self.pairs, new])
+        self.counts += torch.bincount(new_rows, minlength=self.counts.shape[0])
+        if int(self.counts.max()) > self.settings.capacity:
+            self._tighten()
+
+    def _padded(self, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pairs = self.pairs.sorted_by_row()
+        return candidates_from_pairs(pairs.rows, pairs.cols, pairs.theta, self.labels, self.log_q_target, floor)
+
+    def _tighten(self) -> None:
+        """Raise ``lo`` to tau of the candidates seen so far, prune, and cap every row at ``capacity``."""
+        floor = self.lo - self.gap
+        cand_theta, cand_idx, log_q = self._padded(floor)
+        subset_tau = solve_on_candidates(cand_theta, cand_idx, log_q, self.settings.alpha).tau
+        self.lo = torch.fmax(self.lo, subset_tau - _tau_slack(subset_tau))
+        keep = torch.isfinite(log_q) & (cand_theta > (self.lo - self.gap).unsqueeze(1))
+        capacity = self.settings.capacity
+        if keep.shape[1] > capacity:
+            overflow = torch.where(keep[:, capacity:], cand_theta[:, capacity:], float("-inf")).amax(dim=1)
+            self.dropped_max = torch.maximum(self.dropped_max, overflow)
+            keep[:, capacity:] = False
+        rows, slots = keep.nonzero(as_tuple=True)
+        self.pairs = CandidatePairs(rows, cand_idx[rows, slots], cand_theta[rows, slots])
+        self.counts = keep.sum(dim=1)
+
+    def finish(self, lo: torch.Tensor, x_n: torch.Tensor, weight: torch.Tensor) -> tuple[CandidatePairs, torch.Tensor]:
+        """Candidates above ``lo - gap`` (``lo`` a lower bound of tau, e.g. combined over shards).
+
+        Rows whose buffer dropped a class above that floor are recomputed over the whole shard.
+        Returns the pairs and the indices of those overflow rows.
+        """
+        floor = lo - self.gap
+        pairs = self.pairs.select(self.pairs.theta > floor[self.pairs.rows])
+        overflow = (self.dropped_max > floor).nonzero().squeeze(1)
+        if overflow.numel():
+            pairs = pairs.select(~torch.isin(pairs.rows, overflow))
+            pairs = CandidatePairs.cat([pairs, _all_candidates(x_n[overflow], weight, floor[overflow], overflow, self.settings)])
+        return pairs, overflow
+
+
+def _all_candidates(
+    x_n: torch.Tensor, weight: torch.Tensor, floor: torch.Tensor, row_ids: torch.Tensor, settings: HeadSettings
+) -> CandidatePairs:
+    """Every class of the shard above ``floor`` for a few rows, without a capacity (the exact fallback)."""
+    parts = []
+    for start in range(0, weight.shape[0], settings.chunk_size):
+        theta = chunk_logits(x_n, weight, start, start + settings.chunk_size, settings.scale)
+        rows, cols = (theta > floor.unsqueeze(1)).nonzero(as_tuple=True)
+        parts.append(CandidatePairs(row_ids[rows], cols + (settings.class_offset + start), theta[rows, cols]))
+    return CandidatePairs.cat(parts)
+
+
+def stream_candidates(
+    x_n: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, log_q_target: torch.Tensor, settings: HeadSettings
+) -> CandidateStream:
+    """One pass over the prototypes of this shard, chunk by chunk: the only ``B x C`` work of a step."""
+    stream = CandidateStream(labels, log_q_target, settings, x_n.dtype)
+    for start in range(0, weight.shape[0], settings.chunk_size):
+        stream.add_chunk(chunk_logits(x_n, weight, start, start + settings.chunk_size, settings.scale), start)
+    return stream
+
+
+class _SparseQMarginFunction(torch.autograd.Function):
+    """Mean Q-Margin loss of normalised embeddings against (a shard of) raw prototypes."""
+
+    @staticmethod
+    def forward(ctx, x_n, weight, labels, settings, combiner, stats):  # noqa: D102
+        batch = x_n.shape[0]
+        log_q_target = torch.full((batch,), -settings.scale * settings.margin, dtype=x_n.dtype, device=x_n.device)
+        stream = stream_candidates(x_n, weight, labels, log_q_target, settings)
+        lo, target_theta = combiner.max(torch.stack([stream.lo, stream.target_theta]))
+        local_pairs, overflow = stream.finish(lo, x_n, weight)
+        pairs = combiner.gather_pairs(local_pairs).sorted_by_row()
+        floor = lo - stream.gap
+        cand_theta, cand_idx, log_q = candidates_from_pairs(pairs.rows, pairs.cols, pairs.theta, labels, log_q_target, floor)
+        sparse = solve_on_candidates(cand_theta, cand_idx, log_q, settings.alpha)
+        per_row = fy_loss_on_candidates(cand_theta, target_theta, labels, log_q_target, sparse, settings.alpha)
+        touched = _owned_gradient_pairs(sparse, labels, settings.class_offset, weight.shape[0])
+        ctx.save_for_backward(x_n, weight, *touched)
+        ctx.settings = settings
+        stats.update(posterior_statistics(sparse, labels))
+        stats["overflow_rows"] = float(overflow.numel())
+        return per_row.mean()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        x_n, weight, rows, cols, coef = ctx.saved_tensors
+        settings = ctx.settings
+        coef = coef * (grad_out * (settings.scale / x_n.shape[0]))
+        classes, inverse = torch.unique(cols, return_inverse=True)
+        # G [B, U]: the non-zero entries of dL/dtheta restricted to the touched prototypes.
+        grad_theta = torch.sparse_coo_tensor(torch.stack([rows, inverse]), coef, (x_n.shape[0], classes.shape[0]), check_invariants=False)
+        grad_theta = grad_theta.coalesce()
+        raw = weight[classes].to(x_n.dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            prototypes = F.normalize(raw, dim=1)
+        grad_x = torch.sparse.mm(grad_theta, prototypes.detach()) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_prototypes = torch.sparse.mm(grad_theta.t(), x_n)
+            (grad_rows,) = torch.autograd.grad(prototypes, raw, grad_prototypes)
+            grad_weight = _weight_gradient(classes, grad_rows.to(weight.dtype), weight.shape, settings.sparse_grad)
+        return grad_x, grad_weight, None, None, None, None
+
+
+def _owned_gradient_pairs(
+    sparse: SparsePosterior, labels: torch.Tensor, class_offset: int, num_local: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-zero ``p - e_y`` entries on this shard's classes as (row, local class, value) triples."""
+    local = sparse.indices - class_offset
+    rows, slots = ((sparse.values > 0) & (local >= 0) & (local < num_local)).nonzero(as_tuple=True)
+    local_labels = labels - class_offset
+    target_rows = ((local_labels >= 0) & (local_labels < num_local)).nonzero().squeeze(1)
+    return (
+        torch.cat([rows, target_rows]),
+        torch.cat([local[rows, slots], local_labels[target_rows]]),
+        torch.cat([sparse.values[rows, slots], sparse.values.new_full(target_rows.shape, -1.0)]),
+    )
+
+
+def _weight_gradient(classes: torch.Tensor, grad_rows: torch.Tensor, shape: torch.Size, sparse: bool) -> torch.Tensor:
+    """The prototype gradient with ``grad_rows`` at ``classes`` (unique, sorted), dense or sparse COO."""
+    if sparse:
+        return torch.sparse_coo_tensor(classes.unsqueeze(0), grad_rows, shape, is_coalesced=True, check_invariants=False)
+    return grad_rows.new_zeros(shape).index_copy_(0, classes, grad_rows)
+
+
+def flatten_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring SpeechBrain's ``[B, 1, D]`` / ``[B, 1]`` to ``[B, D]`` / ``[B]`` and check them."""
+    if embeddings.dim() == 3 and embeddings.shape[1] == 1:
+        embeddings = embeddings.squeeze(1)
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be [B, D] or [B, 1, D], got shape {tuple(embeddings.shape)}")
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels.squeeze(1)
+    validate_finite(embeddings, "embeddings")
+    return embeddings, labels
+
+
+class QMarginHeadBase(torch.nn.Module):
+    """Hyper-parameters, statistics and the loss call shared by the single-process and sharded heads."""
+
+    def __init__(
+        self, alpha: float, scale: float, margin: float, chunk_size: int, capacity: int, sparse_grad: bool
+    ) -> None:
+        super().__init__()
+        if not alpha > 1.0:
+            raise ValueError(f"alpha must be > 1 for a sparse head (alpha 1 is CosFaceLoss), got {alpha}")
+        if scale <= 0 or chunk_size <= 0 or capacity <= 0:
+            raise ValueError(f"scale, chunk_size and capacity must be > 0, got {scale}, {chunk_size}, {capacity}")
+        self.alpha = float(alpha)
+        self.scale = float(scale)
+        self.margin = float(margin)
+        self.chunk_size = int(chunk_size)
+        self.capacity = int(capacity)
+        self.sparse_grad = bool(sparse_grad)
+        self.overflow_count = 0
+        self.stats: dict[str, float] = {}
+
+    def settings(self, class_offset: int = 0) -> HeadSettings:
+        return HeadSettings(
+            self.alpha, self.scale, self.margin, self.chunk_size, self.capacity, self.sparse_grad, class_offset
+        )
+
+    def sparse_loss(
+        self, x_n: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, class_offset: int, combiner
+    ) -> torch.Tensor:
+        """Mean loss of normalised embeddings (float32/64) whose logits this process sees for its shard."""
+        stats: dict[str, float] = {}
+        with torch.autocast(x_n.device.type, enabled=False):
+            loss = _SparseQMarginFunction.apply(x_n, weight, labels, self.settings(class_offset), combiner, stats)
+        self.stats = stats
+        self.overflow_count += int(stats["overflow_rows"])
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, scale={self.scale}, margin={self.margin}, chunk_size={self.chunk_size}, "
+            f"capacity={self.capacity}, sparse_grad={self.sparse_grad}"
+        )
+
+
+def normalized_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
+    """L2-normalised embeddings in the solver dtype (float32 for half precision and autocast inputs)."""
+    return F.normalize(embeddings.to(solver_dtype(embeddings.dtype)), dim=1)
+
+
+class SparseQMarginHead(QMarginHeadBase):
+    """Prototypes ``weight [C, D]`` and the Q-Margin loss on their cosines, exact, without ``B x C`` memory."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        alpha: float = 1.5,
+        scale: float = 10.0,
+        margin: float = 0.2,
+        chunk_size: int = 8192,
+        capacity: int = 1024,
+        sparse_grad: bool = False,
+    ) -> None:
+        super().__init__(alpha, scale, margin, chunk_size, capacity, sparse_grad)
+        self.num_classes = int(num_classes)
+        self.weight = torch.nn.Parameter(torch.empty(num_classes, embedding_dim))
+        torch.nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the batch: ``embeddings [B, D]`` or ``[B, 1, D]``, ``labels [B]`` or ``[B, 1]``."""
+        embeddings, labels = flatten_batch(embeddings, labels)
+        validate_targets(labels, embeddings.shape[0], self.num_classes)
+        return self.sparse_loss(normalized_embeddings(embeddings), labels.long(), self.weight, 0, SingleProcess())
