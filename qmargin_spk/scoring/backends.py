@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-TRIAL_BLOCK = 1 << 16
+TRIAL_BLOCK = 8192
 UTTERANCE_BLOCK = 4096
 
 
@@ -48,17 +48,16 @@ def speaker_means(embeddings: torch.Tensor, speakers: Sequence[str]) -> tuple[to
 
 def pair_scores(normalised: torch.Tensor, enrol_index: ArrayLike, test_index: ArrayLike) -> np.ndarray:
     """Dot products of row pairs ``(enrol_index[i], test_index[i])`` as float64, block by block."""
-    enrol_index = torch.as_tensor(np.asarray(enrol_index, dtype=np.int64))
-    test_index = torch.as_tensor(np.asarray(test_index, dtype=np.int64))
+    vectors = normalised.detach().to(device="cpu", dtype=torch.float64).numpy()
+    enrol_index = np.asarray(enrol_index, dtype=np.int64)
+    test_index = np.asarray(test_index, dtype=np.int64)
     if enrol_index.shape != test_index.shape or enrol_index.ndim != 1:
         raise ValueError("enrol_index and test_index must be 1-D and of equal length")
-    scores = torch.empty(enrol_index.numel(), dtype=torch.float64)
-    for start in range(0, enrol_index.numel(), TRIAL_BLOCK):
+    scores = np.empty(enrol_index.size, dtype=np.float64)
+    for start in range(0, enrol_index.size, TRIAL_BLOCK):
         block = slice(start, start + TRIAL_BLOCK)
-        enrol = normalised[enrol_index[block]]
-        test = normalised[test_index[block]]
-        scores[block] = (enrol * test).sum(dim=1).to(torch.float64).cpu()
-    return scores.numpy()
+        scores[block] = np.einsum("nd,nd->n", vectors[enrol_index[block]], vectors[test_index[block]])
+    return scores
 
 
 def cosine_scores(
