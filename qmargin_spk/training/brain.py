@@ -10,6 +10,7 @@ import logging
 
 import speechbrain as sb
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,15 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 class SpeakerBrain(sb.Brain):
     """Speaker-embedding training: augment -> embedder -> classifier + loss (or fused head)."""
+
+    def _wrap_distributed(self):
+        """SpeechBrain always converts BatchNorm to SyncBatchNorm, which runs only on GPUs: on the CPU (gloo) wrap without it."""
+        if not (self.distributed_launch and str(self.device).startswith("cpu")):
+            return super()._wrap_distributed()
+        for name, module in self.modules.items():
+            if any(p.requires_grad for p in module.parameters()):
+                self.modules[name] = DistributedDataParallel(module, find_unused_parameters=self.find_unused_parameters)
+        return None
 
     def compute_forward(self, batch, stage):
         _, wavs, rel_lens, _ = batch

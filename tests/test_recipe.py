@@ -1,0 +1,140 @@
+"""The VoxCeleb recipe on a tiny synthetic corpus: all stages, resume, DDP, and the hparams contract."""
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qmargin_spk.data.prepare import prepare
+from qmargin_spk.data.synthetic import PRESETS, generate_corpus
+from qmargin_spk.losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, QMarginLoss
+from qmargin_spk.training import recipe
+from qmargin_spk.training.brain import SpeakerBrain
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_SH = REPO / "recipes" / "voxceleb" / "run.sh"
+LOSSES = {"qmargin": QMarginLoss, "aam": AAMLoss, "cosface": CosFaceLoss, "entmax": AlphaEntmaxLoss}
+SETTINGS = ("demo_cpu", "vox2_ecapa")
+FAST = ["--number_of_epochs=1", "--warmup_epochs=1", "--batch_size=8", "--channels=32", "--embedding_dim=32"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return generate_corpus(tmp_path_factory.mktemp("corpus"), seed=3, num_workers=1, **PRESETS["tiny"])
+
+
+@pytest.fixture()
+def prepared(corpus, tmp_path):
+    prepare([corpus.train_root], corpus.test_root, [corpus.trials], tmp_path / "data", num_workers=1)
+    return tmp_path
+
+
+def run_recipe(corpus, exp, *extra, hparams="hparams/demo_cpu_qmargin.yaml"):
+    command = ["bash", str(RUN_SH), "--train_root", str(corpus.train_root), "--test_root", str(corpus.test_root),
+               "--trials", str(corpus.trials), "--exp", str(exp), "--hparams", hparams, *FAST, *extra]
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def strip_loss_block(text):
+    return re.sub(r"# >>> loss block.*?# <<< loss block", "", text, flags=re.S)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_hparams_of_a_setting_differ_only_in_the_loss_block(setting):
+    texts = {loss: (REPO / "hparams" / f"{setting}_{loss}.yaml").read_text() for loss in LOSSES}
+    outside = {strip_loss_block(text) for text in texts.values()}
+    assert len(outside) == 1
+    blocks = {re.search(r"# >>> loss block.*?# <<< loss block", t, flags=re.S).group(0) for t in texts.values()}
+    assert len(blocks) == len(LOSSES)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_each_hparams_file_builds_its_loss(prepared, setting, loss):
+    hparams = recipe.load_hparams(str(REPO / "hparams" / f"{setting}_{loss}.yaml"),
+                                  {"output_folder": str(prepared), "channels": 16, "num_workers": 0})
+    assert type(hparams["compute_cost"]) is LOSSES[loss]
+    assert hparams["loss_name"] == loss
+    assert hparams["num_classes"] == hparams["train_data"].num_classes
+
+
+def test_all_stages_end_to_end(corpus, tmp_path):
+    exp = tmp_path / "exp"
+    run_recipe(corpus, exp)
+    results = json.loads((exp / "scores" / "results.cosine.json").read_text())
+    (entry,) = results["results"]
+    assert 0.0 <= entry["metrics"]["eer"] <= 1.0
+    n_trials = len(Path(corpus.trials).read_text().splitlines())
+    assert entry["n_trials"] == n_trials
+    score_lines = Path(entry["score_file"]).read_text().splitlines()
+    assert len(score_lines) == n_trials
+    assert (exp / "scores" / "results.cosine.md").is_file()
+    # Re-running a finished recipe: prepare is skipped, training has nothing left, scoring reuses embeddings.
+    checkpoints = sorted(p.name for p in (exp / "save").glob("CKPT+*"))
+    output = run_recipe(corpus, exp)
+    assert "nothing to do" in output
+    assert sorted(p.name for p in (exp / "save").glob("CKPT+*")) == checkpoints
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_from_the_checkpoint(prepared, monkeypatch):
+    hparams_file = str(REPO / "hparams" / "demo_cpu_qmargin.yaml")
+    overrides = {"output_folder": str(prepared), "number_of_epochs": 2, "batch_size": 8, "channels": 32,
+                 "embedding_dim": 32, "num_workers": 0}
+    run_opts = {"device": "cpu", "ckpt_interval_steps": 2, "noprogressbar": True}
+    original_fit_batch = SpeakerBrain.fit_batch
+    seen = {}
+
+    def interrupted_fit_batch(self, batch):
+        if self.hparams.lr_scheduler.step_count == 3:  # after the intra-epoch checkpoint at step 2
+            seen["lr"] = self.optimizer.param_groups[0]["lr"]
+            seen["step_count"] = self.hparams.lr_scheduler.step_count
+            raise _Interrupt
+        return original_fit_batch(self, batch)
+
+    monkeypatch.setattr(SpeakerBrain, "fit_batch", interrupted_fit_batch)
+    with pytest.raises(_Interrupt):
+        recipe.train(hparams_file, run_opts, overrides)
+    monkeypatch.setattr(SpeakerBrain, "fit_batch", original_fit_batch)
+    (checkpoint,) = [p for p in (prepared / "save").glob("CKPT+*")]
+    saved_optimizer = torch.load(checkpoint / "optimizer.ckpt")
+    assert saved_optimizer["state"], "the checkpoint must hold momentum buffers"
+
+    original_on_fit_start = SpeakerBrain.on_fit_start
+
+    def check_on_fit_start(self):
+        original_on_fit_start(self)  # loads the checkpoint
+        seen["resumed_epoch"] = self.hparams.epoch_counter.current
+        seen["resumed_step_count"] = self.hparams.lr_scheduler.step_count
+        seen["resumed_lr"] = self.optimizer.param_groups[0]["lr"]
+        seen["resumed_optimizer"] = copy.deepcopy(self.optimizer.state_dict())
+
+    monkeypatch.setattr(SpeakerBrain, "on_fit_start", check_on_fit_start)
+    brain = recipe.train(hparams_file, run_opts, overrides)
+    assert seen["resumed_epoch"] == 0  # still inside epoch 1
+    assert seen["resumed_step_count"] == 2
+    assert seen["resumed_lr"] == pytest.approx(brain.hparams.lr_scheduler.lr_at(2))
+    for key, buffers in saved_optimizer["state"].items():
+        torch.testing.assert_close(seen["resumed_optimizer"]["state"][key]["momentum_buffer"], buffers["momentum_buffer"])
+    steps_per_epoch = len(brain.hparams.train_data) // 8
+    assert brain.hparams.lr_scheduler.step_count == 2 * steps_per_epoch
+    assert brain.hparams.epoch_counter.current == 2
+
+
+def test_ddp_with_two_cpu_processes(corpus, tmp_path):
+    exp = tmp_path / "exp"
+    output = run_recipe(corpus, exp, "--nproc", "2", "--stop_stage", "2")
+    assert "global batch 16" in output
+    assert len(list((exp / "save").glob("CKPT+*"))) == 1
+    assert "epoch: 1" in (exp / "train_log.txt").read_text()
