@@ -16,13 +16,15 @@ $(STAMP): setup.py requirements-lock.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m qmargin_spk.demo
+	$(PY) recipes/voxceleb/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) bench/loss_step.py
+	$(PY) bench/metrics.py
+	$(PY) bench/large_classes.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

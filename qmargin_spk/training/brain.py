@@ -1,8 +1,9 @@
 """The SpeechBrain ``Brain`` that trains a speaker embedder with a cosine classifier and any of our losses.
 
-The hparams choose the loss: either ``classifier`` (cosine outputs) + ``compute_cost`` (any loss
-module of :mod:`qmargin_spk.losses`), or a fused ``head`` (e.g. ``SparseQMarginHead``) that maps
-embeddings and labels straight to the loss. Everything else is identical across losses.
+The hparams choose the loss: either ``classifier`` with cosine outputs + ``compute_cost`` (any loss
+module of :mod:`qmargin_spk.losses`), or a fused ``classifier`` (e.g. ``SparseQMarginHead``) that maps
+embeddings and labels straight to the loss, with ``compute_cost: null``. Everything else,
+checkpoints included, is identical across losses.
 """
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ class SpeakerBrain(sb.Brain):
 
     def compute_objectives(self, embeddings, batch, stage):
         labels = batch[3].to(self.device)
-        if "head" in self.modules:
-            loss = self.modules.head(embeddings, labels)
-            stats = _unwrap(self.modules.head).stats
+        if self._fused_head():
+            loss = self.modules.classifier(embeddings, labels)
+            stats = _unwrap(self.modules.classifier).stats
             correct = None
         else:
             cosines = self.modules.classifier(embeddings.unsqueeze(1))
@@ -83,7 +84,7 @@ class SpeakerBrain(sb.Brain):
         batches = max(totals["batches"], 1)
         stats = {"loss": float(stage_loss), "lr": self.optimizer.param_groups[0]["lr"],
                  "margin": self._margin_loss().margin}
-        if totals["samples"] and "head" not in self.modules:
+        if totals["samples"] and not self._fused_head():
             stats["accuracy"] = totals["correct"] / totals["samples"]
         stats.update({key: totals[key] / batches for key in _STAT_KEYS if key != "support_max"})
         stats["support_max"] = totals["support_max"]
@@ -100,6 +101,10 @@ class SpeakerBrain(sb.Brain):
             else:
                 totals[key] += stats.get(key, 0.0)
 
+    def _fused_head(self) -> bool:
+        """True when the classifier computes the loss itself (``compute_cost: null``)."""
+        return self.hparams.compute_cost is None
+
     def _margin_loss(self):
         """The object whose ``margin`` the schedule drives: the fused head or the loss module."""
-        return _unwrap(self.modules.head) if "head" in self.modules else self.hparams.compute_cost
+        return _unwrap(self.modules.classifier) if self._fused_head() else self.hparams.compute_cost
