@@ -156,6 +156,16 @@ def test_fallback_noise_is_coloured_and_within_5_to_20_db():
     assert torch.equal(WaveformAugmenter(noise_prob=0.0)(clean), clean)
 
 
+def test_without_a_seed_the_global_torch_generator_drives_augmentation():
+    clean = torch.from_numpy(np.stack([_sine(300.0, 0.5)] * 4)).float()
+    augment = WaveformAugmenter(noise_prob=0.5)
+    torch.manual_seed(3)
+    first = augment(clean)
+    torch.manual_seed(3)
+    assert torch.equal(augment(clean), first), "restoring torch's RNG state must replay the augmentation"
+    assert not torch.equal(augment(clean), first)
+
+
 @pytest.mark.parametrize("category, low, high", [("noise", 0.0, 15.0), ("music", 5.0, 15.0), ("speech", 13.0, 20.0)])
 def test_noise_folders_use_the_category_snr_range(tmp_path, category, low, high):
     rng = np.random.default_rng(0)

@@ -17,7 +17,6 @@ import os
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchaudio.functional
 
@@ -31,6 +30,7 @@ BABBLE_TALKERS = (3, 7)
 
 def add_noise_at_snr(clean: torch.Tensor, noise: torch.Tensor, snr_db: float) -> torch.Tensor:
     """``clean + g * noise`` with ``g`` chosen so that the power ratio is ``snr_db`` (silent inputs pass through)."""
+    noise = noise.to(clean)
     clean_power = clean.pow(2).mean()
     noise_power = noise.pow(2).mean()
     if clean_power == 0 or noise_power == 0:
@@ -40,17 +40,17 @@ def add_noise_at_snr(clean: torch.Tensor, noise: torch.Tensor, snr_db: float) ->
 
 def reverberate(clean: torch.Tensor, rir: torch.Tensor) -> torch.Tensor:
     """Convolve with a unit-energy ``rir``, keep the samples aligned with its direct path, restore the input level."""
-    rir = rir / rir.norm().clamp_min(1e-12)
+    rir = rir.to(clean) / rir.norm().clamp_min(1e-12)
     direct = int(rir.abs().argmax())
     wet = torchaudio.functional.fftconvolve(clean, rir)[direct : direct + len(clean)]
     return wet * clean.norm() / wet.norm().clamp_min(1e-12)
 
 
-def coloured_noise(length: int, slope: float, rng: np.random.Generator) -> torch.Tensor:
+def coloured_noise(length: int, slope: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Gaussian noise whose power spectrum falls as f^-slope (0 white, 1 pink, 2 brown)."""
-    spectrum = np.fft.rfft(rng.standard_normal(length))
-    spectrum *= np.maximum(np.arange(len(spectrum)), 1.0) ** (-slope / 2.0)
-    return torch.from_numpy(np.fft.irfft(spectrum, n=length)).float()
+    spectrum = torch.fft.rfft(torch.randn(length, generator=generator))
+    spectrum *= torch.arange(len(spectrum)).clamp_min(1.0) ** (-slope / 2.0)
+    return torch.fft.irfft(spectrum, n=length)
 
 
 def _wavs_under(folder: Path) -> list[Path]:
@@ -69,7 +69,12 @@ def noise_categories(noise_dir: str | os.PathLike) -> dict[str, list[Path]]:
 
 
 class WaveformAugmenter:
-    """Augment a batch ``[B, T]``: each row is reverberated with ``reverb_prob`` and noised with ``noise_prob``."""
+    """Augment a batch ``[B, T]``: each row is reverberated with ``reverb_prob`` and noised with ``noise_prob``.
+
+    Random draws use torch's global generator, which training checkpoints save, so a
+    resumed run augments as an uninterrupted one would; an integer ``seed`` gives the
+    augmenter a private generator instead (reproducible on its own, not checkpointed).
+    """
 
     def __init__(
         self,
@@ -78,7 +83,7 @@ class WaveformAugmenter:
         noise_prob: float = 0.6,
         reverb_prob: float = 0.2,
         sample_rate: int = 16000,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         self.noise = noise_categories(noise_dir) if noise_dir is not None else {}
         self.rirs = _wavs_under(Path(rir_dir)) if rir_dir is not None else []
@@ -87,18 +92,24 @@ class WaveformAugmenter:
         self.noise_prob = noise_prob
         self.reverb_prob = reverb_prob
         self.sample_rate = sample_rate
-        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def __call__(self, wavs: torch.Tensor) -> torch.Tensor:
         out = wavs.clone()
         for row in range(len(out)):
-            if self.rirs and self.rng.random() < self.reverb_prob:
-                rir = self._load(self.rirs[self.rng.integers(len(self.rirs))])
+            if self.rirs and self._uniform(0.0, 1.0) < self.reverb_prob:
+                rir = self._load(self.rirs[self._index(len(self.rirs))])
                 if rir is not None:
                     out[row] = reverberate(out[row], rir)
-            if self.rng.random() < self.noise_prob:
+            if self._uniform(0.0, 1.0) < self.noise_prob:
                 out[row] = self._add_noise(out[row])
         return out
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=self.generator))
+
+    def _index(self, size: int) -> int:
+        return int(torch.randint(size, (), generator=self.generator))
 
     def _load(self, path: Path, length: int | None = None) -> torch.Tensor | None:
         """A whole file, or a random ``length``-sample segment of it (repeat-padded); None if unreadable."""
@@ -106,7 +117,7 @@ class WaveformAugmenter:
             if length is None:
                 return load_audio(path, self.sample_rate)
             available = int(audio_info(path).duration * self.sample_rate)
-            start = int(self.rng.integers(0, available - length + 1)) if available > length else 0
+            start = self._index(available - length + 1) if available > length else 0
             return repeat_pad(load_audio(path, self.sample_rate, start=start, num_samples=min(length, available)), length)
         except AudioError as err:
             warnings.warn(f"augmentation skipped an unreadable file: {err}", RuntimeWarning)
@@ -114,14 +125,14 @@ class WaveformAugmenter:
 
     def _add_noise(self, clean: torch.Tensor) -> torch.Tensor:
         if not self.noise:
-            snr = self.rng.uniform(*SYNTHETIC_SNR_DB)
-            return add_noise_at_snr(clean, coloured_noise(len(clean), self.rng.uniform(0.0, 2.0), self.rng), snr)
+            noise = coloured_noise(len(clean), self._uniform(0.0, 2.0), self.generator)
+            return add_noise_at_snr(clean, noise, self._uniform(*SYNTHETIC_SNR_DB))
         names = sorted(self.noise)
-        category = names[self.rng.integers(len(names))]
+        category = names[self._index(len(names))]
         files = self.noise[category]
-        talkers = self.rng.integers(BABBLE_TALKERS[0], BABBLE_TALKERS[1] + 1) if category == "speech" else 1
-        segments = [self._load(files[self.rng.integers(len(files))], len(clean)) for _ in range(talkers)]
+        talkers = BABBLE_TALKERS[0] + self._index(BABBLE_TALKERS[1] - BABBLE_TALKERS[0] + 1) if category == "speech" else 1
+        segments = [self._load(files[self._index(len(files))], len(clean)) for _ in range(talkers)]
         segments = [s for s in segments if s is not None]
         if not segments:
             return clean
-        return add_noise_at_snr(clean, torch.stack(segments).sum(0), self.rng.uniform(*CATEGORY_SNR_DB[category]))
+        return add_noise_at_snr(clean, torch.stack(segments).sum(0), self._uniform(*CATEGORY_SNR_DB[category]))

@@ -14,7 +14,7 @@ is found here, once:
   durations here are in seconds, whatever the file's rate;
 - training and test speakers must be disjoint (VoxCeleb1-E/H use all of VoxCeleb1);
 - every trial must name a usable test utterance, with a label that agrees with the
-  speaker folders.
+  speaker folders (parsing and file checks shared with :mod:`qmargin_spk.scoring.trials`).
 
 Outputs in ``out_dir`` (all written atomically): ``train.csv`` and ``test.csv``
 (``ID,wav,duration,spk_id``; ``ID`` is ``spk/video/utt``, ``wav`` an absolute path,
@@ -37,7 +37,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from qmargin_spk.data.audio import AudioError, audio_info
+from qmargin_spk.scoring.trials import MissingTrialFilesError, TrialList, check_trial_files, read_trial_lists, unique_utterances
 from qmargin_spk.utils.atomic import atomic_open, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -234,40 +237,38 @@ def check_disjoint_speakers(train_speakers: set[str], test_speakers: set[str], a
     logger.warning(message)
 
 
-def validate_trial_list(path: PathLike, test_ids: set[str], skipped: dict[str, str] | None = None) -> tuple[int, int]:
-    """Check ``label enrol test`` lines against the test utterance ids; return (targets, non-targets).
+def validate_trial_lists(
+    trial_files: Sequence[Path], test_root: Path, usable_ids: set[str], skipped: dict[str, str]
+) -> list[TrialList]:
+    """Check trial lists against the scanned test root; every problem is reported as ``file:line``.
 
-    A trial must have three fields, a 0/1 label that agrees with the speaker folders,
-    and paths of usable test utterances. All problems are reported as ``file:line``.
+    Parsing and the existence of files are checked by :mod:`qmargin_spk.scoring.trials`
+    (the same code that scoring uses); on top of that every utterance must be usable
+    (not in ``skipped``) and each label must agree with the speaker folders.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PrepareError(f"{path}: trial list not found")
-    skipped = skipped or {}
+    for path in trial_files:
+        if not path.is_file():
+            raise PrepareError(f"{path}: trial list not found")
+    try:
+        lists = read_trial_lists(trial_files)
+        check_trial_files(lists, test_root / "wav")
+    except (ValueError, MissingTrialFilesError) as err:
+        raise PrepareError(str(err)) from err
+    unusable = {u: skipped.get(utterance_id(u), "not in the test manifest") for u in unique_utterances(lists) if utterance_id(u) not in usable_ids}
     problems: list[str] = []
-    counts = [0, 0]
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 3 or parts[0] not in ("0", "1"):
-                problems.append(f"{path}:{number}: expected '<0|1> <enrol> <test>', got {line.strip()!r}")
-                continue
-            label, enrol, test = int(parts[0]), utterance_id(parts[1]), utterance_id(parts[2])
-            for utt, written in ((enrol, parts[1]), (test, parts[2])):
-                if utt not in test_ids:
-                    reason = f"unusable ({skipped[utt]})" if utt in skipped else "not in the test root"
-                    problems.append(f"{path}:{number}: {written} is {reason}")
-            if label != (enrol.split("/")[0] == test.split("/")[0]):
-                problems.append(f"{path}:{number}: label {label} disagrees with speakers of {parts[1]} and {parts[2]}")
-            counts[label] += 1
+    for trials in lists:
+        found: list[tuple[int, str]] = []
+        for side in (trials.enrol, trials.test):
+            for i in np.flatnonzero(np.isin(side, list(unusable))):
+                found.append((trials.line_numbers[i], f"{side[i]} is unusable ({unusable[side[i]]})"))
+        same_speaker = np.char.partition(trials.enrol, "/")[:, 0] == np.char.partition(trials.test, "/")[:, 0]
+        for i in np.flatnonzero(same_speaker != trials.labels.astype(bool)):
+            found.append((trials.line_numbers[i], f"label {trials.labels[i]} disagrees with the speakers of {trials.enrol[i]} and {trials.test[i]}"))
+        problems += [f"{trials.path}:{line}: {message}" for line, message in sorted(found)]
     if problems:
         more = f"\n... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-        raise PrepareError(f"{len(problems)} problems in trial list {path}:\n" + "\n".join(problems[:MAX_LISTED_PROBLEMS]) + more)
-    if counts[0] + counts[1] == 0:
-        raise PrepareError(f"{path}: trial list is empty")
-    return counts[1], counts[0]
+        raise PrepareError(f"{len(problems)} problems in the trial lists:\n" + "\n".join(problems[:MAX_LISTED_PROBLEMS]) + more)
+    return lists
 
 
 # --- fingerprint ------------------------------------------------------------------
@@ -347,9 +348,8 @@ def prepare(
     check_disjoint_speakers({r.spk_id for r in train_rows}, {r.spk_id for r in test.rows}, allow_overlap)
 
     test_skipped = {utterance_id(p.relative_to(test_root / "wav").as_posix()): why for p, why in test.skipped}
-    for trial_path in trial_paths:
-        targets, nontargets = validate_trial_list(trial_path, {row.id for row in test.rows}, test_skipped)
-        logger.info("%s: %d target and %d non-target trials", trial_path, targets, nontargets)
+    for trials in validate_trial_lists(trial_paths, test_root, {row.id for row in test.rows}, test_skipped):
+        logger.info("%s: %d target and %d non-target trials", trials.path, trials.labels.sum(), len(trials) - trials.labels.sum())
 
     scans = [*train, test]
     write_manifest(out_dir / "train.csv", train_rows)
