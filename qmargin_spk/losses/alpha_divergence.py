@@ -162,12 +162,14 @@ def candidates_from_pairs(
     target: torch.Tensor,
     log_q_target: torch.Tensor,
     floor: torch.Tensor,
+    limit: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad candidate ``(row, class, logit)`` triples (``rows`` non-decreasing) into sorted ``[B, K]`` rows.
 
     Returns logits sorted by decreasing value, their class indices and ``log q`` (``log_q_target``
-    at the target, 0 elsewhere), K the largest candidate count of the batch. Padding gets the
-    finite logit ``floor`` of its row (any value no candidate lies below) and ``log q = -inf``.
+    at the target, 0 elsewhere), K the largest candidate count of the batch, or at most ``limit``
+    (the ``limit`` largest logits of each row). Padding gets the finite logit ``floor`` of its row
+    (any value no candidate lies below) and ``log q = -inf``.
     """
     batch = target.shape[0]
     counts = torch.bincount(rows, minlength=batch)
@@ -178,7 +180,10 @@ def candidates_from_pairs(
     cand_theta[rows, slot] = theta
     cand_idx = torch.zeros(batch, k, dtype=torch.long, device=rows.device)
     cand_idx[rows, slot] = cols
-    cand_theta, order = torch.sort(cand_theta, dim=1, descending=True, stable=True)
+    if limit is not None and limit < k:
+        cand_theta, order = torch.topk(cand_theta, limit, dim=1)
+    else:
+        cand_theta, order = torch.sort(cand_theta, dim=1, descending=True, stable=True)
     cand_idx = cand_idx.gather(1, order)
     live = torch.isfinite(cand_theta)
     log_q = torch.where(cand_idx == target.unsqueeze(1), log_q_target.unsqueeze(1), torch.zeros_like(cand_theta))

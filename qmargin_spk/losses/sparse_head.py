@@ -108,6 +108,9 @@ def chunk_logits(x_n: torch.Tensor, weight: torch.Tensor, start: int, stop: int,
     return torch.mm(x_n, prototypes.T).mul_(scale)
 
 
+_BOUND_SUBSET = 128  # candidates per row whose tau raises the lower bound (topk, so cheap)
+
+
 def _tau_slack(tau: torch.Tensor) -> torch.Tensor:
     """Room left below a computed tau so that its rounding never turns it into an upper bound."""
     return torch.finfo(tau.dtype).eps ** 0.5 * (1.0 + tau.abs())
@@ -146,28 +149,35 @@ class CandidateStream:
         new = CandidatePairs(new_rows, new_cols + (self.settings.class_offset + start), theta[new_rows, new_cols])
         self.pairs = CandidatePairs.cat([self.pairs, new])
         self.counts += torch.bincount(new_rows, minlength=self.counts.shape[0])
-        if int(self.counts.max()) > self.settings.capacity:
+        if int(self.counts.max()) > min(2 * _BOUND_SUBSET, self.settings.capacity):
             self._tighten()
 
-    def _padded(self, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _padded(self, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``limit`` largest candidates of each row, sorted, as ``solve_on_candidates`` takes them."""
         pairs = self.pairs.sorted_by_row()
-        return candidates_from_pairs(pairs.rows, pairs.cols, pairs.theta, self.labels, self.log_q_target, floor)
+        return candidates_from_pairs(
+            pairs.rows, pairs.cols, pairs.theta, self.labels, self.log_q_target, self.lo - self.gap, limit
+        )
 
     def _tighten(self) -> None:
-        """Raise ``lo`` to tau of the candidates seen so far, prune, and cap every row at ``capacity``."""
-        floor = self.lo - self.gap
-        cand_theta, cand_idx, log_q = self._padded(floor)
-        subset_tau = solve_on_candidates(cand_theta, cand_idx, log_q, self.settings.alpha).tau
+        """Raise ``lo`` to tau of each row's largest candidates (a subset of the classes, so a lower bound), prune."""
+        subset_tau = solve_on_candidates(*self._padded(_BOUND_SUBSET), self.settings.alpha).tau
         self.lo = torch.fmax(self.lo, subset_tau - _tau_slack(subset_tau))
-        keep = torch.isfinite(log_q) & (cand_theta > (self.lo - self.gap).unsqueeze(1))
+        self.pairs = self.pairs.select(self.pairs.theta > (self.lo - self.gap)[self.pairs.rows])
+        self.counts = torch.bincount(self.pairs.rows, minlength=self.counts.shape[0])
+        if int(self.counts.max()) > self.settings.capacity:
+            self._cap()
+
+    def _cap(self) -> None:
+        """Keep the ``capacity`` largest candidates of each row; remember the largest logit dropped."""
         capacity = self.settings.capacity
-        if keep.shape[1] > capacity:
-            overflow = torch.where(keep[:, capacity:], cand_theta[:, capacity:], float("-inf")).amax(dim=1)
-            self.dropped_max = torch.maximum(self.dropped_max, overflow)
-            keep[:, capacity:] = False
-        rows, slots = keep.nonzero(as_tuple=True)
+        cand_theta, cand_idx, log_q = self._padded(capacity + 1)
+        live = torch.isfinite(log_q)
+        dropped = torch.where(live[:, capacity], cand_theta[:, capacity], float("-inf"))
+        self.dropped_max = torch.maximum(self.dropped_max, dropped)
+        rows, slots = live[:, :capacity].nonzero(as_tuple=True)
         self.pairs = CandidatePairs(rows, cand_idx[rows, slots], cand_theta[rows, slots])
-        self.counts = keep.sum(dim=1)
+        self.counts = live[:, :capacity].sum(dim=1)
 
     def finish(self, lo: torch.Tensor, x_n: torch.Tensor, weight: torch.Tensor) -> tuple[CandidatePairs, torch.Tensor]:
         """Candidates above ``lo - gap`` (``lo`` a lower bound of tau, e.g. combined over shards).
