@@ -119,6 +119,13 @@ def test_roots_without_audio_are_refused(corpus, tmp_path):
         prepare([tmp_path], test, [trials], tmp_path / "out")
 
 
+def test_the_same_utterance_in_two_training_roots_is_refused(corpus, tmp_path):
+    train, test, trials = corpus
+    shutil.copytree(train, tmp_path / "copy")
+    with pytest.raises(PrepareError, match="utterance ids occur in more than one training root"):
+        prepare([train, tmp_path / "copy"], test, [trials], tmp_path / "out")
+
+
 def test_trial_problems_are_reported_with_file_and_line(corpus, tmp_path):
     train, test, trials = corpus
     lines = trials.read_text().splitlines()

@@ -85,7 +85,9 @@ class PrepareResult:
     reused: bool = False
 
     def to_json(self) -> dict:
-        return {k: [str(p) for p in v] if k == "trial_files" else str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        """Plain JSON values (paths as strings)."""
+        data = asdict(self) | {"trial_files": [str(p) for p in self.trial_files]}
+        return {key: str(value) if isinstance(value, Path) else value for key, value in data.items()}
 
     @classmethod
     def from_json(cls, data: dict) -> "PrepareResult":
@@ -107,6 +109,8 @@ def _audio_files(folder: Path, extension: str) -> list[Path]:
 
 
 def _check_layout(root: Path) -> None:
+    if not root.is_dir():
+        raise PrepareError(f"{root}: no such folder")
     if not (root / "wav").is_dir() and not (root / "aac").is_dir():
         raise PrepareError(f"{root}: no wav/ or aac/ folder (expected <root>/wav/<spk>/<video>/<utt>.wav)")
 
@@ -162,13 +166,15 @@ def convert_m4a(roots: Iterable[Path], sample_rate: int, num_workers: int) -> li
 
 
 @dataclass
-class _Scan:
+class RootScan:
+    """One root's usable utterances, skipped files (with reasons) and files needing resampling."""
+
     rows: list[ManifestRow]
     skipped: list[tuple[Path, str]]
     resampled: list[tuple[Path, int]]
 
 
-def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: int) -> _Scan:
+def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: int) -> RootScan:
     """Read the header of every wav under ``root/wav`` and sort usable files from the rest."""
     paths = _audio_files(root / "wav", "wav")
     if not paths:
@@ -180,7 +186,7 @@ def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: in
         except AudioError as err:
             return None, str(err).removeprefix(f"{path}: ")
 
-    scan = _Scan([], [], [])
+    scan = RootScan([], [], [])
     with ThreadPoolExecutor(num_workers) as pool:
         for path, (info, problem) in zip(paths, pool.map(probe, paths, chunksize=64)):
             if info is not None and info.duration < min_duration:
