@@ -55,6 +55,7 @@ VOWEL_FORMANTS = np.array(
 FRICATIVE_BANDS = np.array([[5800, 1200], [3300, 900], [4500, 2500], [1900, 700]], dtype=np.float64)
 SEGMENT_KINDS = ("vowel", "fricative", "pause")
 SEGMENT_PROBS = (0.6, 0.25, 0.15)
+SEGMENT_SECONDS = {"vowel": (0.07, 0.22), "fricative": (0.05, 0.14), "pause": (0.04, 0.25)}  # at speaking rate 1
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(
@@ -163,7 +164,7 @@ def _moving_average(values: np.ndarray, width: int) -> np.ndarray:
 
 
 @dataclass
-class _Plan:
+class UtterancePlan:
     """Frame-rate controls of one utterance (one row per STFT frame)."""
 
     f0: np.ndarray  # [F] Hz
@@ -174,7 +175,7 @@ class _Plan:
     fricative_band: np.ndarray  # [F, 2] centre, width Hz
 
 
-def plan_utterance(rng: np.random.Generator, voice: Voice, num_frames: int) -> _Plan:
+def plan_utterance(rng: np.random.Generator, voice: Voice, num_frames: int) -> UtterancePlan:
     """Draw the content of one utterance: segments, formant targets and pitch contour."""
     frame_seconds = HOP / SAMPLE_RATE
     vowel = np.zeros(num_frames, dtype=int)
@@ -186,8 +187,7 @@ def plan_utterance(rng: np.random.Generator, voice: Voice, num_frames: int) -> _
     last_vowel = int(rng.integers(len(VOWEL_FORMANTS)))
     while frame < num_frames:
         kind = SEGMENT_KINDS[rng.choice(len(SEGMENT_KINDS), p=SEGMENT_PROBS)]
-        seconds = {"vowel": (0.07, 0.22), "fricative": (0.05, 0.14), "pause": (0.04, 0.25)}[kind]
-        end = min(num_frames, frame + max(2, int(rng.uniform(*seconds) / voice.rate / frame_seconds)))
+        end = min(num_frames, frame + max(2, int(rng.uniform(*SEGMENT_SECONDS[kind]) / voice.rate / frame_seconds)))
         if kind == "vowel":
             last_vowel = int(rng.integers(len(VOWEL_FORMANTS)))
             voicing[frame:end] = rng.uniform(0.6, 1.0)
@@ -197,7 +197,7 @@ def plan_utterance(rng: np.random.Generator, voice: Voice, num_frames: int) -> _
             band[frame:end] = FRICATIVE_BANDS[rng.integers(len(FRICATIVE_BANDS))] * voice.fricative_shift
         vowel[frame:end] = last_vowel
         frame = end
-    band[band[:, 0] == 0] = FRICATIVE_BANDS[0]
+    band[band[:, 0] == 0] = FRICATIVE_BANDS[0]  # any band where frication is silent, to avoid zero widths
 
     tract = voice.tract_scale * np.exp(rng.normal(0.0, 0.02))
     low = VOWEL_FORMANTS[vowel] * voice.vowel_shift[vowel]
@@ -208,7 +208,7 @@ def plan_utterance(rng: np.random.Generator, voice: Voice, num_frames: int) -> _
     declination = np.linspace(1.0, -1.0, num_frames) * rng.uniform(0.5, 2.0)
     semitones = _moving_average(accent, 9) + declination + rng.normal(0.0, 0.1, num_frames)
     f0 = voice.f0_mean * np.exp(rng.normal(0.0, 0.06)) * 2.0 ** (semitones / 12.0)
-    return _Plan(
+    return UtterancePlan(
         f0=f0,
         formants=formants,
         bandwidths=np.broadcast_to(bandwidths, formants.shape),
