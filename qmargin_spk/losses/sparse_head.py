@@ -323,8 +323,7 @@ class QMarginHeadBase(torch.nn.Module):
     ) -> torch.Tensor:
         """Mean loss of normalised embeddings (float32/64) whose logits this process sees for its shard."""
         stats: dict[str, float] = {}
-        with torch.autocast(x_n.device.type, enabled=False):
-            loss = _SparseQMarginFunction.apply(x_n, weight, labels, self.settings(class_offset), combiner, stats)
+        loss = _SparseQMarginFunction.apply(x_n, weight, labels, self.settings(class_offset), combiner, stats)
         self.stats = stats
         self.overflow_count += int(stats["overflow_rows"])
         return loss
@@ -334,6 +333,11 @@ class QMarginHeadBase(torch.nn.Module):
             f"alpha={self.alpha}, scale={self.scale}, margin={self.margin}, chunk_size={self.chunk_size}, "
             f"capacity={self.capacity}, sparse_grad={self.sparse_grad}"
         )
+
+
+def without_autocast(tensor: torch.Tensor) -> torch.autocast:
+    """Autocast off: the head computes in float32 (float64 for float64 inputs) whatever the Brain runs under."""
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def normalized_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
@@ -364,4 +368,5 @@ class SparseQMarginHead(QMarginHeadBase):
         """Mean loss over the batch: ``embeddings [B, D]`` or ``[B, 1, D]``, ``labels [B]`` or ``[B, 1]``."""
         embeddings, labels = flatten_batch(embeddings, labels)
         validate_targets(labels, embeddings.shape[0], self.num_classes)
-        return self.sparse_loss(normalized_embeddings(embeddings), labels.long(), self.weight, 0, SingleProcess())
+        with without_autocast(embeddings):
+            return self.sparse_loss(normalized_embeddings(embeddings), labels.long(), self.weight, 0, SingleProcess())
