@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 _HALLEY_MAX_ITER = 60
+# Classes per row whose tau bounds the row's tau from below before candidates are gathered.
+_PROBE_CLASSES = 32
 
 
 @dataclass
@@ -130,27 +132,38 @@ def _tau_halley(theta: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch
         # Keep the bracket: g is non-increasing, so g >= 0 means the root lies above.
         lo = torch.where(g >= 0, tau, lo)
         hi = torch.where(g < 0, tau, hi)
-        width = hi - lo
-        if bool((g.abs() <= 4 * eps).all() | (width <= eps * (1.0 + tau.abs())).all()):
-            break
         denom = 2.0 * g1 * g1 - g * g2
         step = torch.where(denom != 0, 2.0 * g * g1 / torch.where(denom != 0, denom, torch.ones_like(denom)),
                            torch.zeros_like(g))
         proposal = tau - step
         inside = (proposal > lo) & (proposal < hi) & torch.isfinite(proposal)
-        tau = torch.where(inside, proposal, 0.5 * (lo + hi))
+        resolution = 2.0 * eps * (1.0 + tau.abs())
+        # A row is done once its bracket has collapsed or a Halley step (cubically convergent
+        # near the root) moves tau by no more than rounding; such a step is kept, never
+        # replaced by a bisection that would throw the converged tau away.
+        small = step.abs() <= resolution
+        done = small | (hi - lo <= resolution)
+        tau = torch.where(small, torch.minimum(torch.maximum(proposal, lo), hi),
+                          torch.where(inside, proposal, 0.5 * (lo + hi)))
+        if bool(done.all()):
+            break
     return tau
 
 
 def _candidates(theta: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor, alpha: float):
-    """Every class of a dense row that can be in the support, in the layout of :func:`candidates_from_pairs`."""
-    batch = theta.shape[0]
-    rows = torch.arange(batch, device=theta.device)
-    top_other = theta.scatter(1, target.unsqueeze(1), float("-inf")).amax(dim=1)
-    target_theta = theta[rows, target]
-    # tau_lo = max_j (theta_j - f'(1/q_j)); f'(1) = 0 for every non-target class.
-    tau_lo = torch.maximum(top_other, target_theta - f_prime_inv_q(log_q_target, alpha))
-    floor = tau_lo - 1.0 / (alpha - 1.0)
+    """Every class of a dense row that can be in the support, in the layout of :func:`candidates_from_pairs`.
+
+    tau of any subset of a row's classes is a lower bound of the row's tau (more classes, more
+    mass), so tau solved on the ``_PROBE_CLASSES`` largest logits sets a tight floor: only classes
+    above ``tau_probe - 1/(alpha - 1)`` can be active. The probe holds the largest non-target
+    logit, so this bound is never looser than ``tau_lo`` of the design note.
+    """
+    probe = min(_PROBE_CLASSES, theta.shape[1])
+    probe_theta, probe_idx = torch.topk(theta, probe, dim=1, sorted=True)
+    probe_log_q = torch.where(probe_idx == target.unsqueeze(1), log_q_target.unsqueeze(1),
+                              torch.zeros_like(probe_theta))
+    tau_probe = solve_on_candidates(probe_theta, probe_idx, probe_log_q, alpha).tau
+    floor = tau_probe - 1.0 / (alpha - 1.0)
     cand_row, cand_col = (theta > floor.unsqueeze(1)).nonzero(as_tuple=True)
     return candidates_from_pairs(cand_row, cand_col, theta[cand_row, cand_col], target, log_q_target, floor)
 
