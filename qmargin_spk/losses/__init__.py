@@ -8,6 +8,7 @@ from qmargin_spk.losses.alpha_divergence import (
     solve_sparse_posterior,
 )
 from qmargin_spk.losses.margin_losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, QMarginLoss
+from qmargin_spk.losses.sharded_head import ShardedQMarginHead
 from qmargin_spk.losses.sparse_head import SparseQMarginHead
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "AlphaEntmaxLoss",
     "CosFaceLoss",
     "QMarginLoss",
+    "ShardedQMarginHead",
     "SparsePosterior",
     "SparseQMarginHead",
     "alpha_divergence_posterior",

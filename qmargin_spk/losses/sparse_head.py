@@ -42,6 +42,7 @@ DDP and use ``ShardedQMarginHead`` (``sharded_head.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,16 @@ class CandidatePairs:
     @staticmethod
     def cat(parts: list[CandidatePairs]) -> CandidatePairs:
         return CandidatePairs(*(torch.cat(tensors) for tensors in zip(*((p.rows, p.cols, p.theta) for p in parts))))
+
+
+class Combiner(Protocol):
+    """How the per-shard results of a forward are combined across the processes holding the classes."""
+
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over the shards."""
+
+    def gather_pairs(self, pairs: CandidatePairs) -> CandidatePairs:
+        """Every shard's candidates, in the same order on every process."""
 
 
 class SingleProcess:
@@ -319,7 +330,7 @@ class QMarginHeadBase(torch.nn.Module):
         )
 
     def sparse_loss(
-        self, x_n: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, class_offset: int, combiner
+        self, x_n: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, class_offset: int, combiner: Combiner
     ) -> torch.Tensor:
         """Mean loss of normalised embeddings (float32/64) whose logits this process sees for its shard."""
         stats: dict[str, float] = {}
