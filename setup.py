@@ -18,7 +18,8 @@ setup(
         "scikit-learn>=1.3",
     ],
     extras_require={
-        "dev": ["pytest>=7", "matplotlib>=3.7"],
+        "dev": ["pytest>=7", "matplotlib>=3.7", "tensorboard>=2.14"],
         "plot": ["matplotlib>=3.7"],
+        "tensorboard": ["tensorboard>=2.14"],
     },
 )

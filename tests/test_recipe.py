@@ -91,7 +91,7 @@ class _Interrupt(Exception):
 def test_resume_continues_from_the_checkpoint(prepared, monkeypatch):
     hparams_file = str(REPO / "hparams" / "demo_cpu_qmargin.yaml")
     overrides = {"output_folder": str(prepared), "number_of_epochs": 2, "batch_size": 8, "channels": 32,
-                 "embedding_dim": 32, "num_workers": 0}
+                 "embedding_dim": 32, "num_workers": 0, "tensorboard_dir": str(prepared / "tensorboard")}
     run_opts = {"device": "cpu", "ckpt_interval_steps": 2, "noprogressbar": True}
     original_fit_batch = SpeakerBrain.fit_batch
     seen = {}
@@ -130,6 +130,7 @@ def test_resume_continues_from_the_checkpoint(prepared, monkeypatch):
     steps_per_epoch = len(brain.hparams.train_data) // 8
     assert brain.hparams.lr_scheduler.step_count == 2 * steps_per_epoch
     assert brain.hparams.epoch_counter.current == 2
+    assert list((prepared / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_ddp_with_two_cpu_processes(corpus, tmp_path):

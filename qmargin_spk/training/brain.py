@@ -72,6 +72,9 @@ class SpeakerBrain(sb.Brain):
             return
         stats = self.epoch_statistics(stage_loss)
         self.hparams.train_logger.log_stats(stats_meta={"epoch": epoch}, train_stats=stats)
+        tensorboard = self._tensorboard_logger()
+        if tensorboard is not None:
+            tensorboard.log_stats(stats_meta={"epoch": epoch}, train_stats=stats)
         self.checkpointer.save_and_keep_only(
             meta={"epoch": epoch, "loss": stage_loss}, end_of_epoch=True,
             num_to_keep=self.hparams.keep_checkpoints,
@@ -100,6 +103,17 @@ class SpeakerBrain(sb.Brain):
                 totals[key] = max(totals[key], stats.get(key, 0.0))
             else:
                 totals[key] += stats.get(key, 0.0)
+
+    def _tensorboard_logger(self):
+        """SpeechBrain's TensorBoard logger when ``tensorboard_dir`` is set (main process only)."""
+        folder = getattr(self.hparams, "tensorboard_dir", None)
+        if folder is None or not sb.utils.distributed.if_main_process():
+            return None
+        if getattr(self, "_tensorboard", None) is None:
+            from speechbrain.utils.train_logger import TensorboardLogger
+
+            self._tensorboard = TensorboardLogger(folder)
+        return self._tensorboard
 
     def _fused_head(self) -> bool:
         """True when the classifier computes the loss itself (``compute_cost: null``)."""
