@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import qmargin_spk.losses.sparse_head as sparse_head_module
+import qmargin_spk.losses.candidate_stream as candidate_stream
 from qmargin_spk.losses import QMarginLoss, SparseQMarginHead, alpha_divergence_posterior
 
 ALPHAS = [1.25, 1.5, 1.75, 2.0]
@@ -85,8 +85,8 @@ def test_gradient_rows_are_the_support_and_targets_and_backward_does_no_matmul(m
     weight, embeddings, labels = hard_problem(torch.float64, seed=1)
     head = make_head(weight, 1.5, chunk_size=300)
     calls = []
-    original = sparse_head_module.chunk_logits
-    monkeypatch.setattr(sparse_head_module, "chunk_logits", lambda *args: calls.append(1) or original(*args))
+    original = candidate_stream.chunk_logits
+    monkeypatch.setattr(candidate_stream, "chunk_logits", lambda *args: calls.append(1) or original(*args))
     loss = head(embeddings, labels)
     assert len(calls) == 4  # ceil(1000 / 300) chunks, once each
     loss.backward()

@@ -24,13 +24,8 @@ import torch
 import torch.distributed as dist
 
 from qmargin_spk.losses.alpha_divergence import validate_targets
-from qmargin_spk.losses.sparse_head import (
-    CandidatePairs,
-    QMarginHeadBase,
-    flatten_batch,
-    normalized_embeddings,
-    without_autocast,
-)
+from qmargin_spk.losses.candidate_stream import CandidatePairs
+from qmargin_spk.losses.sparse_head import QMarginHeadBase, flatten_batch, normalized_embeddings, without_autocast
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:

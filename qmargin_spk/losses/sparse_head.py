@@ -4,12 +4,11 @@
 ``Classifier``) and returns the same loss and gradients as ``QMarginLoss`` on the dense cosines,
 without ever holding the ``B x C`` logits (design note, section 5):
 
-- forward streams over class chunks, computes ``theta = s cos`` of one chunk at a time and keeps
-  per row a running lower bound ``lo`` of tau and the candidates ``theta_j > lo - 1/(alpha - 1)``,
-  the only classes that can be in the support. ``lo`` starts as ``max_j (theta_j - f'(1/q_j))``;
-  when a buffer fills, tau of the candidates seen so far (a subset of the classes, so a lower
-  bound of the true tau) raises ``lo`` and prunes it. A row still holding more than ``capacity``
-  candidates at the end is recomputed alone, chunk by chunk, and counted in ``overflow_count``;
+- forward streams over class chunks (``candidate_stream.py``), computes ``theta = s cos`` of one
+  chunk at a time and keeps per row a running lower bound ``lo`` of tau and the candidates
+  ``theta_j > lo - 1/(alpha - 1)``, the only classes that can be in the support, at most
+  ``capacity`` of them; a row with more is recomputed alone, chunk by chunk, and counted in
+  ``overflow_count``;
 - tau is solved exactly on the candidates (``solve_on_candidates``) and only ``(class, p)`` pairs
   are kept;
 - backward touches only the rows ``S ∪ {y}`` of the weight: ``dL/dx_n = s/B sum_j (p_j - e_yj) w_j``
@@ -41,16 +40,12 @@ DDP and use ``ShardedQMarginHead`` (``sharded_head.py``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 
 from qmargin_spk.losses.alpha_divergence import (
     SparsePosterior,
     candidates_from_pairs,
-    f_prime_inv_q,
     fy_loss_on_candidates,
     posterior_statistics,
     solve_on_candidates,
@@ -58,173 +53,7 @@ from qmargin_spk.losses.alpha_divergence import (
     validate_finite,
     validate_targets,
 )
-
-
-@dataclass(frozen=True)
-class HeadSettings:
-    """What one forward of a head needs to know; ``class_offset`` is the first class of this shard."""
-
-    alpha: float
-    scale: float
-    margin: float
-    chunk_size: int
-    capacity: int
-    sparse_grad: bool
-    class_offset: int = 0
-
-
-@dataclass
-class CandidatePairs:
-    """Candidate classes of a batch as flat ``(row, class, logit)`` triples."""
-
-    rows: torch.Tensor
-    cols: torch.Tensor
-    theta: torch.Tensor
-
-    def select(self, mask: torch.Tensor) -> CandidatePairs:
-        return CandidatePairs(self.rows[mask], self.cols[mask], self.theta[mask])
-
-    def sorted_by_row(self) -> CandidatePairs:
-        order = torch.argsort(self.rows, stable=True)
-        return CandidatePairs(self.rows[order], self.cols[order], self.theta[order])
-
-    @staticmethod
-    def cat(parts: list[CandidatePairs]) -> CandidatePairs:
-        return CandidatePairs(*(torch.cat(tensors) for tensors in zip(*((p.rows, p.cols, p.theta) for p in parts))))
-
-
-class Combiner(Protocol):
-    """How the per-shard results of a forward are combined across the processes holding the classes."""
-
-    def max(self, values: torch.Tensor) -> torch.Tensor:
-        """Element-wise maximum over the shards."""
-
-    def gather_pairs(self, pairs: CandidatePairs) -> CandidatePairs:
-        """Every shard's candidates, in the same order on every process."""
-
-
-class SingleProcess:
-    """Combination of per-shard results when one process holds every class: nothing to combine."""
-
-    def max(self, values: torch.Tensor) -> torch.Tensor:
-        return values
-
-    def gather_pairs(self, pairs: CandidatePairs) -> CandidatePairs:
-        return pairs
-
-
-def chunk_logits(x_n: torch.Tensor, weight: torch.Tensor, start: int, stop: int, scale: float) -> torch.Tensor:
-    """``scale * cos`` of the normalised embeddings against prototypes ``start:stop``, in ``x_n``'s dtype."""
-    prototypes = F.normalize(weight[start:stop].to(x_n.dtype), dim=1)
-    return torch.mm(x_n, prototypes.T).mul_(scale)
-
-
-_BOUND_SUBSET = 128  # candidates per row whose tau raises the lower bound (topk, so cheap)
-
-
-def _tau_slack(tau: torch.Tensor) -> torch.Tensor:
-    """Room left below a computed tau so that its rounding never turns it into an upper bound."""
-    return torch.finfo(tau.dtype).eps ** 0.5 * (1.0 + tau.abs())
-
-
-class CandidateStream:
-    """Running lower bound of tau and bounded candidate buffers over the class chunks of one shard."""
-
-    def __init__(self, labels: torch.Tensor, log_q_target: torch.Tensor, settings: HeadSettings, dtype: torch.dtype):
-        batch = labels.shape[0]
-        device = labels.device
-        self.labels = labels
-        self.log_q_target = log_q_target
-        self.settings = settings
-        self.gap = 1.0 / (settings.alpha - 1.0)  # theta_j <= tau - gap  <=>  p_j = 0
-        self.target_bound_shift = f_prime_inv_q(log_q_target, settings.alpha)
-        self.lo = torch.full((batch,), float("-inf"), dtype=dtype, device=device)
-        self.target_theta = torch.full((batch,), float("-inf"), dtype=dtype, device=device)
-        self.dropped_max = torch.full((batch,), float("-inf"), dtype=dtype, device=device)
-        self.counts = torch.zeros(batch, dtype=torch.long, device=device)
-        empty = torch.empty(0, dtype=torch.long, device=device)
-        self.pairs = CandidatePairs(empty, empty, torch.empty(0, dtype=dtype, device=device))
-
-    def add_chunk(self, theta: torch.Tensor, start: int) -> None:
-        """Take the logits of classes ``start:start + n`` of the shard (``theta`` is modified and restored)."""
-        local = self.labels - self.settings.class_offset - start
-        rows = ((local >= 0) & (local < theta.shape[1])).nonzero().squeeze(1)
-        cols = local[rows]
-        target = theta[rows, cols]
-        self.target_theta[rows] = target
-        # tau >= theta_j - f'(1/q_j): the target enters the bound with its own prior.
-        theta[rows, cols] = target - self.target_bound_shift[rows]
-        self.lo = torch.maximum(self.lo, theta.amax(dim=1))
-        theta[rows, cols] = target
-        new_rows, new_cols = (theta > (self.lo - self.gap).unsqueeze(1)).nonzero(as_tuple=True)
-        new = CandidatePairs(new_rows, new_cols + (self.settings.class_offset + start), theta[new_rows, new_cols])
-        self.pairs = CandidatePairs.cat([self.pairs, new])
-        self.counts += torch.bincount(new_rows, minlength=self.counts.shape[0])
-        if int(self.counts.max()) > min(2 * _BOUND_SUBSET, self.settings.capacity):
-            self._tighten()
-
-    def _padded(self, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ``limit`` largest candidates of each row, sorted, as ``solve_on_candidates`` takes them."""
-        pairs = self.pairs.sorted_by_row()
-        return candidates_from_pairs(
-            pairs.rows, pairs.cols, pairs.theta, self.labels, self.log_q_target, self.lo - self.gap, limit
-        )
-
-    def _tighten(self) -> None:
-        """Raise ``lo`` to tau of each row's largest candidates (a subset of the classes, so a lower bound), prune."""
-        subset_tau = solve_on_candidates(*self._padded(_BOUND_SUBSET), self.settings.alpha).tau
-        self.lo = torch.fmax(self.lo, subset_tau - _tau_slack(subset_tau))
-        self.pairs = self.pairs.select(self.pairs.theta > (self.lo - self.gap)[self.pairs.rows])
-        self.counts = torch.bincount(self.pairs.rows, minlength=self.counts.shape[0])
-        if int(self.counts.max()) > self.settings.capacity:
-            self._cap()
-
-    def _cap(self) -> None:
-        """Keep the ``capacity`` largest candidates of each row; remember the largest logit dropped."""
-        capacity = self.settings.capacity
-        cand_theta, cand_idx, log_q = self._padded(capacity + 1)
-        live = torch.isfinite(log_q)
-        dropped = torch.where(live[:, capacity], cand_theta[:, capacity], float("-inf"))
-        self.dropped_max = torch.maximum(self.dropped_max, dropped)
-        rows, slots = live[:, :capacity].nonzero(as_tuple=True)
-        self.pairs = CandidatePairs(rows, cand_idx[rows, slots], cand_theta[rows, slots])
-        self.counts = live[:, :capacity].sum(dim=1)
-
-    def finish(self, lo: torch.Tensor, x_n: torch.Tensor, weight: torch.Tensor) -> tuple[CandidatePairs, torch.Tensor]:
-        """Candidates above ``lo - gap`` (``lo`` a lower bound of tau, e.g. combined over shards).
-
-        Rows whose buffer dropped a class above that floor are recomputed over the whole shard.
-        Returns the pairs and the indices of those overflow rows.
-        """
-        floor = lo - self.gap
-        pairs = self.pairs.select(self.pairs.theta > floor[self.pairs.rows])
-        overflow = (self.dropped_max > floor).nonzero().squeeze(1)
-        if overflow.numel():
-            pairs = pairs.select(~torch.isin(pairs.rows, overflow))
-            pairs = CandidatePairs.cat([pairs, _all_candidates(x_n[overflow], weight, floor[overflow], overflow, self.settings)])
-        return pairs, overflow
-
-
-def _all_candidates(
-    x_n: torch.Tensor, weight: torch.Tensor, floor: torch.Tensor, row_ids: torch.Tensor, settings: HeadSettings
-) -> CandidatePairs:
-    """Every class of the shard above ``floor`` for a few rows, without a capacity (the exact fallback)."""
-    parts = []
-    for start in range(0, weight.shape[0], settings.chunk_size):
-        theta = chunk_logits(x_n, weight, start, start + settings.chunk_size, settings.scale)
-        rows, cols = (theta > floor.unsqueeze(1)).nonzero(as_tuple=True)
-        parts.append(CandidatePairs(row_ids[rows], cols + (settings.class_offset + start), theta[rows, cols]))
-    return CandidatePairs.cat(parts)
-
-
-def stream_candidates(
-    x_n: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, log_q_target: torch.Tensor, settings: HeadSettings
-) -> CandidateStream:
-    """One pass over the prototypes of this shard, chunk by chunk: the only ``B x C`` work of a step."""
-    stream = CandidateStream(labels, log_q_target, settings, x_n.dtype)
-    for start in range(0, weight.shape[0], settings.chunk_size):
-        stream.add_chunk(chunk_logits(x_n, weight, start, start + settings.chunk_size, settings.scale), start)
-    return stream
+from qmargin_spk.losses.candidate_stream import Combiner, HeadSettings, SingleProcess, stream_candidates
 
 
 class _SparseQMarginFunction(torch.autograd.Function):
