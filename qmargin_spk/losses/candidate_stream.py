@@ -4,7 +4,7 @@ Per row, a running lower bound ``lo`` of tau and the candidates ``theta_j > lo -
 other class can be in the support. ``lo`` is raised two ways, both exact: by
 ``max_j (theta_j - f'(1/q_j))`` of each chunk, and by tau solved on a subset of the classes seen so
 far (adding classes only adds mass, so any subset's tau is a lower bound): the largest logits of the
-first chunk, then each row's largest candidates whenever a buffer fills up. A buffer holding more
+first chunk, then all the candidates of a row whenever its buffer fills up. A buffer holding more
 than ``capacity`` candidates keeps the largest ones and remembers the largest it dropped; if that
 one is above the final floor, the row is recomputed alone over the whole shard (the exact fallback).
 """
@@ -78,7 +78,8 @@ def chunk_logits(x_n: torch.Tensor, weight: torch.Tensor, start: int, stop: int,
     return torch.mm(x_n, prototypes.T).mul_(scale)
 
 
-_BOUND_SUBSET = 128  # classes per row whose tau raises the lower bound (picked with topk, so cheap)
+_PROBE_CLASSES = 128  # largest logits of the first chunk whose tau starts the lower bound (topk, so cheap)
+_FIRST_TIGHTEN = 256  # buffer size that triggers the first pass of _tighten
 
 
 def _tau_slack(tau: torch.Tensor) -> torch.Tensor:
@@ -101,6 +102,7 @@ class CandidateStream:
         self.target_theta = torch.full((batch,), float("-inf"), dtype=dtype, device=device)
         self.dropped_max = torch.full((batch,), float("-inf"), dtype=dtype, device=device)
         self.counts = torch.zeros(batch, dtype=torch.long, device=device)
+        self.tighten_above = min(_FIRST_TIGHTEN, settings.capacity)  # buffer size that triggers _tighten
         empty = torch.empty(0, dtype=torch.long, device=device)
         self.pairs = CandidatePairs(empty, empty, torch.empty(0, dtype=dtype, device=device))
 
@@ -122,12 +124,12 @@ class CandidateStream:
         new = CandidatePairs(new_rows, new_cols + offset, theta[new_rows, new_cols])
         self.pairs = CandidatePairs.cat([self.pairs, new])
         self.counts += torch.bincount(new_rows, minlength=self.counts.shape[0])
-        if int(self.counts.max()) > min(2 * _BOUND_SUBSET, self.settings.capacity):
+        if int(self.counts.max()) > self.tighten_above:
             self._tighten()
 
     def _probe(self, theta: torch.Tensor, offset: int) -> None:
-        """Raise ``lo`` to tau of each row's ``_BOUND_SUBSET`` largest logits of this chunk."""
-        probe_theta, probe_cols = torch.topk(theta, min(_BOUND_SUBSET, theta.shape[1]), dim=1)
+        """Raise ``lo`` to tau of each row's ``_PROBE_CLASSES`` largest logits of this chunk."""
+        probe_theta, probe_cols = torch.topk(theta, min(_PROBE_CLASSES, theta.shape[1]), dim=1)
         probe_cols += offset
         is_target = probe_cols == self.labels.unsqueeze(1)
         log_q = torch.where(is_target, self.log_q_target.unsqueeze(1), torch.zeros_like(probe_theta))
@@ -138,20 +140,22 @@ class CandidateStream:
         subset_tau = solve_on_candidates(cand_theta, cand_idx, log_q, self.settings.alpha).tau
         self.lo = torch.fmax(self.lo, subset_tau - _tau_slack(subset_tau))
 
-    def _padded(self, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ``limit`` largest candidates of each row, sorted, as ``solve_on_candidates`` takes them."""
+    def _padded(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's candidates (its ``limit`` largest), sorted, as ``solve_on_candidates`` takes them."""
         pairs = self.pairs.sorted_by_row()
         return candidates_from_pairs(
             pairs.rows, pairs.cols, pairs.theta, self.labels, self.log_q_target, self.lo - self.gap, limit
         )
 
     def _tighten(self) -> None:
-        """Raise ``lo`` with each row's largest candidates, prune, and cap the buffers."""
-        self._raise_lo(*self._padded(_BOUND_SUBSET))
+        """Raise ``lo`` to tau of every candidate seen so far, prune, and cap the buffers."""
+        self._raise_lo(*self._padded())
         self.pairs = self.pairs.select(self.pairs.theta > (self.lo - self.gap)[self.pairs.rows])
         self.counts = torch.bincount(self.pairs.rows, minlength=self.counts.shape[0])
         if int(self.counts.max()) > self.settings.capacity:
             self._cap()
+        # Large supports stay large: let the buffers double before the next pass.
+        self.tighten_above = min(max(_FIRST_TIGHTEN, 2 * int(self.counts.max())), self.settings.capacity)
 
     def _cap(self) -> None:
         """Keep the ``capacity`` largest candidates of each row; remember the largest logit dropped."""
