@@ -12,13 +12,14 @@ import torch
 
 from qmargin_spk.data.prepare import prepare
 from qmargin_spk.data.synthetic import PRESETS, generate_corpus
-from qmargin_spk.losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, QMarginLoss
+from qmargin_spk.losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, QMarginLoss, SparseQMarginHead
 from qmargin_spk.training import recipe
 from qmargin_spk.training.brain import SpeakerBrain
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "recipes" / "voxceleb" / "run.sh"
-LOSSES = {"qmargin": QMarginLoss, "aam": AAMLoss, "cosface": CosFaceLoss, "entmax": AlphaEntmaxLoss}
+LOSSES = {"qmargin": QMarginLoss, "aam": AAMLoss, "cosface": CosFaceLoss, "entmax": AlphaEntmaxLoss,
+          "qmargin_sparse": type(None)}  # the fused head computes the loss itself
 SETTINGS = ("demo_cpu", "vox2_ecapa")
 FAST = ["--number_of_epochs=1", "--warmup_epochs=1", "--batch_size=8", "--channels=32", "--embedding_dim=32"]
 
@@ -62,6 +63,7 @@ def test_each_hparams_file_builds_its_loss(prepared, setting, loss):
     hparams = recipe.load_hparams(str(REPO / "hparams" / f"{setting}_{loss}.yaml"),
                                   {"output_folder": str(prepared), "channels": 16, "num_workers": 0})
     assert type(hparams["compute_cost"]) is LOSSES[loss]
+    assert isinstance(hparams["classifier"], SparseQMarginHead) == (loss == "qmargin_sparse")
     assert hparams["loss_name"] == loss
     assert hparams["num_classes"] == hparams["train_data"].num_classes
 
@@ -82,6 +84,20 @@ def test_all_stages_end_to_end(corpus, tmp_path):
     output = run_recipe(corpus, exp)
     assert "nothing to do" in output
     assert sorted(p.name for p in (exp / "save").glob("CKPT+*")) == checkpoints
+
+
+def test_fused_sparse_head_trains_through_the_recipe(prepared):
+    overrides = {"output_folder": str(prepared), "number_of_epochs": 2, "warmup_epochs": 1, "batch_size": 8,
+                 "channels": 32, "embedding_dim": 32, "num_workers": 0}
+    brain = recipe.train(str(REPO / "hparams" / "demo_cpu_qmargin_sparse.yaml"), {"device": "cpu", "noprogressbar": True},
+                         overrides)
+    log = (prepared / "train_log.txt").read_text().splitlines()
+    assert len(log) == 2 and "support_mean" in log[-1] and "accuracy" not in log[-1]
+    losses = [float(re.search(r"train loss: ([0-9.e+-]+)", line).group(1)) for line in log]
+    assert losses[1] < losses[0]
+    (checkpoint,) = brain.checkpointer.find_checkpoints(max_num_checkpoints=None)[:1]
+    saved = torch.load(checkpoint.paramfiles["classifier"])
+    torch.testing.assert_close(saved["weight"], brain.modules.classifier.weight.detach())
 
 
 class _Interrupt(Exception):
