@@ -101,11 +101,11 @@ def test_speechbrain_shapes_and_margin_scale_changes():
     head = make_head(weight, 1.75, chunk_size=256)
     loss, grad_x, grad_w = head_result(head, embeddings.unsqueeze(1), labels.unsqueeze(1))
     assert grad_x.shape == (len(labels), 1, DIM)
-    assert_same((loss, grad_x.squeeze(1), grad_w), dense_reference(weight, embeddings, labels, 1.75, 10.0, 0.2)[:3], torch.float64)
+    expected = dense_reference(weight, embeddings, labels, 1.75, 10.0, 0.2)[:3]
+    assert_same((loss, grad_x.squeeze(1), grad_w), expected, torch.float64)
     head.margin, head.scale = 0.35, 7.0  # a scheduler changes them between steps
-    assert_same(
-        head_result(head, embeddings, labels), dense_reference(weight, embeddings, labels, 1.75, 7.0, 0.35)[:3], torch.float64
-    )
+    expected = dense_reference(weight, embeddings, labels, 1.75, 7.0, 0.35)[:3]
+    assert_same(head_result(head, embeddings, labels), expected, torch.float64)
 
 
 @pytest.mark.parametrize("alpha", [1.5, 1.25])

@@ -179,7 +179,8 @@ class CandidateStream:
         overflow = (self.dropped_max > floor).nonzero().squeeze(1)
         if overflow.numel():
             pairs = pairs.select(~torch.isin(pairs.rows, overflow))
-            pairs = CandidatePairs.cat([pairs, _all_candidates(x_n[overflow], weight, floor[overflow], overflow, self.settings)])
+            recomputed = _all_candidates(x_n[overflow], weight, floor[overflow], overflow, self.settings)
+            pairs = CandidatePairs.cat([pairs, recomputed])
         return pairs, overflow
 
 

@@ -8,13 +8,23 @@ solves the same tau on the same candidates: loss and ``p`` are those of one proc
 prototypes. Backward needs no communication beyond returning the embedding gradients to their
 owners: the all-gather's backward sums the per-shard gradients (all-reduce) and keeps this rank's
 rows. The loss is the mean over the *global* batch, the same value on every rank; DDP, which
-averages gradients over ranks, would scale the embedding model's gradients by ``1 / world_size``.
+averages gradients over ranks, would scale the embedding model's gradients by ``1 / world_size``
+(multiply the loss by the world size to compensate).
 
-Launch with torchrun (gloo on CPU, nccl on GPU); construct the head after
-``torch.distributed.init_process_group`` and keep it out of DDP. Checkpoints: each rank saves its
-``state_dict()`` (its shard, ``weight [shard_size, D]``); ``full_weight()`` assembles ``[C, D]`` on
-rank 0 (for a ``SparseQMarginHead`` or a ``Classifier``) and ``load_full_weight`` takes a shard
-back from such a matrix. Both are collectives or rank-local as documented; call them on every rank.
+Launch with torchrun (gloo on CPU, nccl on GPU); build the head after ``init_process_group`` and keep
+it out of DDP (its gradients are already exact per shard)::
+
+    # torchrun --nproc_per_node 4 train.py
+    dist.init_process_group("nccl")
+    head = ShardedQMarginHead(num_classes, 192, alpha=1.5, scale=10.0, margin=0.2).cuda()
+    loss = head(embeddings, labels)  # this rank's batch; the same global loss on every rank
+    loss.backward()
+
+``overflow_count`` and ``stats["overflow_rows"]`` count the rows that overflowed on this rank's shard.
+Checkpoints: each rank saves its ``state_dict()`` (``weight [shard_size, D]``, classes
+``[shard_start, shard_stop)``); ``full_weight()`` assembles ``[C, D]`` on rank 0 (loadable into a
+``SparseQMarginHead`` or a ``Classifier``) and ``load_full_weight`` takes this rank's rows back from such
+a matrix. ``full_weight`` is a collective: call it on every rank.
 """
 from __future__ import annotations
 

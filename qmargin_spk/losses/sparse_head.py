@@ -85,8 +85,8 @@ class _SparseQMarginFunction(torch.autograd.Function):
         coef = coef * (grad_out * (settings.scale / x_n.shape[0]))
         classes, inverse = torch.unique(cols, return_inverse=True)
         # G [B, U]: the non-zero entries of dL/dtheta restricted to the touched prototypes.
-        grad_theta = torch.sparse_coo_tensor(torch.stack([rows, inverse]), coef, (x_n.shape[0], classes.shape[0]), check_invariants=False)
-        grad_theta = grad_theta.coalesce()
+        shape = (x_n.shape[0], classes.shape[0])
+        grad_theta = torch.sparse_coo_tensor(torch.stack([rows, inverse]), coef, shape, check_invariants=False).coalesce()
         raw = weight[classes].to(x_n.dtype).detach().requires_grad_(True)
         with torch.enable_grad():
             prototypes = F.normalize(raw, dim=1)
@@ -154,6 +154,7 @@ class QMarginHeadBase(torch.nn.Module):
         self.stats: dict[str, float] = {}
 
     def settings(self, class_offset: int = 0) -> HeadSettings:
+        """A snapshot of the hyper-parameters for one forward (a scheduler may change them between steps)."""
         return HeadSettings(
             self.alpha, self.scale, self.margin, self.chunk_size, self.capacity, self.sparse_grad, class_offset
         )
@@ -186,7 +187,12 @@ def normalized_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 class SparseQMarginHead(QMarginHeadBase):
-    """Prototypes ``weight [C, D]`` and the Q-Margin loss on their cosines, exact, without ``B x C`` memory."""
+    """Prototypes ``weight [C, D]`` and the Q-Margin loss on their cosines, exact, without ``B x C`` memory.
+
+    ``chunk_size`` classes are scored at a time (memory ``B x chunk_size``); ``capacity`` bounds the
+    candidates kept per row (rows needing more take the exact fallback, counted in ``overflow_count``);
+    ``sparse_grad=True`` gives ``weight`` a sparse COO gradient. ``alpha`` must be > 1.
+    """
 
     def __init__(
         self,
