@@ -13,6 +13,10 @@ before the step (prototypes resident, no gradient). On CPU the peaks are the res
 mark (``VmHWM``, reset through ``/proc/self/clear_refs`` before each phase), measured in a subprocess
 of its own started with ``MALLOC_MMAP_THRESHOLD_=65536`` so that every tensor is its own mapping and
 leaves the resident set when freed; on CUDA they come from ``max_memory_allocated``.
+
+On a CPU shared with other busy processes use ``--threads 1``: with two threads, every one of the
+sparse head's many small parallel ops waits for a descheduled thread, which inflates its time
+several-fold while the few large dense ops barely notice.
 """
 from __future__ import annotations
 
