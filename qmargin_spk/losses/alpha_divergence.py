@@ -150,6 +150,11 @@ def _tau_halley(theta: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch
     return tau
 
 
+def tau_rounding_slack(tau: torch.Tensor) -> torch.Tensor:
+    """Room left below a computed tau so that its rounding never turns a lower bound into an upper one."""
+    return torch.finfo(tau.dtype).eps ** 0.5 * (1.0 + tau.abs())
+
+
 def _candidates(theta: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor, alpha: float):
     """Every class of a dense row that can be in the support, in the layout of :func:`candidates_from_pairs`.
 
@@ -163,7 +168,7 @@ def _candidates(theta: torch.Tensor, target: torch.Tensor, log_q_target: torch.T
     probe_log_q = torch.where(probe_idx == target.unsqueeze(1), log_q_target.unsqueeze(1),
                               torch.zeros_like(probe_theta))
     tau_probe = solve_on_candidates(probe_theta, probe_idx, probe_log_q, alpha).tau
-    floor = tau_probe - 1.0 / (alpha - 1.0)
+    floor = tau_probe - tau_rounding_slack(tau_probe) - 1.0 / (alpha - 1.0)
     cand_row, cand_col = (theta > floor.unsqueeze(1)).nonzero(as_tuple=True)
     return candidates_from_pairs(cand_row, cand_col, theta[cand_row, cand_col], target, log_q_target, floor)
 

@@ -16,7 +16,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from qmargin_spk.losses.alpha_divergence import candidates_from_pairs, f_prime_inv_q, solve_on_candidates
+from qmargin_spk.losses.alpha_divergence import (
+    candidates_from_pairs,
+    f_prime_inv_q,
+    solve_on_candidates,
+    tau_rounding_slack,
+)
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,6 @@ _PROBE_CLASSES = 128  # largest logits of the first chunk whose tau starts the l
 _FIRST_TIGHTEN = 256  # buffer size that triggers the first pass of _tighten
 
 
-def _tau_slack(tau: torch.Tensor) -> torch.Tensor:
-    """Room left below a computed tau so that its rounding never turns it into an upper bound."""
-    return torch.finfo(tau.dtype).eps ** 0.5 * (1.0 + tau.abs())
-
-
 class CandidateStream:
     """Running lower bound of tau and bounded candidate buffers over the class chunks of one shard."""
 
@@ -138,7 +138,7 @@ class CandidateStream:
     def _raise_lo(self, cand_theta: torch.Tensor, cand_idx: torch.Tensor, log_q: torch.Tensor) -> None:
         """``lo = max(lo, tau of these classes)``: a subset of the classes, so a lower bound of tau."""
         subset_tau = solve_on_candidates(cand_theta, cand_idx, log_q, self.settings.alpha).tau
-        self.lo = torch.fmax(self.lo, subset_tau - _tau_slack(subset_tau))
+        self.lo = torch.fmax(self.lo, subset_tau - tau_rounding_slack(subset_tau))
 
     def _padded(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's candidates (its ``limit`` largest), sorted, as ``solve_on_candidates`` takes them."""
