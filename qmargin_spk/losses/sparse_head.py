@@ -16,26 +16,22 @@ without ever holding the ``B x C`` logits (design note, section 5):
   gradient is dense (zero off the touched rows) or, with ``sparse_grad=True``, a sparse COO tensor
   for optimisers that take one (SGD without weight decay, ``SparseAdam``).
 
-In a SpeechBrain recipe the head replaces ``classifier`` + ``compute_cost``::
+In this toolkit's recipe the head takes the place of the cosine ``classifier`` and the loss
+module is dropped (``hparams/*_qmargin_sparse.yaml``; ``SpeakerBrain`` calls
+``classifier(embeddings, labels)`` when ``compute_cost`` is null)::
 
-    head: !new:qmargin_spk.losses.SparseQMarginHead
-        num_classes: !ref <out_n_neurons>
-        embedding_dim: !ref <emb_dim>
+    classifier: !new:qmargin_spk.losses.SparseQMarginHead
+        num_classes: !ref <num_classes>
+        embedding_dim: !ref <embedding_dim>
         alpha: 1.5
         scale: 10.0
         margin: 0.2
-    modules:
-        embedding_model: !ref <embedding_model>
-        head: !ref <head>
-    checkpointer: !new:speechbrain.utils.checkpoints.Checkpointer
-        recoverables:
-            embedding_model: !ref <embedding_model>
-            head: !ref <head>
+    compute_cost: null
 
-and ``compute_objectives`` does ``loss = self.modules.head(embeddings, spkid)`` (``[B, 1, D]`` and
-``[B, 1]`` are accepted). A margin scheduler sets ``self.modules.head.margin``; ``head.stats`` holds
-the posterior statistics of the last batch. The ``weight`` entry of the state dict has the layout
-of ``Classifier.weight``, so prototypes load either way. For several GPUs, keep the head out of
+``[B, 1, D]`` embeddings and ``[B, 1]`` labels are accepted. A margin scheduler sets ``margin``;
+``stats`` holds the posterior statistics of the last batch. The ``weight`` entry of the state dict
+has the layout of ``Classifier.weight``, so prototypes load either way and checkpoints keep their
+``classifier`` key. For several GPUs, keep the head out of
 DDP and use ``ShardedQMarginHead`` (``sharded_head.py``).
 """
 from __future__ import annotations
