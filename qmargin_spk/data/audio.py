@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import soundfile
@@ -76,3 +77,12 @@ def load_audio(
 
         wav = torchaudio.functional.resample(wav, info.sample_rate, sample_rate)
     return wav
+
+
+def pad_waveforms(wavs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad 1-D waveforms to ``[B, T_max]``; also returns their lengths relative to ``T_max``."""
+    lengths = torch.tensor([wav.numel() for wav in wavs])
+    padded = torch.zeros(len(wavs), int(lengths.max()))
+    for row, wav in zip(padded, wavs):
+        row[: wav.numel()] = wav
+    return padded, lengths.float() / lengths.max()

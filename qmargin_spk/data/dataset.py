@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torchaudio.functional
 
-from qmargin_spk.data.audio import AudioError, load_audio
+from qmargin_spk.data.audio import AudioError, load_audio, pad_waveforms
 from qmargin_spk.data.prepare import ManifestRow, read_manifest
 from qmargin_spk.utils.atomic import atomic_write_text
 
@@ -148,8 +148,5 @@ class CropDataset(torch.utils.data.Dataset):
 def collate_crops(batch: Sequence[tuple[str, torch.Tensor, int]]) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack items into ``(ids, wavs [B, T], rel_lens [B], labels [B])``, zero-padding to the longest."""
     ids, wavs, labels = zip(*batch)
-    lengths = torch.tensor([len(w) for w in wavs])
-    padded = torch.zeros(len(wavs), int(lengths.max()))
-    for row, wav in zip(padded, wavs):
-        row[: len(wav)] = wav
-    return list(ids), padded, lengths.float() / lengths.max(), torch.tensor(labels, dtype=torch.long)
+    padded, rel_lens = pad_waveforms(wavs)
+    return list(ids), padded, rel_lens, torch.tensor(labels, dtype=torch.long)

@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from qmargin_spk.data.audio import audio_info, load_audio
+from qmargin_spk.data.audio import audio_info, load_audio, pad_waveforms
 from qmargin_spk.utils.atomic import atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -166,12 +166,7 @@ def _embed_batch(batch: list[_Segment], files: list[str], embed_fn: EmbedFn, sam
         load_audio(files[s.row], sample_rate, start=s.start, num_samples=None if s.whole else s.length)
         for s in batch
     ]
-    width = max(wav.numel() for wav in wavs)
-    padded = torch.zeros(len(wavs), width)
-    for i, wav in enumerate(wavs):
-        padded[i, : wav.numel()] = wav
-    rel_lens = torch.tensor([wav.numel() / width for wav in wavs], dtype=torch.float32)
-    output = embed_fn(padded, rel_lens)
+    output = embed_fn(*pad_waveforms(wavs))
     if output.ndim == 3 and output.shape[1] == 1:
         output = output[:, 0]
     if output.ndim != 2 or output.shape[0] != len(batch):
