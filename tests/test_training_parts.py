@@ -5,9 +5,9 @@ import random
 import numpy as np
 import pytest
 import torch
-from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+from speechbrain.utils.checkpoints import average_checkpoints, mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
-from qmargin_spk.training.checkpointing import AtomicCheckpointer, RNGState, average_last_checkpoints
+from qmargin_spk.training.checkpointing import AtomicCheckpointer, RNGState, last_checkpoints
 from qmargin_spk.training.schedulers import MarginRamp, WarmupExponentialLR
 
 
@@ -67,7 +67,7 @@ def test_rng_state_round_trip(tmp_path):
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
 
 
-def test_average_last_checkpoints(tmp_path):
+def test_average_of_the_last_checkpoints(tmp_path):
     model = torch.nn.Linear(2, 2)
     checkpointer = AtomicCheckpointer(tmp_path, recoverables={"model": model})
     weights = []
@@ -76,5 +76,5 @@ def test_average_last_checkpoints(tmp_path):
             model.weight.fill_(float(step))
         weights.append(model.weight.detach().clone())
         checkpointer.save_checkpoint(meta={"unixtime": float(step)}, name=f"e{step}")
-    averaged = average_last_checkpoints(checkpointer, ["model"], 2)["model"]["weight"]
+    averaged = average_checkpoints(last_checkpoints(checkpointer, 2), "model")["weight"]
     torch.testing.assert_close(averaged, (weights[1] + weights[2]) / 2)

@@ -7,10 +7,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from speechbrain.utils.checkpoints import average_checkpoints
 
 from qmargin_spk.data.prepare import read_manifest
 from qmargin_spk.scoring.pipeline import score_trial_lists
-from qmargin_spk.training.checkpointing import average_last_checkpoints
+from qmargin_spk.training.checkpointing import last_checkpoints
 from qmargin_spk.training.recipe import load_hparams
 
 logger = logging.getLogger(__name__)
@@ -23,10 +24,9 @@ def load_trained_embedder(hparams: dict, device: str) -> tuple[torch.nn.Module, 
     """
     checkpointer = hparams["checkpointer"]
     num = int(hparams.get("average_checkpoints", 1))
-    averaged = average_last_checkpoints(checkpointer, ["embedding_model"], num)
-    hparams["embedding_model"].load_state_dict(averaged["embedding_model"])
-    used = sorted(ckpt.path.name for ckpt in checkpointer.find_checkpoints(max_num_checkpoints=None)
-                  if ckpt.meta.get("end-of-epoch", True))[-num:]
+    checkpoints = last_checkpoints(checkpointer, num)
+    hparams["embedding_model"].load_state_dict(average_checkpoints(checkpoints, "embedding_model"))
+    used = [ckpt.path.name for ckpt in checkpoints]
     model_id = hashlib.sha1(("|".join([str(checkpointer.checkpoints_dir), *used])).encode()).hexdigest()[:16]
     logger.info("embedder: average of %s (model id %s)", used, model_id)
     return hparams["embedder"].to(device).eval(), model_id

@@ -1,4 +1,4 @@
-"""Checkpoints that are never half-written, RNG state that survives a restart, checkpoint averaging.
+"""Checkpoints that are never half-written, RNG state that survives a restart, the last N checkpoints.
 
 SpeechBrain's ``Checkpointer`` writes the checkpoint's meta file first and the parameter files
 after it, so a run killed mid-save leaves a checkpoint that looks complete. Here every checkpoint
@@ -16,7 +16,6 @@ import torch
 from speechbrain.utils.checkpoints import (
     Checkpoint,
     Checkpointer,
-    average_checkpoints,
     mark_as_loader,
     mark_as_saver,
     register_checkpoint_hooks,
@@ -76,12 +75,12 @@ class RNGState:
         torch.set_rng_state(state["torch"])
 
 
-def average_last_checkpoints(checkpointer: Checkpointer, names: list[str], num: int) -> dict[str, dict]:
-    """State dicts of ``names`` averaged over the ``num`` most recent end-of-epoch checkpoints."""
+def last_checkpoints(checkpointer: Checkpointer, num: int) -> list[Checkpoint]:
+    """The ``num`` most recent end-of-epoch checkpoints, oldest first (the ones averaged for extraction)."""
     checkpoints = checkpointer.find_checkpoints(
         ckpt_predicate=lambda ckpt: ckpt.meta.get("end-of-epoch", True), max_num_checkpoints=None
     )
     checkpoints = sorted(checkpoints, key=lambda ckpt: ckpt.meta["unixtime"])[-num:]
     if not checkpoints:
         raise FileNotFoundError(f"no end-of-epoch checkpoint in {checkpointer.checkpoints_dir}")
-    return {name: average_checkpoints(checkpoints, name) for name in names}
+    return checkpoints
