@@ -41,8 +41,7 @@ class _CosineLoss(torch.nn.Module):
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor, length: torch.Tensor | None = None) -> torch.Tensor:
         """Mean loss over the batch (``length`` is accepted for SpeechBrain and ignored)."""
         cosines, targets = _flatten(outputs, targets)
-        validate_inputs(cosines, targets, self.alpha)
-        return self._loss(cosines, targets.long())
+        return self._loss(cosines, targets)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, scale={self.scale}, margin={self.margin}"
@@ -62,6 +61,7 @@ class QMarginLoss(_CosineLoss):
         self.alpha = float(alpha)
 
     def _loss(self, cosines: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # The functional core validates its inputs; nothing is checked twice.
         self.stats = {}
         return fenchel_young_loss(
             cosines, targets, -self.scale * self.margin, self.alpha, stats=self.stats, scale=self.scale
@@ -97,6 +97,8 @@ class AAMLoss(_CosineLoss):
         self.easy_margin = easy_margin
 
     def _loss(self, cosines: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        validate_inputs(cosines, targets, self.alpha)
+        targets = targets.long()
         cosines = cosines.float() if cosines.dtype in (torch.float16, torch.bfloat16) else cosines
         target_cos = cosines.gather(1, targets.unsqueeze(1)).clamp(-1 + 1e-7, 1 - 1e-7)
         sine = torch.sqrt(1.0 - target_cos * target_cos)
