@@ -9,7 +9,7 @@ import torch
 
 from qmargin_spk.data.augment import WaveformAugmenter, add_noise_at_snr, noise_categories, reverberate
 from qmargin_spk.data.dataset import CropDataset, SpeakerLabelEncoder, collate_crops
-from qmargin_spk.data.prepare import ManifestRow
+from qmargin_spk.data.manifest import ManifestRow
 
 RATE = 16000
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from qmargin_spk.data.prepare import MANIFEST_FIELDS, PrepareError, prepare, read_manifest
+from qmargin_spk.data.manifest import MANIFEST_FIELDS, read_manifest
+from qmargin_spk.data.prepare import PrepareError, prepare
 from qmargin_spk.data.synthetic import PRESETS, generate_corpus
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ refused.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -86,3 +87,8 @@ def pad_waveforms(wavs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     for row, wav in zip(padded, wavs):
         row[: wav.numel()] = wav
     return padded, lengths.float() / lengths.max()
+
+
+def repeat_pad(wav: torch.Tensor, length: int) -> torch.Tensor:
+    """Tile ``wav`` until it is ``length`` samples long (or cut it to ``length``)."""
+    return wav.repeat(math.ceil(length / len(wav)))[:length]

@@ -21,7 +21,7 @@ import torch
 import torchaudio.functional
 
 from qmargin_spk.data.audio import AudioError, audio_info, load_audio
-from qmargin_spk.data.dataset import repeat_pad
+from qmargin_spk.data.audio import repeat_pad
 
 CATEGORY_SNR_DB = {"noise": (0.0, 15.0), "music": (5.0, 15.0), "speech": (13.0, 20.0)}
 SYNTHETIC_SNR_DB = (5.0, 20.0)

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torchaudio.functional
 
-from qmargin_spk.data.audio import AudioError, load_audio, pad_waveforms
-from qmargin_spk.data.prepare import ManifestRow, read_manifest
+from qmargin_spk.data.audio import AudioError, load_audio, pad_waveforms, repeat_pad
+from qmargin_spk.data.manifest import ManifestRow, read_manifest
 from qmargin_spk.utils.atomic import atomic_write_text
 
 LABEL_FORMAT = "qmargin_spk.speaker_labels/1"
@@ -70,11 +70,6 @@ class SpeakerLabelEncoder:
         if unknown:
             raise ValueError(f"{path}: {len(unknown)} manifest speakers are not in the label file, e.g. {unknown[:3]}")
         return encoder
-
-
-def repeat_pad(wav: torch.Tensor, length: int) -> torch.Tensor:
-    """Tile ``wav`` until it is ``length`` samples long (or cut it to ``length``)."""
-    return wav.repeat(math.ceil(length / len(wav)))[:length]
 
 
 class CropDataset(torch.utils.data.Dataset):

@@ -14,7 +14,7 @@ is found here, once:
   durations here are in seconds, whatever the file's rate;
 - training and test speakers must be disjoint (VoxCeleb1-E/H use all of VoxCeleb1);
 - every trial must name a usable test utterance, with a label that agrees with the
-  speaker folders (parsing and file checks shared with :mod:`qmargin_spk.scoring.trials`).
+  speaker folders (parsing and file checks shared with :mod:`qmargin_spk.data.trials`).
 
 Outputs in ``out_dir`` (all written atomically): ``train.csv`` and ``test.csv``
 (``ID,wav,duration,spk_id``; ``ID`` is ``spk/video/utt``, ``wav`` an absolute path,
@@ -25,7 +25,6 @@ nothing.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -40,12 +39,12 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from qmargin_spk.data.audio import AudioError, audio_info
-from qmargin_spk.scoring.trials import MissingTrialFilesError, TrialList, check_trial_files, read_trial_lists, unique_utterances
-from qmargin_spk.utils.atomic import atomic_open, atomic_write_text
+from qmargin_spk.data.manifest import ManifestRow, read_manifest, utterance_id, write_manifest
+from qmargin_spk.data.trials import MissingTrialFilesError, TrialList, check_trial_files, read_trial_lists, unique_utterances
+from qmargin_spk.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FIELDS = ("ID", "wav", "duration", "spk_id")
 DONE_MARKER = "prepare_done.json"
 MARKER_VERSION = 1
 MAX_LISTED_PROBLEMS = 10
@@ -55,16 +54,6 @@ PathLike = str | os.PathLike
 
 class PrepareError(RuntimeError):
     """Inputs that cannot give a usable data set; the message says what and where."""
-
-
-@dataclass(frozen=True)
-class ManifestRow:
-    """One utterance of a manifest."""
-
-    id: str
-    wav: str
-    duration: float
-    spk_id: str
 
 
 @dataclass(frozen=True)
@@ -96,11 +85,6 @@ class PrepareResult:
         values.update({k: Path(values[k]) for k in path_fields})
         values["trial_files"] = [Path(p) for p in values["trial_files"]]
         return cls(**values)
-
-
-def utterance_id(relative_path: str) -> str:
-    """``spk/video/utt.wav`` -> ``spk/video/utt`` (the key shared by manifests and trial lists)."""
-    return os.path.splitext(relative_path.replace(os.sep, "/"))[0]
 
 
 def _audio_files(folder: Path, extension: str) -> list[Path]:
@@ -205,27 +189,6 @@ def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: in
     return scan
 
 
-# --- manifests --------------------------------------------------------------------
-
-
-def write_manifest(path: PathLike, rows: Sequence[ManifestRow]) -> None:
-    """Write ``ID,wav,duration,spk_id`` rows atomically."""
-    with atomic_open(path, "w") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(MANIFEST_FIELDS)
-        writer.writerows((row.id, row.wav, f"{row.duration:.6f}", row.spk_id) for row in rows)
-
-
-def read_manifest(path: PathLike) -> list[ManifestRow]:
-    """Read a manifest written by :func:`write_manifest` (extra columns are ignored)."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = set(MANIFEST_FIELDS) - set(reader.fieldnames or ())
-        if missing:
-            raise PrepareError(f"{path}: manifest lacks columns {sorted(missing)}")
-        return [ManifestRow(r["ID"], r["wav"], float(r["duration"]), r["spk_id"]) for r in reader]
-
-
 # --- checks -----------------------------------------------------------------------
 
 
@@ -248,7 +211,7 @@ def validate_trial_lists(
 ) -> list[TrialList]:
     """Check trial lists against the scanned test root; every problem is reported as ``file:line``.
 
-    Parsing and the existence of files are checked by :mod:`qmargin_spk.scoring.trials`
+    Parsing and the existence of files are checked by :mod:`qmargin_spk.data.trials`
     (the same code that scoring uses); on top of that every utterance must be usable
     (not in ``skipped``) and each label must agree with the speaker folders.
     """

@@ -10,7 +10,7 @@ from qmargin_spk.scoring.backends import (
 from qmargin_spk.scoring.embeddings import EmbeddingTable, extract_embeddings
 from qmargin_spk.scoring.pipeline import BACKENDS, score_trial_lists
 from qmargin_spk.scoring.report import read_score_file, results_table, write_results, write_score_file
-from qmargin_spk.scoring.trials import (
+from qmargin_spk.data.trials import (
     MissingTrialFilesError,
     TrialList,
     check_trial_files,

@@ -12,7 +12,7 @@ from qmargin_spk.metrics import DEFAULT_FARS, DEFAULT_P_TARGETS, compute_metrics
 from qmargin_spk.scoring.backends import asnorm_scores, cosine_scores, speaker_means
 from qmargin_spk.scoring.embeddings import EmbedFn, EmbeddingTable, extract_embeddings
 from qmargin_spk.scoring.report import write_results, write_score_file
-from qmargin_spk.scoring.trials import TrialFiles, check_trial_files, read_trial_lists, unique_utterances
+from qmargin_spk.data.trials import TrialFiles, check_trial_files, read_trial_lists, unique_utterances
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from speechbrain.utils.checkpoints import average_checkpoints
 
-from qmargin_spk.data.prepare import read_manifest
+from qmargin_spk.data.manifest import read_manifest
 from qmargin_spk.scoring.pipeline import score_trial_lists
 from qmargin_spk.training.checkpointing import last_checkpoints
 from qmargin_spk.training.recipe import load_hparams
