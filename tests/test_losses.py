@@ -9,6 +9,7 @@ from qmargin_spk.losses import (
     AAMLoss,
     AlphaEntmaxLoss,
     CosFaceLoss,
+    PosteriorStats,
     QMarginLoss,
     alpha_divergence_posterior,
     fenchel_young_loss,
@@ -18,7 +19,7 @@ ALPHAS = [1.25, 1.5, 1.75, 2.0]
 
 
 def brute_force(theta, target, log_q_target, alpha):
-    """p and loss by 200 bisection steps on the full row, straight from the design note's formulas."""
+    """p and loss by 200 bisection steps on the full row, straight from the formulas of docs/loss.md."""
     batch = theta.shape[0]
     rows = torch.arange(batch)
     q = torch.ones_like(theta)
@@ -187,14 +188,14 @@ def test_modules_accept_speechbrain_shapes_and_expose_statistics():
         flat = loss_fn(cos, target)
         nested = loss_fn(cos.unsqueeze(1), target.unsqueeze(1), length=torch.ones(len(target)))
         assert flat.shape == () and float(flat) == float(nested)
-        assert set(loss_fn.stats) == {"support_mean", "support_max", "p_target_mean", "p_target_zero_frac"}
+        assert isinstance(loss_fn.stats, PosteriorStats) and loss_fn.stats.batch_size == len(target)
     sparse = QMarginLoss(1.5, 10.0, 0.2)
     sparse(cos, target)
     p, _ = alpha_divergence_posterior(10.0 * cos.double(), target, -2.0, 1.5)
     p_target = p[torch.arange(len(target)), target]
-    assert sparse.stats["support_max"] == float((p > 0).sum(dim=1).max())
-    assert abs(sparse.stats["p_target_mean"] - float(p_target.mean())) < 1e-5
-    assert sparse.stats["p_target_zero_frac"] == float((p_target == 0).double().mean())
+    assert sparse.stats.support_max == float((p > 0).sum(dim=1).max())
+    assert abs(sparse.stats.p_target_mean - float(p_target.mean())) < 1e-5
+    assert sparse.stats.p_target_zero_frac == float((p_target == 0).double().mean())
 
 
 def test_margin_and_scale_change_during_training():

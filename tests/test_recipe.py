@@ -12,14 +12,17 @@ import torch
 
 from qmargin_spk.data.prepare import prepare
 from qmargin_spk.data.synthetic import PRESETS, generate_corpus
-from qmargin_spk.losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, QMarginLoss, SparseQMarginHead
-from qmargin_spk.training import recipe
+from qmargin_spk.data.dataset import SpeakerLabelEncoder
+from qmargin_spk.data.manifest import read_manifest
+from qmargin_spk.experiment import load_hparams
+from qmargin_spk.losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, DenseHead, QMarginLoss, SparseQMarginHead
 from qmargin_spk.training.brain import SpeakerBrain
+from qmargin_spk.training.stage import train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "recipes" / "voxceleb" / "run.sh"
 LOSSES = {"qmargin": QMarginLoss, "aam": AAMLoss, "cosface": CosFaceLoss, "entmax": AlphaEntmaxLoss,
-          "qmargin_sparse": type(None)}  # the fused head computes the loss itself
+          "qmargin_sparse": None}  # the fused head computes the loss itself
 SETTINGS = ("demo_cpu", "vox2_ecapa")
 FAST = ["--number_of_epochs=1", "--warmup_epochs=1", "--batch_size=8", "--channels=32", "--embedding_dim=32"]
 
@@ -60,12 +63,21 @@ def test_hparams_of_a_setting_differ_only_in_the_loss_block(setting):
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_each_hparams_file_builds_its_loss(prepared, setting, loss):
-    hparams = recipe.load_hparams(str(REPO / "hparams" / f"{setting}_{loss}.yaml"),
-                                  {"output_folder": str(prepared), "channels": 16, "num_workers": 0})
-    assert type(hparams["compute_cost"]) is LOSSES[loss]
-    assert isinstance(hparams["classifier"], SparseQMarginHead) == (loss == "qmargin_sparse")
+    hparams = load_hparams(str(REPO / "hparams" / f"{setting}_{loss}.yaml"),
+                           {"output_folder": str(prepared), "channels": 16, "num_workers": 0})
+    rows = read_manifest(prepared / "data" / "train.csv")
+    train_data = hparams["train_data"](manifest=rows, labels=SpeakerLabelEncoder.from_rows(rows))
+    head = hparams["classifier"](num_classes=train_data.num_classes, embedding_dim=hparams["embedding_dim"])
+    assert isinstance(head, SparseQMarginHead) == (loss == "qmargin_sparse")
+    if LOSSES[loss] is not None:
+        assert isinstance(head, DenseHead) and type(head.loss) is LOSSES[loss]
+    assert head.weight.shape == (train_data.num_classes, hparams["embedding_dim"])
+    assert (head.scale, head.margin) == (hparams["scale"], hparams["margin"])
+    alpha = head.alpha if isinstance(head, SparseQMarginHead) else head.loss.alpha
+    assert alpha == (1.0 if hparams["alpha"] is None else hparams["alpha"])  # AAM: softmax, alpha 1
     assert hparams["loss_name"] == loss
-    assert hparams["num_classes"] == hparams["train_data"].num_classes
+    # Loading the hparams (as the scoring stage does) creates no training files.
+    assert not (prepared / "save" / "label_encoder.json").exists()
 
 
 def test_all_stages_end_to_end(corpus, tmp_path):
@@ -89,7 +101,7 @@ def test_all_stages_end_to_end(corpus, tmp_path):
 def test_fused_sparse_head_trains_through_the_recipe(prepared):
     overrides = {"output_folder": str(prepared), "number_of_epochs": 2, "warmup_epochs": 1, "batch_size": 8,
                  "channels": 32, "embedding_dim": 32, "num_workers": 0}
-    brain = recipe.train(str(REPO / "hparams" / "demo_cpu_qmargin_sparse.yaml"), {"device": "cpu", "noprogressbar": True},
+    brain = train_stage(str(REPO / "hparams" / "demo_cpu_qmargin_sparse.yaml"), {"device": "cpu", "noprogressbar": True},
                          overrides)
     log = (prepared / "train_log.txt").read_text().splitlines()
     assert len(log) == 2 and "support_mean" in log[-1] and "accuracy" not in log[-1]
@@ -98,6 +110,19 @@ def test_fused_sparse_head_trains_through_the_recipe(prepared):
     (checkpoint,) = brain.checkpointer.find_checkpoints(max_num_checkpoints=None)[:1]
     saved = torch.load(checkpoint.paramfiles["classifier"])
     torch.testing.assert_close(saved["weight"], brain.modules.classifier.weight.detach())
+
+
+def test_margin_override_reaches_the_loss(prepared):
+    overrides = {"output_folder": str(prepared), "number_of_epochs": 1, "batch_size": 8, "channels": 16,
+                 "embedding_dim": 16, "num_workers": 0, "margin": 0.3}
+    brain = train_stage(str(REPO / "hparams" / "demo_cpu_aam.yaml"), {"device": "cpu", "noprogressbar": True}, overrides)
+    # AAM ramps the margin in from epoch 1: the ramp's final value is the overridden one.
+    assert brain.hparams.margin_schedule(brain.hparams.margin_ramp_end) == 0.3
+    brain = train_stage(str(REPO / "hparams" / "demo_cpu_qmargin.yaml"), {"device": "cpu", "noprogressbar": True},
+                        {**overrides, "output_folder": str(prepared / "qmargin"), "data_folder": str(prepared / "data")})
+    assert brain.modules.classifier.loss.margin == 0.3
+    logged = re.search(r"train margin: ([0-9.e+-]+)", (prepared / "qmargin" / "train_log.txt").read_text()).group(1)
+    assert float(logged) == 0.3
 
 
 class _Interrupt(Exception):
@@ -121,7 +146,7 @@ def test_resume_continues_from_the_checkpoint(prepared, monkeypatch):
 
     monkeypatch.setattr(SpeakerBrain, "fit_batch", interrupted_fit_batch)
     with pytest.raises(_Interrupt):
-        recipe.train(hparams_file, run_opts, overrides)
+        train_stage(hparams_file, run_opts, overrides)
     monkeypatch.setattr(SpeakerBrain, "fit_batch", original_fit_batch)
     (checkpoint,) = [p for p in (prepared / "save").glob("CKPT+*")]
     saved_optimizer = torch.load(checkpoint / "optimizer.ckpt")
@@ -137,13 +162,13 @@ def test_resume_continues_from_the_checkpoint(prepared, monkeypatch):
         seen["resumed_optimizer"] = copy.deepcopy(self.optimizer.state_dict())
 
     monkeypatch.setattr(SpeakerBrain, "on_fit_start", check_on_fit_start)
-    brain = recipe.train(hparams_file, run_opts, overrides)
+    brain = train_stage(hparams_file, run_opts, overrides)
     assert seen["resumed_epoch"] == 0  # still inside epoch 1
     assert seen["resumed_step_count"] == 2
     assert seen["resumed_lr"] == pytest.approx(brain.hparams.lr_scheduler.lr_at(2))
     for key, buffers in saved_optimizer["state"].items():
         torch.testing.assert_close(seen["resumed_optimizer"]["state"][key]["momentum_buffer"], buffers["momentum_buffer"])
-    steps_per_epoch = len(brain.hparams.train_data) // 8
+    steps_per_epoch = len(brain.train_set) // 8
     assert brain.hparams.lr_scheduler.step_count == 2 * steps_per_epoch
     assert brain.hparams.epoch_counter.current == 2
     assert list((prepared / "tensorboard").glob("events.out.tfevents.*"))

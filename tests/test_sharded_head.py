@@ -1,4 +1,5 @@
 """ShardedQMarginHead on 2 gloo processes against one process holding every prototype."""
+import dataclasses
 import os
 import socket
 
@@ -55,7 +56,7 @@ def worker(rank, port, out_dir):
         grad = head.weight.grad.to_dense() if sparse_grad else head.weight.grad
         results.append({
             "loss": loss.detach(), "grad_x": local.grad.squeeze(1), "grad_w": grad, "sparse": head.weight.grad.is_sparse,
-            "shard": (head.shard_start, head.shard_stop), "overflow": head.overflow_count, "stats": head.stats,
+            "shard": (head.shard_start, head.shard_stop), "overflow": head.overflow_count, "stats": dataclasses.asdict(head.stats),
         })
     head.weight.data.mul_(rank + 2.0)
     torch.save({"results": results, "full_weight": head.full_weight()}, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -72,11 +72,11 @@ def test_loss_and_gradients_match_dense_qmargin(alpha, dtype):
         result = head_result(head, embeddings, labels)
         assert_same(result, reference[:3], dtype)
         support = (p > 0).sum(dim=1)
-        assert head.stats["support_max"] == float(support.max())
-        assert head.stats["p_target_zero_frac"] == float((p[rows, labels] == 0).to(torch.float64).mean())
+        assert head.stats.support_max == float(support.max())
+        assert head.stats.p_target_zero_frac == float((p[rows, labels] == 0).to(torch.float64).mean())
         if capacity == 4:  # rows with a larger support overflowed and took the exact path
             assert head.overflow_count == int((support > 4).sum()) > 0
-            assert head.stats["overflow_rows"] == head.overflow_count
+            assert head.stats.overflow_rows == head.overflow_count
         else:
             assert head.overflow_count == 0
 

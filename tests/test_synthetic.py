@@ -103,3 +103,16 @@ def test_cli_writes_a_corpus(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert Path(printed["trials"]).is_file()
     assert json.loads((tmp_path / "cli" / "synthetic.json").read_text())["seed"] == 3
+
+
+def test_demo_corpus_step_runs_twice_on_the_same_folder(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parents[1] / "recipes/voxceleb/demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    first = demo.ensure_corpus(tmp_path / "corpus", seed=5, preset="tiny")
+    marker = (tmp_path / "corpus" / "synthetic.json").stat().st_mtime_ns
+    second = demo.ensure_corpus(tmp_path / "corpus", seed=5, preset="tiny")
+    assert second == first and Path(second.trials).is_file()
+    assert (tmp_path / "corpus" / "synthetic.json").stat().st_mtime_ns == marker  # reused, not regenerated

@@ -7,7 +7,8 @@ import pytest
 import torch
 from speechbrain.utils.checkpoints import average_checkpoints, mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
-from qmargin_spk.training.checkpointing import AtomicCheckpointer, RNGState, last_checkpoints
+from qmargin_spk.experiment import last_checkpoints
+from qmargin_spk.training.checkpointing import AtomicCheckpointer, RNGState
 from qmargin_spk.training.schedulers import MarginRamp, WarmupExponentialLR
 
 
@@ -24,6 +25,17 @@ def test_warmup_then_exponential_decay_scaled_with_global_batch():
     assert math.log(schedule.lr_at(middle)) == pytest.approx(0.5 * (math.log(peak) + math.log(5e-5)))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     assert schedule.step(optimizer) == optimizer.param_groups[0]["lr"] == pytest.approx(peak / 600)
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_warning(caplog):
+    with caplog.at_level("WARNING"):
+        schedule = WarmupExponentialLR(base_lr=0.2, final_lr=0.002, warmup_epochs=2, total_epochs=1)
+    assert "warmup_epochs (2) exceeds number_of_epochs (1)" in caplog.text
+    schedule.configure(global_batch=256, steps_per_epoch=10)
+    assert schedule.lr_at(5) == pytest.approx(0.1)  # half of the single warm-up epoch
+    assert schedule.lr_at(10) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="number_of_epochs"):
+        WarmupExponentialLR(base_lr=0.2, final_lr=0.002, warmup_epochs=1, total_epochs=0)
 
 
 def test_margin_ramp():

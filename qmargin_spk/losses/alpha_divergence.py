@@ -1,6 +1,6 @@
 """Functional core: the alpha-divergence operator with a reference measure and its Fenchel-Young loss.
 
-Formulas from ``shared/design/qmargin.md`` (Koutsianos et al., ECCV 2026; Roulet et al., ICML 2025).
+The maths is in ``docs/loss.md`` (Koutsianos et al., ECCV 2026; Roulet et al., ICML 2025).
 For logits ``theta`` [B, C], a prior ``q`` that is 1 everywhere except ``q_y = exp(log_q_target)``
 at the target, and ``alpha > 1``::
 
@@ -18,9 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
+from qmargin_spk.losses.stats import PosteriorStats, posterior_statistics
+
 _HALLEY_MAX_ITER = 60
-# Classes per row whose tau bounds the row's tau from below before candidates are gathered.
-_PROBE_CLASSES = 32
+# alpha above this makes u^(1/(alpha-1)) underflow-prone and the loss's q_y^(1-alpha) overflow in
+# float32 for usual scales and margins; alpha 2 (sparsemax) is already very sparse.
+MAX_ALPHA = 10.0
+# Probe sizes for the lower bound of tau (docs/loss.md, "Candidates"). The dense path has the
+# whole row: 32 largest logits already put the floor within a few classes of the support.
+DENSE_PROBE_CLASSES = 32
 
 
 @dataclass
@@ -47,10 +53,12 @@ def validate_inputs(logits: torch.Tensor, target: torch.Tensor, alpha: float) ->
     validate_finite(logits, "logits")
 
 
-def validate_alpha(alpha: float) -> None:
-    """Raise ``ValueError`` unless ``alpha >= 1``."""
-    if not alpha >= 1.0:
-        raise ValueError(f"alpha must be >= 1, got {alpha}")
+def validate_alpha(alpha: float, sparse: bool = False) -> None:
+    """Raise ``ValueError`` unless ``1 <= alpha <= MAX_ALPHA`` (``1 < alpha`` when ``sparse``: a sparse support)."""
+    if not 1.0 <= alpha <= MAX_ALPHA:
+        raise ValueError(f"alpha must lie in [1, {MAX_ALPHA}], got {alpha}")
+    if sparse and alpha == 1.0:
+        raise ValueError("alpha must be > 1 for a sparse head (alpha 1 is CosFaceLoss)")
 
 
 def validate_targets(target: torch.Tensor, batch: int, num_classes: int) -> None:
@@ -155,19 +163,28 @@ def tau_rounding_slack(tau: torch.Tensor) -> torch.Tensor:
     return torch.finfo(tau.dtype).eps ** 0.5 * (1.0 + tau.abs())
 
 
+def probe_tau(
+    theta: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor, alpha: float, probe_classes: int,
+    col_offset: int = 0,
+) -> torch.Tensor:
+    """tau of each row's ``probe_classes`` largest logits of ``theta`` (columns ``col_offset + j``).
+
+    Any subset of a row's classes has less mass at a given tau, so its tau is a lower bound of the
+    row's tau: classes below ``tau_probe - 1/(alpha - 1)`` can never be active (docs/loss.md).
+    """
+    probe_theta, probe_cols = torch.topk(theta, min(probe_classes, theta.shape[1]), dim=1, sorted=True)
+    probe_cols = probe_cols + col_offset
+    log_q = torch.where(probe_cols == target.unsqueeze(1), log_q_target.unsqueeze(1), torch.zeros_like(probe_theta))
+    return solve_on_candidates(probe_theta, probe_cols, log_q, alpha).tau
+
+
 def _candidates(theta: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor, alpha: float):
     """Every class of a dense row that can be in the support, in the layout of :func:`candidates_from_pairs`.
 
-    tau of any subset of a row's classes is a lower bound of the row's tau (more classes, more
-    mass), so tau solved on the ``_PROBE_CLASSES`` largest logits sets a tight floor: only classes
-    above ``tau_probe - 1/(alpha - 1)`` can be active. The probe holds the largest non-target
-    logit, so this bound is never looser than ``tau_lo`` of the design note.
+    The floor is the probe's tau (``DENSE_PROBE_CLASSES`` largest logits) less the support gap; the
+    probe holds the largest non-target logit, so it is never looser than the bracket's lower end.
     """
-    probe = min(_PROBE_CLASSES, theta.shape[1])
-    probe_theta, probe_idx = torch.topk(theta, probe, dim=1, sorted=True)
-    probe_log_q = torch.where(probe_idx == target.unsqueeze(1), log_q_target.unsqueeze(1),
-                              torch.zeros_like(probe_theta))
-    tau_probe = solve_on_candidates(probe_theta, probe_idx, probe_log_q, alpha).tau
+    tau_probe = probe_tau(theta, target, log_q_target, alpha, DENSE_PROBE_CLASSES)
     floor = tau_probe - tau_rounding_slack(tau_probe) - 1.0 / (alpha - 1.0)
     cand_row, cand_col = (theta > floor.unsqueeze(1)).nonzero(as_tuple=True)
     return candidates_from_pairs(cand_row, cand_col, theta[cand_row, cand_col], target, log_q_target, floor)
@@ -293,18 +310,17 @@ def fy_loss_on_candidates(
 
 
 class _FenchelYoungLoss(torch.autograd.Function):
-    """Mean loss on ``scale * inputs``; backward is ``scale (p - e_y) / B``, no backprop through the solver."""
+    """Mean loss on ``scale * inputs`` for a solved posterior; backward is ``scale (p - e_y) / B``.
+
+    The posterior is solved before the call (no gradient flows through the solver).
+    """
 
     @staticmethod
-    def forward(ctx, inputs, target, scale, log_q_target, alpha, stats):  # noqa: D102
+    def forward(ctx, inputs, target, scale, log_q_target, alpha, sparse):  # noqa: D102
         logits = inputs * scale if scale != 1.0 else inputs
-        sparse = solve_sparse_posterior(logits, target, log_q_target, alpha)
-        log_q = torch.as_tensor(log_q_target, dtype=sparse.values.dtype, device=logits.device)
-        per_row = fy_loss_from_posterior(logits, target.long(), log_q, sparse, alpha)
+        per_row = fy_loss_from_posterior(logits, target, log_q_target, sparse, alpha)
         ctx.save_for_backward(sparse.indices, sparse.values, target)
         ctx.shape, ctx.dtype, ctx.scale = inputs.shape, inputs.dtype, scale
-        if stats is not None:
-            stats.update(posterior_statistics(sparse, target.long()))
         return per_row.mean().to(inputs.dtype)
 
     @staticmethod
@@ -314,8 +330,25 @@ class _FenchelYoungLoss(torch.autograd.Function):
         factor = grad_out.to(values.dtype) * (ctx.scale / batch)
         grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=values.device)
         grad.scatter_add_(1, indices, (values * factor).to(ctx.dtype))
-        grad.scatter_add_(1, target.long().unsqueeze(1), (-factor).to(ctx.dtype).expand(batch, 1))
+        grad.scatter_add_(1, target.unsqueeze(1), (-factor).to(ctx.dtype).expand(batch, 1))
         return grad, None, None, None, None, None
+
+
+def fenchel_young_loss_and_stats(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    log_q_target: torch.Tensor | float = 0.0,
+    alpha: float = 1.5,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, PosteriorStats]:
+    """:func:`fenchel_young_loss` and the :class:`PosteriorStats` of the batch."""
+    with torch.no_grad():
+        scaled = logits.detach() * scale if scale != 1.0 else logits.detach()
+        sparse = solve_sparse_posterior(scaled, target, log_q_target, alpha)
+    target = target.long()
+    log_q = torch.as_tensor(log_q_target, dtype=sparse.values.dtype, device=logits.device)
+    loss = _FenchelYoungLoss.apply(logits, target, float(scale), log_q, float(alpha), sparse)
+    return loss, posterior_statistics(sparse.values, sparse.indices, sparse.support_size, target)
 
 
 def fenchel_young_loss(
@@ -323,25 +356,11 @@ def fenchel_young_loss(
     target: torch.Tensor,
     log_q_target: torch.Tensor | float = 0.0,
     alpha: float = 1.5,
-    stats: dict | None = None,
     scale: float = 1.0,
 ) -> torch.Tensor:
     """Mean alpha-divergence Fenchel-Young loss of ``scale * logits`` over the batch.
 
     The gradient w.r.t. ``logits`` is ``scale * (p - e_y) / B`` (``scale`` is folded in so
-    cosine classifiers need no extra ``B x C`` product). ``stats``, when given, is filled
-    with :func:`posterior_statistics` of this batch.
+    cosine classifiers need no extra ``B x C`` product).
     """
-    return _FenchelYoungLoss.apply(logits, target, float(scale), log_q_target, float(alpha), stats)
-
-
-def posterior_statistics(sparse: SparsePosterior, target: torch.Tensor) -> dict[str, float]:
-    """Numbers worth logging: mean/max support size, mean ``p_y``, fraction of rows with ``p_y = 0``."""
-    p_target = (sparse.values * (sparse.indices == target.unsqueeze(1))).sum(dim=1)
-    support = sparse.support_size.to(torch.float64)
-    return {
-        "support_mean": float(support.mean()),
-        "support_max": float(support.max()),
-        "p_target_mean": float(p_target.mean()),
-        "p_target_zero_frac": float((p_target <= 0).to(torch.float64).mean()),
-    }
+    return fenchel_young_loss_and_stats(logits, target, log_q_target, alpha, scale)[0]

@@ -1,4 +1,4 @@
-"""Streaming search for the support candidates of Q-Margin over class chunks (design note, section 5).
+"""Streaming search for the support candidates of Q-Margin over class chunks (``docs/loss.md``, "Candidates").
 
 Per row, a running lower bound ``lo`` of tau and the candidates ``theta_j > lo - 1/(alpha - 1)``: no
 other class can be in the support. ``lo`` is raised two ways, both exact: by
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from qmargin_spk.losses.alpha_divergence import (
     candidates_from_pairs,
     f_prime_inv_q,
+    probe_tau,
     solve_on_candidates,
     tau_rounding_slack,
 )
@@ -83,7 +84,9 @@ def chunk_logits(x_n: torch.Tensor, weight: torch.Tensor, start: int, stop: int,
     return torch.mm(x_n, prototypes.T).mul_(scale)
 
 
-_PROBE_CLASSES = 128  # largest logits of the first chunk whose tau starts the lower bound (topk, so cheap)
+# Probe of the first chunk (docs/loss.md, "Candidates"): every later chunk is filtered by the bound it
+# sets before the buffers are first tightened, so it is larger than the dense path's probe.
+STREAM_PROBE_CLASSES = 128
 _FIRST_TIGHTEN = 256  # buffer size that triggers the first pass of _tighten
 
 
@@ -115,7 +118,8 @@ class CandidateStream:
         target = theta[rows, cols]
         self.target_theta[rows] = target
         if start == 0:  # a tight bound from the start keeps the first chunk's candidates few
-            self._probe(theta, offset)
+            subset_tau = probe_tau(theta, self.labels, self.log_q_target, self.settings.alpha, STREAM_PROBE_CLASSES, offset)
+            self._raise_lo(subset_tau)
         # tau >= theta_j - f'(1/q_j): the target enters the bound with its own prior.
         theta[rows, cols] = target - self.target_bound_shift[rows]
         self.lo = torch.maximum(self.lo, theta.amax(dim=1))
@@ -127,17 +131,8 @@ class CandidateStream:
         if int(self.counts.max()) > self.tighten_above:
             self._tighten()
 
-    def _probe(self, theta: torch.Tensor, offset: int) -> None:
-        """Raise ``lo`` to tau of each row's ``_PROBE_CLASSES`` largest logits of this chunk."""
-        probe_theta, probe_cols = torch.topk(theta, min(_PROBE_CLASSES, theta.shape[1]), dim=1)
-        probe_cols += offset
-        is_target = probe_cols == self.labels.unsqueeze(1)
-        log_q = torch.where(is_target, self.log_q_target.unsqueeze(1), torch.zeros_like(probe_theta))
-        self._raise_lo(probe_theta, probe_cols, log_q)
-
-    def _raise_lo(self, cand_theta: torch.Tensor, cand_idx: torch.Tensor, log_q: torch.Tensor) -> None:
-        """``lo = max(lo, tau of these classes)``: a subset of the classes, so a lower bound of tau."""
-        subset_tau = solve_on_candidates(cand_theta, cand_idx, log_q, self.settings.alpha).tau
+    def _raise_lo(self, subset_tau: torch.Tensor) -> None:
+        """``lo = max(lo, tau of a subset of the classes)``: a lower bound of tau."""
         self.lo = torch.fmax(self.lo, subset_tau - tau_rounding_slack(subset_tau))
 
     def _padded(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,7 +144,7 @@ class CandidateStream:
 
     def _tighten(self) -> None:
         """Raise ``lo`` to tau of every candidate seen so far, prune, and cap the buffers."""
-        self._raise_lo(*self._padded())
+        self._raise_lo(solve_on_candidates(*self._padded(), self.settings.alpha).tau)
         self.pairs = self.pairs.select(self.pairs.theta > (self.lo - self.gap)[self.pairs.rows])
         self.counts = torch.bincount(self.pairs.rows, minlength=self.counts.shape[0])
         if int(self.counts.max()) > self.settings.capacity:

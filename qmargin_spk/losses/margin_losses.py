@@ -1,8 +1,8 @@
-"""Loss modules for cosine classifiers, drop-in ``compute_cost`` objects for a SpeechBrain recipe.
+"""Loss modules for cosine classifiers: what a ``DenseHead`` applies to SpeechBrain's ``Classifier`` outputs.
 
 Every module takes cosines ``[B, 1, C]`` or ``[B, C]`` and targets ``[B, 1]`` or ``[B]`` and returns
 a scalar. ``scale`` and ``margin`` are plain attributes that a scheduler may change between steps,
-and ``stats`` holds the posterior statistics of the last forward (support size, ``p_y``).
+and ``stats`` holds the :class:`PosteriorStats` of the last forward (support size, ``p_y``).
 """
 from __future__ import annotations
 
@@ -11,20 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qmargin_spk.losses.alpha_divergence import fenchel_young_loss, validate_inputs
-
-
-def _flatten(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bring SpeechBrain's ``[B, 1, C]`` / ``[B, 1]`` shapes to ``[B, C]`` / ``[B]``."""
-    if outputs.dim() == 3:
-        if outputs.shape[1] != 1:
-            raise ValueError(f"outputs must be [B, 1, C] or [B, C], got shape {tuple(outputs.shape)}")
-        outputs = outputs.squeeze(1)
-    if targets.dim() == 2:
-        if targets.shape[1] != 1:
-            raise ValueError(f"targets must be [B, 1] or [B], got shape {tuple(targets.shape)}")
-        targets = targets.squeeze(1)
-    return outputs, targets
+from qmargin_spk.losses.alpha_divergence import fenchel_young_loss_and_stats, validate_alpha, validate_inputs
+from qmargin_spk.losses.shapes import flatten_batch
+from qmargin_spk.losses.stats import PosteriorStats
 
 
 class _CosineLoss(torch.nn.Module):
@@ -36,11 +25,11 @@ class _CosineLoss(torch.nn.Module):
             raise ValueError(f"scale must be > 0, got {scale}")
         self.scale = float(scale)
         self.margin = float(margin)
-        self.stats: dict[str, float] = {}
+        self.stats: PosteriorStats | None = None
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor, length: torch.Tensor | None = None) -> torch.Tensor:
         """Mean loss over the batch (``length`` is accepted for SpeechBrain and ignored)."""
-        cosines, targets = _flatten(outputs, targets)
+        cosines, targets = flatten_batch(outputs, targets)
         return self._loss(cosines, targets)
 
     def extra_repr(self) -> str:
@@ -55,17 +44,16 @@ class QMarginLoss(_CosineLoss):
     """
 
     def __init__(self, alpha: float = 1.5, scale: float = 10.0, margin: float = 0.2) -> None:
-        if not alpha >= 1.0:
-            raise ValueError(f"alpha must be >= 1, got {alpha}")
+        validate_alpha(alpha)
         super().__init__(scale, margin)
         self.alpha = float(alpha)
 
     def _loss(self, cosines: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # The functional core validates its inputs; nothing is checked twice.
-        self.stats = {}
-        return fenchel_young_loss(
-            cosines, targets, -self.scale * self.margin, self.alpha, stats=self.stats, scale=self.scale
+        loss, self.stats = fenchel_young_loss_and_stats(
+            cosines, targets, -self.scale * self.margin, self.alpha, scale=self.scale
         )
+        return loss
 
 
 class AlphaEntmaxLoss(QMarginLoss):
@@ -112,10 +100,11 @@ class AAMLoss(_CosineLoss):
         log_p = F.log_softmax(logits, dim=1)
         with torch.no_grad():
             p_target = log_p.gather(1, targets.unsqueeze(1)).exp()
-            self.stats = {
-                "support_mean": float(cosines.shape[1]),
-                "support_max": float(cosines.shape[1]),
-                "p_target_mean": float(p_target.mean()),
-                "p_target_zero_frac": float((p_target <= 0).float().mean()),
-            }
+            self.stats = PosteriorStats(
+                batch_size=int(targets.shape[0]),
+                support_mean=float(cosines.shape[1]),
+                support_max=float(cosines.shape[1]),
+                p_target_mean=float(p_target.mean()),
+                p_target_zero_frac=float((p_target <= 0).float().mean()),
+            )
         return F.nll_loss(log_p, targets)

@@ -1,4 +1,4 @@
-"""Model-parallel Q-Margin head: each rank owns a contiguous shard of the prototypes (design note 5.5).
+"""Model-parallel Q-Margin head: each rank owns a contiguous shard of the prototypes (``docs/loss.md``, "Heads and statistics").
 
 Every rank all-gathers the normalised embeddings and labels of the whole batch and streams them
 against its own shard exactly as ``SparseQMarginHead`` does. The per-rank lower bounds of tau are
@@ -20,7 +20,7 @@ it out of DDP (its gradients are already exact per shard)::
     loss = head(embeddings, labels)  # this rank's batch; the same global loss on every rank
     loss.backward()
 
-``overflow_count`` and ``stats["overflow_rows"]`` count the rows that overflowed on this rank's shard.
+``overflow_count`` and ``stats.overflow_rows`` count the rows that overflowed on this rank's shard.
 Checkpoints: each rank saves its ``state_dict()`` (``weight [shard_size, D]``, classes
 ``[shard_start, shard_stop)``); ``full_weight()`` assembles ``[C, D]`` on rank 0 (loadable into a
 ``SparseQMarginHead`` or a ``Classifier``) and ``load_full_weight`` takes this rank's rows back from such
@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from qmargin_spk.losses.alpha_divergence import validate_targets
 from qmargin_spk.losses.candidate_stream import CandidatePairs
-from qmargin_spk.losses.sparse_head import QMarginHeadBase, flatten_batch, normalized_embeddings, without_autocast
+from qmargin_spk.losses.sparse_head import QMarginHeadBase, checked_batch, normalized_embeddings, without_autocast
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -122,7 +122,7 @@ class ShardedQMarginHead(QMarginHeadBase):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean loss over the batches of all ranks (``[B, D]`` or ``[B, 1, D]``, ``[B]`` or ``[B, 1]``)."""
-        embeddings, labels = flatten_batch(embeddings, labels)
+        embeddings, labels = checked_batch(embeddings, labels)
         validate_targets(labels, embeddings.shape[0], self.num_classes)
         with without_autocast(embeddings):
             x_n = _GatherRowsWithGradient.apply(normalized_embeddings(embeddings), self.process_group)

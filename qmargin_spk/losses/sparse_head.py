@@ -2,7 +2,7 @@
 
 ``SparseQMarginHead`` owns the prototypes ``weight [C, D]`` (initialised like SpeechBrain's ECAPA
 ``Classifier``) and returns the same loss and gradients as ``QMarginLoss`` on the dense cosines,
-without ever holding the ``B x C`` logits (design note, section 5):
+without ever holding the ``B x C`` logits (``docs/loss.md``, "Candidates"):
 
 - forward streams over class chunks (``candidate_stream.py``), computes ``theta = s cos`` of one
   chunk at a time and keeps per row a running lower bound ``lo`` of tau and the candidates
@@ -16,25 +16,23 @@ without ever holding the ``B x C`` logits (design note, section 5):
   gradient is dense (zero off the touched rows) or, with ``sparse_grad=True``, a sparse COO tensor
   for optimisers that take one (SGD without weight decay, ``SparseAdam``).
 
-In this toolkit's recipe the head takes the place of the cosine ``classifier`` and the loss
-module is dropped (``hparams/*_qmargin_sparse.yaml``; ``SpeakerBrain`` calls
-``classifier(embeddings, labels)`` when ``compute_cost`` is null)::
+It follows the head contract of ``heads.py`` (embeddings, labels -> loss; ``margin``, ``scale``,
+``stats``); the recipe selects it in the loss block (``hparams/*_qmargin_sparse.yaml``)::
 
-    classifier: !new:qmargin_spk.losses.SparseQMarginHead
-        num_classes: !ref <num_classes>
-        embedding_dim: !ref <embedding_dim>
-        alpha: 1.5
-        scale: 10.0
-        margin: 0.2
-    compute_cost: null
+    classifier: !name:qmargin_spk.losses.SparseQMarginHead
+        alpha: !ref <alpha>
+        scale: !ref <scale>
+        margin: !ref <margin>
 
 ``[B, 1, D]`` embeddings and ``[B, 1]`` labels are accepted. A margin scheduler sets ``margin``;
-``stats`` holds the posterior statistics of the last batch. The ``weight`` entry of the state dict
+``stats`` holds the :class:`PosteriorStats` of the last batch. The ``weight`` entry of the state dict
 has the layout of ``Classifier.weight``, so prototypes load either way and checkpoints keep their
 ``classifier`` key. For several GPUs, keep the head out of
 DDP and use ``ShardedQMarginHead`` (``sharded_head.py``).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -43,36 +41,55 @@ from qmargin_spk.losses.alpha_divergence import (
     SparsePosterior,
     candidates_from_pairs,
     fy_loss_on_candidates,
-    posterior_statistics,
     solve_on_candidates,
     solver_dtype,
+    validate_alpha,
     validate_finite,
     validate_targets,
 )
 from qmargin_spk.losses.candidate_stream import Combiner, HeadSettings, SingleProcess, stream_candidates
+from qmargin_spk.losses.shapes import flatten_batch
+from qmargin_spk.losses.stats import PosteriorStats, posterior_statistics
+
+
+@dataclass(frozen=True)
+class _Solved:
+    """A forward's result, computed without autograd: the mean loss, the gradient's non-zeros, statistics."""
+
+    loss: torch.Tensor
+    touched: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    stats: PosteriorStats
+
+
+@torch.no_grad()
+def _solve(x_n: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, settings: HeadSettings, combiner: Combiner) -> _Solved:
+    """Stream the candidates, agree on tau across shards, and solve the posterior exactly."""
+    batch = x_n.shape[0]
+    log_q_target = torch.full((batch,), -settings.scale * settings.margin, dtype=x_n.dtype, device=x_n.device)
+    stream = stream_candidates(x_n, weight, labels, log_q_target, settings)
+    lo, target_theta = combiner.max(torch.stack([stream.lo, stream.target_theta]))
+    local_pairs, overflow = stream.finish(lo, x_n, weight)
+    pairs = combiner.gather_pairs(local_pairs).sorted_by_row()
+    floor = lo - stream.gap
+    cand_theta, cand_idx, log_q = candidates_from_pairs(pairs.rows, pairs.cols, pairs.theta, labels, log_q_target, floor)
+    sparse = solve_on_candidates(cand_theta, cand_idx, log_q, settings.alpha)
+    per_row = fy_loss_on_candidates(cand_theta, target_theta, labels, log_q_target, sparse, settings.alpha)
+    stats = posterior_statistics(sparse.values, sparse.indices, sparse.support_size, labels)
+    return _Solved(
+        loss=per_row.mean(),
+        touched=_owned_gradient_pairs(sparse, labels, settings.class_offset, weight.shape[0]),
+        stats=replace(stats, overflow_rows=int(overflow.numel())),
+    )
 
 
 class _SparseQMarginFunction(torch.autograd.Function):
-    """Mean Q-Margin loss of normalised embeddings against (a shard of) raw prototypes."""
+    """Mean Q-Margin loss of normalised embeddings against (a shard of) raw prototypes, from a solved forward."""
 
     @staticmethod
-    def forward(ctx, x_n, weight, labels, settings, combiner, stats):  # noqa: D102
-        batch = x_n.shape[0]
-        log_q_target = torch.full((batch,), -settings.scale * settings.margin, dtype=x_n.dtype, device=x_n.device)
-        stream = stream_candidates(x_n, weight, labels, log_q_target, settings)
-        lo, target_theta = combiner.max(torch.stack([stream.lo, stream.target_theta]))
-        local_pairs, overflow = stream.finish(lo, x_n, weight)
-        pairs = combiner.gather_pairs(local_pairs).sorted_by_row()
-        floor = lo - stream.gap
-        cand_theta, cand_idx, log_q = candidates_from_pairs(pairs.rows, pairs.cols, pairs.theta, labels, log_q_target, floor)
-        sparse = solve_on_candidates(cand_theta, cand_idx, log_q, settings.alpha)
-        per_row = fy_loss_on_candidates(cand_theta, target_theta, labels, log_q_target, sparse, settings.alpha)
-        touched = _owned_gradient_pairs(sparse, labels, settings.class_offset, weight.shape[0])
-        ctx.save_for_backward(x_n, weight, *touched)
+    def forward(ctx, x_n, weight, solved, settings):  # noqa: D102
+        ctx.save_for_backward(x_n, weight, *solved.touched)
         ctx.settings = settings
-        stats.update(posterior_statistics(sparse, labels))
-        stats["overflow_rows"] = float(overflow.numel())
-        return per_row.mean()
+        return solved.loss.clone()
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
@@ -92,7 +109,7 @@ class _SparseQMarginFunction(torch.autograd.Function):
             grad_prototypes = torch.sparse.mm(grad_theta.t(), x_n)
             (grad_rows,) = torch.autograd.grad(prototypes, raw, grad_prototypes)
             grad_weight = _weight_gradient(classes, grad_rows.to(weight.dtype), weight.shape, settings.sparse_grad)
-        return grad_x, grad_weight, None, None, None, None
+        return grad_x, grad_weight, None, None
 
 
 def _owned_gradient_pairs(
@@ -117,14 +134,9 @@ def _weight_gradient(classes: torch.Tensor, grad_rows: torch.Tensor, shape: torc
     return grad_rows.new_zeros(shape).index_copy_(0, classes, grad_rows)
 
 
-def flatten_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bring SpeechBrain's ``[B, 1, D]`` / ``[B, 1]`` to ``[B, D]`` / ``[B]`` and check them."""
-    if embeddings.dim() == 3 and embeddings.shape[1] == 1:
-        embeddings = embeddings.squeeze(1)
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be [B, D] or [B, 1, D], got shape {tuple(embeddings.shape)}")
-    if labels.dim() == 2 and labels.shape[1] == 1:
-        labels = labels.squeeze(1)
+def checked_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, D]`` embeddings (finite) and ``[B]`` labels from SpeechBrain's shapes."""
+    embeddings, labels = flatten_batch(embeddings, labels, name="embeddings")
     validate_finite(embeddings, "embeddings")
     return embeddings, labels
 
@@ -136,8 +148,7 @@ class QMarginHeadBase(torch.nn.Module):
         self, alpha: float, scale: float, margin: float, chunk_size: int, capacity: int, sparse_grad: bool
     ) -> None:
         super().__init__()
-        if not alpha > 1.0:
-            raise ValueError(f"alpha must be > 1 for a sparse head (alpha 1 is CosFaceLoss), got {alpha}")
+        validate_alpha(alpha, sparse=True)
         if scale <= 0 or chunk_size <= 0 or capacity <= 0:
             raise ValueError(f"scale, chunk_size and capacity must be > 0, got {scale}, {chunk_size}, {capacity}")
         self.alpha = float(alpha)
@@ -147,7 +158,7 @@ class QMarginHeadBase(torch.nn.Module):
         self.capacity = int(capacity)
         self.sparse_grad = bool(sparse_grad)
         self.overflow_count = 0
-        self.stats: dict[str, float] = {}
+        self.stats: PosteriorStats | None = None
 
     def settings(self, class_offset: int = 0) -> HeadSettings:
         """A snapshot of the hyper-parameters for one forward (a scheduler may change them between steps)."""
@@ -159,11 +170,11 @@ class QMarginHeadBase(torch.nn.Module):
         self, x_n: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, class_offset: int, combiner: Combiner
     ) -> torch.Tensor:
         """Mean loss of normalised embeddings (float32/64) whose logits this process sees for its shard."""
-        stats: dict[str, float] = {}
-        loss = _SparseQMarginFunction.apply(x_n, weight, labels, self.settings(class_offset), combiner, stats)
-        self.stats = stats
-        self.overflow_count += int(stats["overflow_rows"])
-        return loss
+        settings = self.settings(class_offset)
+        solved = _solve(x_n, weight, labels, settings, combiner)
+        self.stats = solved.stats
+        self.overflow_count += solved.stats.overflow_rows
+        return _SparseQMarginFunction.apply(x_n, weight, solved, settings)
 
     def extra_repr(self) -> str:
         return (
@@ -208,7 +219,7 @@ class SparseQMarginHead(QMarginHeadBase):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean loss over the batch: ``embeddings [B, D]`` or ``[B, 1, D]``, ``labels [B]`` or ``[B, 1]``."""
-        embeddings, labels = flatten_batch(embeddings, labels)
+        embeddings, labels = checked_batch(embeddings, labels)
         validate_targets(labels, embeddings.shape[0], self.num_classes)
         with without_autocast(embeddings):
             return self.sparse_loss(normalized_embeddings(embeddings), labels.long(), self.weight, 0, SingleProcess())

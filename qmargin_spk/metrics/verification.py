@@ -1,6 +1,6 @@
 """Verification metrics (EER, minDCF, TAR at fixed FAR) from one sort of the scores.
 
-The conventions are fixed in ``design/verification.md``. Three are available:
+The conventions are described in ``docs/metrics.md``. Three are available:
 
 ``"default"`` (what this project reports)
     One operating point per *distinct* score (ties grouped), a trial being accepted

@@ -37,6 +37,7 @@ def score_trial_lists(
     fars: Sequence[float] = DEFAULT_FARS,
     max_missing_listed: int = 10,
     print_table: bool = True,
+    experiment: Mapping | None = None,
 ) -> dict:
     """Score every trial list with one set of embeddings and write all result files to ``out_dir``.
 
@@ -47,8 +48,8 @@ def score_trial_lists(
     subtracted from every embedding when ``subtract_mean`` (default: whenever a
     cohort is given). Embeddings are cached under ``out_dir/embeddings`` keyed on
     ``model_id``. Writes per list ``<list>.<backend>.scores`` and ``.det.png`` (if
-    matplotlib is installed), and ``results.<backend>.json`` / ``.md``; returns the
-    JSON content plus the ``table``.
+    matplotlib is installed), and ``results.<backend>.json`` / ``.md`` (with ``experiment``,
+    e.g. the loss and its settings, when given); returns the JSON content plus the ``table``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
@@ -99,6 +100,7 @@ def score_trial_lists(
         )
 
     run = {
+        "experiment": None if experiment is None else dict(experiment),
         "model_id": model_id,
         "backend": backend,
         "test_root": str(test_root),

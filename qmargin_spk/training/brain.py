@@ -1,9 +1,8 @@
 """The SpeechBrain ``Brain`` that trains a speaker embedder with a cosine classifier and any of our losses.
 
-The hparams choose the loss: either ``classifier`` with cosine outputs + ``compute_cost`` (any loss
-module of :mod:`qmargin_spk.losses`), or a fused ``classifier`` (e.g. ``SparseQMarginHead``) that maps
-embeddings and labels straight to the loss, with ``compute_cost: null``. Everything else,
-checkpoints included, is identical across losses.
+The hparams choose the head (``classifier``, any head of :mod:`qmargin_spk.losses.heads`: embeddings
+and labels in, loss out, with ``margin``, ``scale`` and ``stats``). Everything else, checkpoints
+included, is identical across losses.
 """
 from __future__ import annotations
 
@@ -13,10 +12,9 @@ import speechbrain as sb
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from qmargin_spk.training.epoch_stats import EpochStatistics
+
 logger = logging.getLogger(__name__)
-
-_STAT_KEYS = ("support_mean", "support_max", "p_target_mean", "p_target_zero_frac")
-
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DDP / DataParallel wrapper."""
@@ -24,7 +22,7 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class SpeakerBrain(sb.Brain):
-    """Speaker-embedding training: augment -> embedder -> classifier + loss (or fused head)."""
+    """Speaker-embedding training: augment -> embedder -> head (classifier and loss)."""
 
     def _wrap_distributed(self):
         """SpeechBrain always converts BatchNorm to SyncBatchNorm, which runs only on GPUs: on the CPU (gloo) wrap without it."""
@@ -44,28 +42,24 @@ class SpeakerBrain(sb.Brain):
 
     def compute_objectives(self, embeddings, batch, stage):
         labels = batch[3].to(self.device)
-        if self._fused_head():
-            loss = self.modules.classifier(embeddings, labels)
-            stats = _unwrap(self.modules.classifier).stats
-            correct = None
-        else:
-            cosines = self.modules.classifier(embeddings.unsqueeze(1))
-            loss = self.hparams.compute_cost(cosines, labels.unsqueeze(1))
-            stats = self.hparams.compute_cost.stats
-            correct = float((cosines.squeeze(1).argmax(dim=-1) == labels).float().sum())
-        self._accumulate(stats, correct, labels.shape[0])
+        loss = self.modules.classifier(embeddings, labels)
+        self._epoch_stats.add(self._head().stats)
         return loss
 
     def on_fit_batch_start(self, batch, should_step):
         if should_step:  # the LR of the step about to be taken
             self.hparams.lr_scheduler.step(self.optimizer)
 
+    def fit(self, epoch_counter, train_set, *args, **kwargs):
+        """SpeechBrain's ``fit``; the training set is kept so each epoch can reseed its crops."""
+        self.train_set = train_set
+        return super().fit(epoch_counter, train_set, *args, **kwargs)
+
     def on_stage_start(self, stage, epoch=None):
-        self._totals = {key: 0.0 for key in _STAT_KEYS}
-        self._totals.update(batches=0, correct=0.0, samples=0, support_max=0.0)
+        self._epoch_stats = EpochStatistics()
         if stage == sb.Stage.TRAIN and epoch is not None:
-            self.hparams.train_data.set_epoch(epoch)
-            self._margin_loss().margin = self.hparams.margin_schedule(epoch)
+            self.train_set.set_epoch(epoch)
+            self._head().margin = self.hparams.margin_schedule(epoch)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage != sb.Stage.TRAIN:
@@ -82,27 +76,9 @@ class SpeakerBrain(sb.Brain):
         )
 
     def epoch_statistics(self, stage_loss: float) -> dict[str, float]:
-        """Loss, accuracy, LR, margin and posterior statistics of the epoch so far."""
-        totals = self._totals
-        batches = max(totals["batches"], 1)
-        stats = {"loss": float(stage_loss), "lr": self.optimizer.param_groups[0]["lr"],
-                 "margin": self._margin_loss().margin}
-        if totals["samples"] and not self._fused_head():
-            stats["accuracy"] = totals["correct"] / totals["samples"]
-        stats.update({key: totals[key] / batches for key in _STAT_KEYS if key != "support_max"})
-        stats["support_max"] = totals["support_max"]
-        return stats
-
-    def _accumulate(self, stats: dict, correct: float | None, batch_size: int) -> None:
-        totals = self._totals
-        totals["batches"] += 1
-        totals["samples"] += batch_size
-        totals["correct"] += correct or 0.0
-        for key in _STAT_KEYS:
-            if key == "support_max":
-                totals[key] = max(totals[key], stats.get(key, 0.0))
-            else:
-                totals[key] += stats.get(key, 0.0)
+        """Loss, LR, margin and the head's statistics of the epoch so far."""
+        return {"loss": float(stage_loss), "lr": self.optimizer.param_groups[0]["lr"], "margin": self._head().margin,
+                **self._epoch_stats.summary()}
 
     def _tensorboard_logger(self):
         """SpeechBrain's TensorBoard logger when ``tensorboard_dir`` is set (main process only)."""
@@ -115,10 +91,6 @@ class SpeakerBrain(sb.Brain):
             self._tensorboard = TensorboardLogger(folder)
         return self._tensorboard
 
-    def _fused_head(self) -> bool:
-        """True when the classifier computes the loss itself (``compute_cost: null``)."""
-        return self.hparams.compute_cost is None
-
-    def _margin_loss(self):
-        """The object whose ``margin`` the schedule drives: the fused head or the loss module."""
-        return _unwrap(self.modules.classifier) if self._fused_head() else self.hparams.compute_cost
+    def _head(self) -> torch.nn.Module:
+        """The head inside its DDP wrapper, if any."""
+        return _unwrap(self.modules.classifier)

@@ -73,14 +73,3 @@ class RNGState:
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
-
-
-def last_checkpoints(checkpointer: Checkpointer, num: int) -> list[Checkpoint]:
-    """The ``num`` most recent end-of-epoch checkpoints, oldest first (the ones averaged for extraction)."""
-    checkpoints = checkpointer.find_checkpoints(
-        ckpt_predicate=lambda ckpt: ckpt.meta.get("end-of-epoch", True), max_num_checkpoints=None
-    )
-    checkpoints = sorted(checkpoints, key=lambda ckpt: ckpt.meta["unixtime"])[-num:]
-    if not checkpoints:
-        raise FileNotFoundError(f"no end-of-epoch checkpoint in {checkpointer.checkpoints_dir}")
-    return checkpoints

@@ -6,20 +6,31 @@ so changing the number of processes or the batch size rescales it.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
+logger = logging.getLogger(__name__)
+
 
 @register_checkpoint_hooks
 class WarmupExponentialLR:
-    """LR at optimizer step ``n``: linear warm-up over ``warmup_steps``, then exponential decay to ``final_lr``."""
+    """LR at optimizer step ``n``: linear warm-up over ``warmup_epochs``, then exponential decay to ``final_lr``.
+
+    A warm-up longer than the run (e.g. ``--number_of_epochs=1`` with a 2-epoch warm-up) is
+    shortened to the whole run, with a warning naming both hparams keys.
+    """
 
     def __init__(self, base_lr: float, final_lr: float, warmup_epochs: float, total_epochs: int,
                  reference_batch: int = 256) -> None:
-        if not 0 <= warmup_epochs <= total_epochs:
-            raise ValueError(f"warmup_epochs must lie in [0, total_epochs], got {warmup_epochs} and {total_epochs}")
+        if warmup_epochs < 0 or total_epochs < 1:
+            raise ValueError(f"warmup_epochs must be >= 0 and number_of_epochs >= 1, got {warmup_epochs} and {total_epochs}")
+        if warmup_epochs > total_epochs:
+            logger.warning("warmup_epochs (%s) exceeds number_of_epochs (%s): warming up over the whole run",
+                           warmup_epochs, total_epochs)
+            warmup_epochs = total_epochs
         self.base_lr = base_lr
         self.final_lr = final_lr
         self.warmup_epochs = warmup_epochs

@@ -15,31 +15,24 @@ import sys
 import time
 from pathlib import Path
 
-from qmargin_spk.data.synthetic import PRESETS, generate_corpus
+from qmargin_spk.data.synthetic import PRESETS, CorpusPaths, generate_corpus
 from qmargin_spk.utils import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def ensure_corpus(root: Path, seed: int):
-    """Generate the demo corpus once; later runs reuse it."""
-    marker = root / "synthetic.json"
-    if marker.is_file():
-        info = json.loads(marker.read_text())
-        if info.get("seed") == seed and Path(info["trials"]).is_file():
-            print(f"corpus: reusing {root}")
-            return Path(info["train_root"]), Path(info["test_root"]), Path(info["trials"])
+def ensure_corpus(root: Path, seed: int, preset: str = "demo") -> CorpusPaths:
+    """The demo corpus under ``root``: generated once, reused when it already matches (generate_corpus decides)."""
     start = time.time()
-    paths = generate_corpus(root, seed=seed, **PRESETS["demo"])
-    print(f"corpus: generated {root} in {time.time() - start:.0f} s")
-    return paths.train_root, paths.test_root, paths.trials
+    paths = generate_corpus(root, seed=seed, **PRESETS[preset])
+    print(f"corpus: {root} ready in {time.time() - start:.0f} s")
+    return paths
 
 
-def run_loss(loss: str, corpus, exp: Path, overrides: list[str]) -> float:
+def run_loss(loss: str, corpus: CorpusPaths, exp: Path, overrides: list[str]) -> float:
     """Run all stages of the recipe with ``hparams/demo_cpu_<loss>.yaml``; returns the wall time."""
-    train_root, test_root, trials = corpus
-    command = ["bash", str(REPO / "recipes" / "voxceleb" / "run.sh"), "--train_root", str(train_root),
-               "--test_root", str(test_root), "--trials", str(trials), "--exp", str(exp),
+    command = ["bash", str(REPO / "recipes" / "voxceleb" / "run.sh"), "--train_root", str(corpus.train_root),
+               "--test_root", str(corpus.test_root), "--trials", str(corpus.trials), "--exp", str(exp),
                "--hparams", str(REPO / "hparams" / f"demo_cpu_{loss}.yaml"), *overrides]
     start = time.time()
     subprocess.run(command, check=True, env={**os.environ, "PYTHON": sys.executable})

@@ -8,8 +8,8 @@ import sys
 
 import speechbrain as sb
 
-from qmargin_spk.scoring.stage import score_experiment
+from qmargin_spk.scoring.stage import score_stage
 
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
-    score_experiment(hparams_file, overrides, device=run_opts.get("device"))
+    score_stage(hparams_file, overrides, device=run_opts.get("device"))

@@ -8,8 +8,8 @@ import sys
 
 import speechbrain as sb
 
-from qmargin_spk.training.recipe import train
+from qmargin_spk.training.stage import train_stage
 
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
-    train(hparams_file, run_opts, overrides)
+    train_stage(hparams_file, run_opts, overrides)

@@ -1,0 +1,81 @@
+"""One experiment: its hparams file, overrides and folder, seen the same way by every stage.
+
+The training, scoring and packaging stages all start here: the hparams are loaded once (with the
+command-line overrides), the loss settings are read from the loss block's top-level keys, and the
+checkpoints to evaluate are chosen and averaged in one place. Nothing here trains.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.checkpoints import Checkpoint, Checkpointer, average_checkpoints
+
+logger = logging.getLogger(__name__)
+
+Overrides = str | dict
+
+
+def load_hparams(hparams_file: str | Path, overrides: Overrides = "") -> dict:
+    """Load a HyperPyYAML file with overrides (a YAML string or a dict)."""
+    with open(hparams_file, encoding="utf-8") as handle:
+        return load_hyperpyyaml(handle, overrides)
+
+
+def world_size() -> int:
+    """Number of training processes (1 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def last_checkpoints(checkpointer: Checkpointer, num: int) -> list[Checkpoint]:
+    """The ``num`` most recent end-of-epoch checkpoints, oldest first (the ones averaged for extraction)."""
+    checkpoints = checkpointer.find_checkpoints(
+        ckpt_predicate=lambda ckpt: ckpt.meta.get("end-of-epoch", True), max_num_checkpoints=None
+    )
+    checkpoints = sorted(checkpoints, key=lambda ckpt: ckpt.meta["unixtime"])[-num:]
+    if not checkpoints:
+        raise FileNotFoundError(f"no end-of-epoch checkpoint in {checkpointer.checkpoints_dir}")
+    return checkpoints
+
+
+class Experiment:
+    """An experiment folder with its hparams (``output_folder`` is the folder)."""
+
+    def __init__(self, hparams_file: str | Path, overrides: Overrides = "") -> None:
+        self.hparams_file = Path(hparams_file)
+        self.overrides = overrides
+        self.hparams = load_hparams(hparams_file, overrides)
+        self.folder = Path(self.hparams["output_folder"])
+
+    def loss_settings(self) -> dict:
+        """The loss block's settings: name, alpha (None where the loss has none), scale, margin and ramp."""
+        get = self.hparams.get
+        return {"loss": get("loss_name"), "alpha": get("alpha"), "scale": get("scale"), "margin": get("margin"),
+                "margin_ramp": [get("margin_ramp_start"), get("margin_ramp_end")]}
+
+    def describe(self) -> dict:
+        """What identifies the experiment in results and model cards."""
+        return {"name": self.folder.name, "folder": str(self.folder), "hparams_file": str(self.hparams_file),
+                **self.loss_settings()}
+
+    def evaluation_checkpoints(self) -> list[Checkpoint]:
+        """The last ``average_checkpoints`` end-of-epoch checkpoints, oldest first."""
+        return last_checkpoints(self.hparams["checkpointer"], int(self.hparams.get("average_checkpoints", 1)))
+
+    def averaged_embedder(self, device: str = "cpu") -> tuple[torch.nn.Module, str]:
+        """The embedder holding the average of :meth:`evaluation_checkpoints`, in eval mode, and its model id.
+
+        The model id names the averaged checkpoints, so cached embeddings are reused only for the same weights.
+        """
+        checkpoints = self.evaluation_checkpoints()
+        self.hparams["embedding_model"].load_state_dict(average_checkpoints(checkpoints, "embedding_model"))
+        used = [ckpt.path.name for ckpt in checkpoints]
+        folder = str(self.hparams["checkpointer"].checkpoints_dir)
+        model_id = hashlib.sha1("|".join([folder, *used]).encode()).hexdigest()[:16]
+        logger.info("embedder: average of %s (model id %s)", used, model_id)
+        return self.hparams["embedder"].to(device).eval(), model_id

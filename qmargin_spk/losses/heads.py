@@ -1,0 +1,70 @@
+"""The head contract: what the training loop holds between the embeddings and the loss.
+
+Every head maps ``(embeddings [B, D] or [B, 1, D], labels [B] or [B, 1]) -> mean loss`` and exposes
+``margin`` and ``scale`` (set by the schedules between steps) and ``stats``, the
+:class:`~qmargin_spk.losses.stats.PosteriorStats` of its last batch. Its ``weight`` is the
+``[C, D]`` prototype matrix. Three heads exist:
+
+- :class:`DenseHead`: SpeechBrain's cosine ``Classifier`` followed by any loss module of
+  ``margin_losses.py`` (Q-Margin, AAM, CosFace, entmax); it forms the ``B x C`` cosines;
+- :class:`~qmargin_spk.losses.sparse_head.SparseQMarginHead`: Q-Margin fused with the classifier,
+  never holding ``B x C``;
+- :class:`~qmargin_spk.losses.sharded_head.ShardedQMarginHead`: the same with the prototypes split
+  across processes.
+
+Recipes build a head as ``head_factory(num_classes=C, embedding_dim=D)`` (a ``!name:`` entry of
+the hparams loss block), so the number of classes comes from the training data.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from speechbrain.lobes.models.ECAPA_TDNN import Classifier
+
+from qmargin_spk.losses.shapes import flatten_batch
+from qmargin_spk.losses.stats import PosteriorStats
+
+
+class DenseHead(torch.nn.Module):
+    """SpeechBrain's cosine ``Classifier`` and a loss module on its ``[B, 1, C]`` cosines."""
+
+    def __init__(self, num_classes: int, embedding_dim: int, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.classifier = Classifier(input_size=embedding_dim, out_neurons=num_classes)
+        self.loss = loss
+        self.num_classes = int(num_classes)
+        self.stats: PosteriorStats | None = None
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        """The ``[C, D]`` prototypes."""
+        return self.classifier.weight
+
+    @property
+    def margin(self) -> float:
+        return self.loss.margin
+
+    @margin.setter
+    def margin(self, value: float) -> None:
+        self.loss.margin = float(value)
+
+    @property
+    def scale(self) -> float:
+        return self.loss.scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self.loss.scale = float(value)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean loss of the batch; ``stats`` gains the number of rows whose largest cosine is the target."""
+        embeddings, labels = flatten_batch(embeddings, labels, name="embeddings")
+        cosines = self.classifier(embeddings.unsqueeze(1))
+        loss = self.loss(cosines, labels.unsqueeze(1))
+        correct = int((cosines.squeeze(1).argmax(dim=-1) == labels).sum())
+        self.stats = replace(self.loss.stats, correct=correct)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}"

@@ -1,0 +1,44 @@
+"""Posterior statistics of one batch, the single schema that every head and loss reports.
+
+Training logs them per epoch (support size, ``p_y``, overflowing rows, accuracy where a head
+computes the full logits); see ``docs/loss.md`` for what they say about a run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PosteriorStats:
+    """Statistics of one batch of ``batch_size`` rows.
+
+    ``support_mean`` / ``support_max``: classes with ``p > 0`` per row; ``p_target_mean``: mean ``p_y``;
+    ``p_target_zero_frac``: rows whose target is outside the support; ``overflow_rows``: rows of a
+    sparse head that needed the exact fallback; ``correct``: rows whose largest logit is the target
+    (None where the head never forms every logit).
+    """
+
+    batch_size: int
+    support_mean: float
+    support_max: float
+    p_target_mean: float
+    p_target_zero_frac: float
+    overflow_rows: int = 0
+    correct: int | None = None
+
+
+def posterior_statistics(
+    values: torch.Tensor, indices: torch.Tensor, support_size: torch.Tensor, target: torch.Tensor
+) -> PosteriorStats:
+    """Statistics of a posterior stored as ``values`` at ``indices`` per row (``[B, K]``)."""
+    p_target = (values * (indices == target.unsqueeze(1))).sum(dim=1)
+    support = support_size.to(torch.float64)
+    return PosteriorStats(
+        batch_size=int(target.shape[0]),
+        support_mean=float(support.mean()),
+        support_max=float(support.max()),
+        p_target_mean=float(p_target.mean()),
+        p_target_zero_frac=float((p_target <= 0).to(torch.float64).mean()),
+    )

@@ -1,0 +1,29 @@
+"""The SpeechBrain internals the toolkit overrides (docs/speechbrain.md): fail loudly when an upgrade changes them."""
+import inspect
+
+import speechbrain as sb
+from speechbrain.utils.checkpoints import Checkpointer
+
+PINNED = "1.1.2"
+
+
+def test_pinned_speechbrain_version():
+    assert sb.__version__ == PINNED, (
+        f"speechbrain {sb.__version__} is installed but the overrides in docs/speechbrain.md were written against "
+        f"{PINNED}: re-check them, then update PINNED"
+    )
+
+
+def test_overridden_brain_methods_keep_their_signatures():
+    assert str(inspect.signature(sb.Brain._wrap_distributed)) == "(self)"
+    assert list(inspect.signature(sb.Brain.fit).parameters)[:3] == ["self", "epoch_counter", "train_set"]
+    assert "SyncBatchNorm" in inspect.getsource(sb.Brain._wrap_distributed)
+
+
+def test_overridden_checkpointer_methods_keep_their_signatures_and_calls():
+    assert list(inspect.signature(Checkpointer.save_checkpoint).parameters) == [
+        "self", "meta", "end_of_epoch", "name", "verbosity"]
+    assert list(inspect.signature(Checkpointer._custom_checkpoint_dirpath).parameters) == ["self", "name"]
+    assert list(inspect.signature(Checkpointer._new_checkpoint_dirpath).parameters) == ["self"]
+    # The atomic save relies on save_checkpoint naming a given folder through _custom_checkpoint_dirpath.
+    assert "_custom_checkpoint_dirpath(name)" in inspect.getsource(Checkpointer.save_checkpoint)
