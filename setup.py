@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["qmargin_spk", "qmargin_spk.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.6",               # torch.load defaults to weights_only=True
         "torchaudio>=2.1",
         "speechbrain>=1.0,<1.2",
         "soundfile>=0.12",

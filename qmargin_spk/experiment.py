@@ -10,6 +10,8 @@ import hashlib
 import logging
 from pathlib import Path
 
+import ruamel.yaml
+import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.checkpoints import Checkpoint, Checkpointer, average_checkpoints
@@ -19,10 +21,28 @@ logger = logging.getLogger(__name__)
 Overrides = str | dict
 
 
+class StageError(ValueError):
+    """A user mistake that stops a stage before it runs; the message says what to change."""
+
+
 def load_hparams(hparams_file: str | Path, overrides: Overrides = "") -> dict:
     """Load a HyperPyYAML file with overrides (a YAML string or a dict)."""
     with open(hparams_file, encoding="utf-8") as handle:
         return load_hyperpyyaml(handle, overrides)
+
+
+def stage_options(hparams_file: str, rest: list[str], values: dict) -> tuple[dict, dict]:
+    """SpeechBrain run options and hparams overrides from ``rest``, with ``values`` set on top as data.
+
+    ``rest`` holds SpeechBrain's own flags (``--device``, ``--ckpt_interval_steps`` ...) and the
+    user's ``--key=value`` overrides, which are YAML by design. Paths never go through YAML text:
+    they arrive in ``values`` (parsed by the stage's own argument parser), so spaces, ``=``, ``#``,
+    ``:``, ``,``, quotes or tags in a path stay exactly what they are.
+    """
+    _, run_opts, yaml_text = sb.parse_arguments([hparams_file, *rest])
+    overrides = dict(ruamel.yaml.YAML().load(yaml_text) or {}) if yaml_text else {}
+    overrides.update(values)
+    return run_opts, overrides
 
 
 def world_size() -> int:
@@ -49,7 +69,10 @@ class Experiment:
     def __init__(self, hparams_file: str | Path, overrides: Overrides = "") -> None:
         self.hparams_file = Path(hparams_file)
         self.overrides = overrides
-        self.hparams = load_hparams(hparams_file, overrides)
+        try:
+            self.hparams = load_hparams(hparams_file, overrides)
+        except (TypeError, ValueError) as err:  # HyperPyYAML wraps a constructor's error: keep its words
+            raise StageError(f"{hparams_file}: " + " ".join(str(arg) for arg in err.args)) from err
         self.folder = Path(self.hparams["output_folder"])
 
     def loss_settings(self) -> dict:

@@ -38,9 +38,9 @@ def prepared(corpus, tmp_path):
     return tmp_path
 
 
-def run_recipe(corpus, exp, *extra, hparams="hparams/demo_cpu_qmargin.yaml"):
+def run_recipe(corpus, exp, *extra, hparams="hparams/demo_cpu_qmargin.yaml", trials=None):
     command = ["bash", str(RUN_SH), "--train_root", str(corpus.train_root), "--test_root", str(corpus.test_root),
-               "--trials", str(corpus.trials), "--exp", str(exp), "--hparams", hparams, *FAST, *extra]
+               "--trials", str(trials or corpus.trials), "--exp", str(exp), "--hparams", hparams, *FAST, *extra]
     env = {**os.environ, "PYTHON": sys.executable}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -81,10 +81,17 @@ def test_each_hparams_file_builds_its_loss(prepared, setting, loss):
 
 
 def test_all_stages_end_to_end(corpus, tmp_path):
-    exp = tmp_path / "exp"
-    run_recipe(corpus, exp)
+    # Paths reach Python as data: odd characters round-trip and a tag in a file name runs nothing (issue 9, item 2).
+    exp = tmp_path / "exp a=b #c: d, 'q\" é"
+    trials = tmp_path / "odd dir, x=1 #2" / "t, !apply:os.system [touch pwned]"
+    trials.parent.mkdir()
+    trials.write_text(Path(corpus.trials).read_text())
+    run_recipe(corpus, exp, trials=trials)
+    assert not (REPO / "pwned").exists()
     results = json.loads((exp / "scores" / "results.cosine.json").read_text())
     (entry,) = results["results"]
+    assert entry["trial_file"] == str(trials) and entry["list"] == trials.stem
+    assert results["experiment"]["loss"] == "qmargin" and results["experiment"]["folder"] == str(exp)
     assert 0.0 <= entry["metrics"]["eer"] <= 1.0
     n_trials = len(Path(corpus.trials).read_text().splitlines())
     assert entry["n_trials"] == n_trials
@@ -93,7 +100,7 @@ def test_all_stages_end_to_end(corpus, tmp_path):
     assert (exp / "scores" / "results.cosine.md").is_file()
     # Re-running a finished recipe: prepare is skipped, training has nothing left, scoring reuses embeddings.
     checkpoints = sorted(p.name for p in (exp / "save").glob("CKPT+*"))
-    output = run_recipe(corpus, exp)
+    output = run_recipe(corpus, exp, trials=trials)
     assert "nothing to do" in output
     assert sorted(p.name for p in (exp / "save").glob("CKPT+*")) == checkpoints
 

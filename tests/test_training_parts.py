@@ -34,7 +34,7 @@ def test_warmup_longer_than_the_run_is_clamped_with_a_warning(caplog):
     schedule.configure(global_batch=256, steps_per_epoch=10)
     assert schedule.lr_at(5) == pytest.approx(0.1)  # half of the single warm-up epoch
     assert schedule.lr_at(10) == pytest.approx(0.2)
-    with pytest.raises(ValueError, match="number_of_epochs"):
+    with pytest.raises(ValueError, match="'number_of_epochs' must be an integer >= 1, got 0"):
         WarmupExponentialLR(base_lr=0.2, final_lr=0.002, warmup_epochs=1, total_epochs=0)
 
 

@@ -22,7 +22,20 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class SpeakerBrain(sb.Brain):
-    """Speaker-embedding training: augment -> embedder -> head (classifier and loss)."""
+    """Speaker-embedding training: augment -> embedder -> head (classifier and loss).
+
+    Resuming from an intra-epoch checkpoint continues the uninterrupted run exactly: the shuffling
+    order of each epoch comes from its own generator seeded by ``(seed, epoch)``, never from the
+    global RNG (which the checkpoint restores for augmentation), and the epoch statistics are
+    checkpointed with the rest.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch_stats = EpochStatistics()
+        self.shuffle_generator = torch.Generator()
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("epoch_stats", self.epoch_stats)
 
     def _wrap_distributed(self):
         """SpeechBrain always converts BatchNorm to SyncBatchNorm, which runs only on GPUs: on the CPU (gloo) wrap without it."""
@@ -43,23 +56,28 @@ class SpeakerBrain(sb.Brain):
     def compute_objectives(self, embeddings, batch, stage):
         labels = batch[3].to(self.device)
         loss = self.modules.classifier(embeddings, labels)
-        self._epoch_stats.add(self._head().stats)
+        self.epoch_stats.add(self._head().stats)
         return loss
 
     def on_fit_batch_start(self, batch, should_step):
         if should_step:  # the LR of the step about to be taken
             self.hparams.lr_scheduler.step(self.optimizer)
 
-    def fit(self, epoch_counter, train_set, *args, **kwargs):
-        """SpeechBrain's ``fit``; the training set is kept so each epoch can reseed its crops."""
+    def fit(self, epoch_counter, train_set, valid_set=None, progressbar=None, train_loader_kwargs={},  # noqa: B006
+            valid_loader_kwargs={}):  # noqa: B006 (SpeechBrain's signature)
+        """SpeechBrain's ``fit``; keeps the training set (to reseed its crops) and shuffles with our generator."""
         self.train_set = train_set
-        return super().fit(epoch_counter, train_set, *args, **kwargs)
+        train_loader_kwargs = {**train_loader_kwargs, "generator": self.shuffle_generator}
+        return super().fit(epoch_counter, train_set, valid_set, progressbar, train_loader_kwargs, valid_loader_kwargs)
 
     def on_stage_start(self, stage, epoch=None):
-        self._epoch_stats = EpochStatistics()
-        if stage == sb.Stage.TRAIN and epoch is not None:
-            self.train_set.set_epoch(epoch)
-            self._head().margin = self.hparams.margin_schedule(epoch)
+        if stage != sb.Stage.TRAIN or epoch is None:
+            return
+        if self.step == 0:  # a fresh epoch, not one resumed from an intra-epoch checkpoint
+            self.epoch_stats.reset()
+        self.train_set.set_epoch(epoch)
+        self.shuffle_generator.manual_seed(int(self.hparams.seed) * 1_000_003 + int(epoch))
+        self._head().margin = self.hparams.margin_schedule(epoch)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage != sb.Stage.TRAIN:
@@ -78,7 +96,7 @@ class SpeakerBrain(sb.Brain):
     def epoch_statistics(self, stage_loss: float) -> dict[str, float]:
         """Loss, LR, margin and the head's statistics of the epoch so far."""
         return {"loss": float(stage_loss), "lr": self.optimizer.param_groups[0]["lr"], "margin": self._head().margin,
-                **self._epoch_stats.summary()}
+                **self.epoch_stats.summary()}
 
     def _tensorboard_logger(self):
         """SpeechBrain's TensorBoard logger when ``tensorboard_dir`` is set (main process only)."""

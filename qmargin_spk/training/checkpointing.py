@@ -1,11 +1,17 @@
-"""Checkpoints that are never half-written, RNG state that survives a restart, the last N checkpoints.
+"""Checkpoints that are never half-written, RNG state that survives a restart, one owner per save folder.
 
 SpeechBrain's ``Checkpointer`` writes the checkpoint's meta file first and the parameter files
 after it, so a run killed mid-save leaves a checkpoint that looks complete. Here every checkpoint
 is written into a hidden temporary folder and renamed into place once all files are on disk.
+Leftover temporary folders of a killed run are removed only by the training process that owns
+the folder (:meth:`AtomicCheckpointer.claim`, an exclusive lock), never by a reader such as the
+scoring stage. Everything is stored as plain tensors and loaded with ``weights_only=True``: a
+crafted checkpoint file cannot run code.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import random
@@ -23,17 +29,43 @@ from speechbrain.utils.checkpoints import (
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process
 
 _TMP_PREFIX = ".partial-"
+_LOCK_NAME = ".owner.lock"
 logger = logging.getLogger(__name__)
+
+
+class SaveFolderBusyError(RuntimeError):
+    """Another training run holds the checkpoint folder."""
 
 
 class AtomicCheckpointer(Checkpointer):
     """A ``Checkpointer`` whose checkpoints appear only when complete."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if if_main_process() and self.checkpoints_dir.is_dir():
-            for leftover in self.checkpoints_dir.glob(_TMP_PREFIX + "*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+    _lock_handle = None
+
+    def claim(self) -> None:
+        """Become the folder's only writer (main process): lock it, then remove a killed run's partial saves.
+
+        Raises :class:`SaveFolderBusyError` when another live process holds the lock. The lock is
+        released by :meth:`release`, or when this process exits.
+        """
+        if not if_main_process() or self._lock_handle is not None:
+            return
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.checkpoints_dir / _LOCK_NAME, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            handle.close()
+            raise SaveFolderBusyError(f"{self.checkpoints_dir} is in use by another training run") from err
+        self._lock_handle = handle
+        for leftover in self.checkpoints_dir.glob(_TMP_PREFIX + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def release(self) -> None:
+        """Give up the folder (the end of a training run)."""
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
 
     def _custom_checkpoint_dirpath(self, name):
         # Temporary folders keep their hidden name: no "CKPT+" prefix, so no reader takes them for a checkpoint.
@@ -47,8 +79,11 @@ class AtomicCheckpointer(Checkpointer):
             final_dir = self._new_checkpoint_dirpath() if name is None else self._custom_checkpoint_dirpath(name)
         final_dir = ddp_broadcast(final_dir, src=0)
         temporary_name = _TMP_PREFIX + final_dir.name
-        saved = super().save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=temporary_name,
-                                        verbosity=logging.DEBUG)
+        try:
+            saved = super().save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=temporary_name,
+                                            verbosity=logging.DEBUG)
+        except RuntimeError as err:  # torch.save reports a full disk as "basic_ios::clear" / "failed writing"
+            raise _storage_error(self.checkpoints_dir, err) from err
         ddp_barrier()
         if not if_main_process():
             return None
@@ -58,18 +93,41 @@ class AtomicCheckpointer(Checkpointer):
         return Checkpoint(final_dir, saved.meta, paramfiles)
 
 
+def _storage_error(folder, err: RuntimeError) -> Exception:
+    """The OS-level reason behind a failed ``torch.save`` (a full disk is the usual one)."""
+    free = shutil.disk_usage(folder).free
+    if free < 64 * 2**20:
+        return OSError(errno.ENOSPC, f"No space left on device while saving a checkpoint in {folder} "
+                                     f"({free} bytes free); the previous checkpoints are intact")
+    return OSError(errno.EIO, f"Saving a checkpoint in {folder} failed ({err}); the previous checkpoints are intact")
+
+
 @register_checkpoint_hooks
 class RNGState:
-    """Saves and restores the Python, NumPy and torch random generators with the checkpoint."""
+    """Saves and restores the Python, NumPy and torch random generators with the checkpoint, as plain tensors."""
 
     @mark_as_saver
     def save(self, path) -> None:
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state()}, path)
+        version, internal, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        if kind != "MT19937":
+            raise ValueError(f"unsupported NumPy bit generator {kind}")
+        torch.save({
+            "python_version": torch.tensor(version),
+            "python_internal": torch.tensor(internal, dtype=torch.int64),
+            "python_gauss": torch.tensor([] if gauss is None else [gauss], dtype=torch.float64),
+            "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_pos": torch.tensor(pos),
+            "numpy_gauss": torch.tensor([has_gauss, cached], dtype=torch.float64),
+            "torch": torch.get_rng_state(),
+        }, path)
 
     @mark_as_loader
     def load(self, path, end_of_epoch=False) -> None:
-        state = torch.load(path, weights_only=False)
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        state = torch.load(path, weights_only=True)
+        gauss = state["python_gauss"].tolist()
+        random.setstate((int(state["python_version"]), tuple(state["python_internal"].tolist()), gauss[0] if gauss else None))
+        has_gauss, cached = state["numpy_gauss"].tolist()
+        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]),
+                             int(has_gauss), float(cached)))
         torch.set_rng_state(state["torch"])

@@ -1,13 +1,26 @@
 """Running statistics of a training epoch, from the heads' per-batch :class:`PosteriorStats`."""
 from __future__ import annotations
 
+import json
+
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
+
 from qmargin_spk.losses.stats import PosteriorStats
+from qmargin_spk.utils.atomic import atomic_write_text
 
 
+@register_checkpoint_hooks
 class EpochStatistics:
-    """Batch-averaged posterior statistics, the largest support, overflowing rows and accuracy of an epoch."""
+    """Batch-averaged posterior statistics, the largest support, overflowing rows and accuracy of an epoch.
+
+    Checkpointed (as JSON), so an epoch resumed from an intra-epoch checkpoint reports all its batches.
+    """
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new epoch."""
         self.batches = 0
         self.samples = 0
         self.sums = {"support_mean": 0.0, "p_target_mean": 0.0, "p_target_zero_frac": 0.0}
@@ -35,3 +48,12 @@ class EpochStatistics:
         if self.correct is not None and self.samples:
             summary["accuracy"] = self.correct / self.samples
         return summary
+
+    @mark_as_saver
+    def save(self, path) -> None:
+        atomic_write_text(path, json.dumps(vars(self)))
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=False) -> None:
+        with open(path, encoding="utf-8") as handle:
+            vars(self).update(json.load(handle))

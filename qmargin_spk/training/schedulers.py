@@ -25,8 +25,10 @@ class WarmupExponentialLR:
 
     def __init__(self, base_lr: float, final_lr: float, warmup_epochs: float, total_epochs: int,
                  reference_batch: int = 256) -> None:
-        if warmup_epochs < 0 or total_epochs < 1:
-            raise ValueError(f"warmup_epochs must be >= 0 and number_of_epochs >= 1, got {warmup_epochs} and {total_epochs}")
+        if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
+            raise ValueError(f"hparams key 'number_of_epochs' must be an integer >= 1, got {total_epochs!r}")
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, (int, float)) or warmup_epochs < 0:
+            raise ValueError(f"hparams key 'warmup_epochs' must be a number >= 0, got {warmup_epochs!r}")
         if warmup_epochs > total_epochs:
             logger.warning("warmup_epochs (%s) exceeds number_of_epochs (%s): warming up over the whole run",
                            warmup_epochs, total_epochs)
@@ -74,7 +76,7 @@ class WarmupExponentialLR:
 
     @mark_as_loader
     def load(self, path, end_of_epoch=False) -> None:
-        self.step_count = torch.load(path)["step_count"]
+        self.step_count = torch.load(path, weights_only=True)["step_count"]
 
 
 class MarginRamp:

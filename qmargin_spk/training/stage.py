@@ -2,17 +2,66 @@
 from __future__ import annotations
 
 import logging
+import numbers
+import os
 
 import speechbrain as sb
+import torch
 from speechbrain.utils.distributed import ddp_init_group, if_main_process, run_on_main
 
 from qmargin_spk.data.dataset import SpeakerLabelEncoder
 from qmargin_spk.data.manifest import read_manifest
-from qmargin_spk.experiment import Experiment, Overrides, world_size
+from qmargin_spk.experiment import Experiment, Overrides, StageError, world_size
 from qmargin_spk.models import count_parameters
 from qmargin_spk.training.brain import SpeakerBrain
 
 logger = logging.getLogger(__name__)
+
+# hparams keys the stage checks before anything runs: key -> (type, smallest allowed value)
+_NUMERIC_KEYS = {
+    "number_of_epochs": (numbers.Integral, 1), "batch_size": (numbers.Integral, 1),
+    "num_workers": (numbers.Integral, 0), "warmup_epochs": (numbers.Real, 0), "base_lr": (numbers.Real, 0),
+    "final_lr": (numbers.Real, 0), "crop_seconds": (numbers.Real, 0), "scale": (numbers.Real, 0),
+    "margin": (numbers.Real, 0), "keep_checkpoints": (numbers.Integral, 1),
+}
+# An epoch with fewer optimiser steps than this gets a warning.
+FEW_STEPS = 10
+
+
+def check_numeric_hparams(hparams: dict) -> None:
+    """Raise :class:`StageError` naming the key when a numeric hparam has the wrong type or is too small."""
+    for key, (kind, smallest) in _NUMERIC_KEYS.items():
+        value = hparams.get(key)
+        if value is None and key not in ("number_of_epochs", "batch_size"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind) or value < smallest:
+            expected = "an integer" if kind is numbers.Integral else "a number"
+            raise StageError(f"hparams key {key!r} must be {expected} >= {smallest}, got {value!r}")
+
+
+def steps_per_epoch(num_utterances: int, batch_size: int, processes: int) -> int:
+    """Optimiser steps in one epoch (incomplete batches are dropped); :class:`StageError` when there are none."""
+    steps = num_utterances // (batch_size * processes)
+    if steps == 0:
+        raise StageError(f"batch_size {batch_size} x {processes} processes exceeds the {num_utterances} training "
+                         "utterances: an epoch would have no step (lower batch_size or use fewer processes)")
+    if steps < FEW_STEPS:
+        logger.warning("an epoch has only %d optimiser steps (%d utterances, global batch %d)",
+                       steps, num_utterances, batch_size * processes)
+    return steps
+
+
+def choose_threads(requested: int | None, num_workers: int) -> int:
+    """Intra-op threads per process: ``requested``, or this process's share of the cores less its loader workers.
+
+    PyTorch's default (every core) oversubscribes the CPU once data-loader workers or other training
+    processes share it, and each small operation then waits for its slowest thread.
+    """
+    if requested is not None:
+        return max(1, int(requested))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // local_processes - num_workers)
 
 
 def train_stage(hparams_file: str, run_opts: dict, overrides: Overrides = "") -> SpeakerBrain:
@@ -24,21 +73,36 @@ def train_stage(hparams_file: str, run_opts: dict, overrides: Overrides = "") ->
     ddp_init_group(run_opts)
     experiment = Experiment(hparams_file, overrides)
     hparams = experiment.hparams
+    check_numeric_hparams(hparams)
+    threads = choose_threads(hparams.get("num_threads"), hparams["num_workers"])
+    torch.set_num_threads(threads)
+    hparams["checkpointer"].claim()
+    try:
+        return _train(experiment, run_opts, threads)
+    finally:
+        hparams["checkpointer"].release()
+
+
+def _train(experiment: Experiment, run_opts: dict, threads: int) -> SpeakerBrain:
+    """The stage's work once the save folder is ours."""
+    hparams, hparams_file, overrides = experiment.hparams, experiment.hparams_file, experiment.overrides
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides)
     rows = read_manifest(hparams["train_manifest"])
     run_on_main(SpeakerLabelEncoder.load_or_create, args=[hparams["label_encoder_file"], rows])
-    train_data = hparams["train_data"](manifest=rows, labels=SpeakerLabelEncoder.load_or_create(hparams["label_encoder_file"], rows))
+    labels = SpeakerLabelEncoder.load_or_create(hparams["label_encoder_file"], rows)
+    train_data = hparams["train_data"](manifest=rows, labels=labels)
     head = hparams["classifier"](num_classes=train_data.num_classes, embedding_dim=hparams["embedding_dim"])
     hparams["modules"]["classifier"] = head
     hparams["checkpointer"].add_recoverable("classifier", head)
 
     global_batch = hparams["batch_size"] * world_size()
-    hparams["lr_scheduler"].configure(global_batch=global_batch, steps_per_epoch=len(train_data) // global_batch)
+    steps = steps_per_epoch(len(train_data), hparams["batch_size"], world_size())
+    hparams["lr_scheduler"].configure(global_batch=global_batch, steps_per_epoch=steps)
     if if_main_process():
         logger.info("loss %s (%s); embedding model: %d parameters; %d classes; %d training utterances; "
-                    "peak LR %.4g at global batch %d", hparams["loss_name"], experiment.loss_settings(),
-                    count_parameters(hparams["embedding_model"]), train_data.num_classes, len(train_data),
-                    hparams["lr_scheduler"].peak_lr, global_batch)
+                    "peak LR %.4g at global batch %d; %d threads per process",
+                    hparams["loss_name"], experiment.loss_settings(), count_parameters(hparams["embedding_model"]),
+                    train_data.num_classes, len(train_data), hparams["lr_scheduler"].peak_lr, global_batch, threads)
     brain = SpeakerBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                          run_opts=run_opts, checkpointer=hparams["checkpointer"])
     brain.fit(hparams["epoch_counter"], train_data, train_loader_kwargs=hparams["train_loader_kwargs"])

@@ -8,6 +8,7 @@
 # Stages: 1 prepare (decode m4a, manifests, checks), 2 train, 3 extract + score.
 # Each stage can run alone; re-running a finished stage does nothing new (prepare is skipped,
 # training resumes from its last checkpoint, embeddings come from the cache).
+# Paths (--exp, --train_root, --test_root, --trials) reach Python as data, whatever characters they hold.
 # --key=value pairs override hparams keys (e.g. --number_of_epochs=2); --nproc N trains with
 # torchrun on N processes (nccl with GPUs, gloo otherwise). PYTHON picks the interpreter.
 set -euo pipefail
@@ -44,10 +45,10 @@ done
 
 [[ -n "$exp" ]] || { echo "run.sh: --exp is required" >&2; exit 1; }
 [[ -n "$hparams" && -f "$hparams" ]] || { echo "run.sh: --hparams must name an existing file (got '$hparams')" >&2; exit 1; }
-mkdir -p "$exp"
+mkdir -p -- "$exp"
 
-trial_list=""
-for t in "${trials[@]+"${trials[@]}"}"; do trial_list+="${trial_list:+,}$(realpath "$t")"; done
+trial_args=()
+for t in "${trials[@]+"${trials[@]}"}"; do trial_args+=(--trials "$(realpath -- "$t")"); done
 
 if [[ $stage -le 1 && $stop_stage -ge 1 ]]; then
   echo "== stage 1: prepare"
@@ -60,7 +61,7 @@ fi
 
 if [[ $stage -le 2 && $stop_stage -ge 2 ]]; then
   echo "== stage 2: train"
-  train_args=("$hparams" --output_folder="$exp" "${overrides[@]+"${overrides[@]}"}")
+  train_args=("$hparams" --exp "$exp" "${overrides[@]+"${overrides[@]}"}")
   if [[ $nproc -gt 1 ]]; then
     backend=$("$python" -c "import torch; print('nccl' if torch.cuda.device_count() >= $nproc else 'gloo')")
     "$python" -m torch.distributed.run --standalone --nproc_per_node="$nproc" \
@@ -72,7 +73,7 @@ fi
 
 if [[ $stage -le 3 && $stop_stage -ge 3 ]]; then
   echo "== stage 3: extract + score"
-  [[ -n "$test_root" && -n "$trial_list" ]] || { echo "run.sh: stage 3 needs --test_root and --trials" >&2; exit 1; }
-  "$python" "$here/score.py" "$hparams" --output_folder="$exp" --test_root="$(realpath "$test_root")" \
-    --trial_files="[$trial_list]" "${overrides[@]+"${overrides[@]}"}"
+  [[ -n "$test_root" && ${#trial_args[@]} -gt 0 ]] || { echo "run.sh: stage 3 needs --test_root and --trials" >&2; exit 1; }
+  "$python" "$here/score.py" "$hparams" --exp "$exp" --test_root "$(realpath -- "$test_root")" \
+    "${trial_args[@]}" "${overrides[@]+"${overrides[@]}"}"
 fi

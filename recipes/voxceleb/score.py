@@ -1,15 +1,35 @@
 #!/usr/bin/env python3
 """Stage 3: embed the trial utterances with the trained model, score, and report EER / minDCF / TAR@FAR.
 
-    python recipes/voxceleb/score.py hparams/demo_cpu_qmargin.yaml --output_folder=exp/demo \
-        --test_root=DIR --trial_files=[trials.txt] [--score_backend=asnorm] [--key=value ...]
+    python recipes/voxceleb/score.py hparams/demo_cpu_qmargin.yaml --exp exp/demo --test_root DIR \\
+        --trials LIST [--trials LIST2 ...] [--score_backend=asnorm] [--key=value ...]
+
+``--exp``, ``--test_root`` and ``--trials`` are taken as paths, never as YAML.
 """
+import argparse
 import sys
 
-import speechbrain as sb
-
+from qmargin_spk.data.trials import MissingTrialFilesError
+from qmargin_spk.experiment import StageError, stage_options
 from qmargin_spk.scoring.stage import score_stage
 
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("hparams", help="hparams YAML file of the experiment")
+    parser.add_argument("--exp", required=True, help="experiment folder")
+    parser.add_argument("--test_root", required=True, help="VoxCeleb1-layout folder holding wav/")
+    parser.add_argument("--trials", action="append", required=True, help="trial list (repeatable)")
+    args, rest = parser.parse_known_args(argv)
+    run_opts, overrides = stage_options(
+        args.hparams, rest, {"output_folder": args.exp, "test_root": args.test_root, "trial_files": args.trials})
+    try:
+        score_stage(args.hparams, overrides, device=run_opts.get("device"))
+    except (StageError, MissingTrialFilesError, FileNotFoundError, ValueError) as err:
+        print(f"score.py: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
-    score_stage(hparams_file, overrides, device=run_opts.get("device"))
+    sys.exit(main(sys.argv[1:]))

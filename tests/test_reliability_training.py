@@ -1,0 +1,188 @@
+"""Issue 9, training side: each defect an adversarial run found, reproduced, and kept fixed."""
+import errno
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qmargin_spk.data.prepare import prepare
+from qmargin_spk.data.synthetic import PRESETS, generate_corpus
+from qmargin_spk.experiment import Experiment, StageError
+from qmargin_spk.losses import QMarginLoss, SparseQMarginHead
+from qmargin_spk.training import checkpointing
+from qmargin_spk.training.brain import SpeakerBrain
+from qmargin_spk.training.checkpointing import AtomicCheckpointer, RNGState, SaveFolderBusyError
+from qmargin_spk.training.epoch_log import EpochLog
+from qmargin_spk.training.stage import choose_threads, steps_per_epoch, train_stage
+
+REPO = Path(__file__).resolve().parents[1]
+HPARAMS = str(REPO / "hparams" / "demo_cpu_qmargin.yaml")
+RUN_OPTS = {"device": "cpu", "noprogressbar": True}
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory):
+    corpus = generate_corpus(tmp_path_factory.mktemp("corpus"), seed=3, num_workers=1, **PRESETS["tiny"])
+    out = tmp_path_factory.mktemp("data")
+    prepare([corpus.train_root], corpus.test_root, [corpus.trials], out, num_workers=1)
+    return out
+
+
+def overrides(data_folder, exp, **extra):
+    return {"output_folder": str(exp), "data_folder": str(data_folder), "batch_size": 8, "channels": 16,
+            "embedding_dim": 16, "num_workers": 0, "number_of_epochs": 2, "warmup_epochs": 1, **extra}
+
+
+# --- item 1: a run that would train nothing -----------------------------------------------------
+
+def test_issue9_item1_batch_larger_than_the_data_is_an_error_before_training(data_folder, tmp_path):
+    with pytest.raises(StageError, match="batch_size 1000 x 1 processes exceeds the 48 training utterances"):
+        train_stage(HPARAMS, RUN_OPTS, overrides(data_folder, tmp_path / "exp", batch_size=1000))
+    assert not list((tmp_path / "exp" / "save").glob("CKPT+*"))
+    with pytest.raises(StageError, match="2 processes"):
+        steps_per_epoch(48, 32, 2)
+
+
+def test_issue9_item1_few_steps_warn(caplog):
+    with caplog.at_level("WARNING"):
+        assert steps_per_epoch(48, 8, 1) == 6
+    assert "only 6 optimiser steps" in caplog.text
+
+
+# --- item 3: no pickle on resume ----------------------------------------------------------------
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch " + str(Path(os.environ["EXPLOIT_TARGET"])),))
+
+
+def test_issue9_item3_crafted_rng_checkpoint_cannot_run_code(tmp_path, monkeypatch):
+    target = tmp_path / "exploited"
+    monkeypatch.setenv("EXPLOIT_TARGET", str(target))
+    path = tmp_path / "rng_state.ckpt"
+    torch.save({"python": _Exploit()}, path, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(pickle.UnpicklingError):
+        RNGState().load(path)
+    assert not target.exists()
+
+
+def test_issue9_item3_rng_state_round_trips_as_plain_tensors(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
+    RNGState().save(tmp_path / "rng.ckpt")
+    expected = (random.random(), np.random.standard_normal(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    RNGState().load(tmp_path / "rng.ckpt")
+    assert random.random() == expected[0] and np.random.standard_normal() == expected[1]
+    assert torch.equal(torch.rand(3), expected[2])
+    torch.load(tmp_path / "rng.ckpt", weights_only=True)  # plain tensors only
+
+
+# --- item 5: only the owner cleans the save folder ----------------------------------------------
+
+def test_issue9_item5_loading_an_experiment_keeps_a_save_in_progress(data_folder, tmp_path):
+    partial = tmp_path / "exp" / "save" / ".partial-CKPT+2026"
+    partial.mkdir(parents=True)
+    (partial / "CKPT.yaml").write_text("end-of-epoch: true\n")
+    Experiment(HPARAMS, overrides(data_folder, tmp_path / "exp"))  # what the scoring stage does first
+    assert (partial / "CKPT.yaml").is_file()
+
+
+def test_issue9_item5_one_owner_cleans_and_others_are_refused(tmp_path):
+    partial = tmp_path / ".partial-CKPT+x"
+    partial.mkdir()
+    owner, intruder = AtomicCheckpointer(tmp_path), AtomicCheckpointer(tmp_path)
+    owner.claim()
+    assert not partial.exists()
+    with pytest.raises(SaveFolderBusyError, match="in use by another training run"):
+        intruder.claim()
+    owner.release()
+    intruder.claim()
+    intruder.release()
+
+
+# --- item 9: mid-epoch resume is the uninterrupted run ------------------------------------------
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_issue9_item9_interrupted_and_resumed_equals_uninterrupted(data_folder, tmp_path, monkeypatch):
+    run_opts = {**RUN_OPTS, "ckpt_interval_steps": 2}
+    whole = train_stage(HPARAMS, run_opts, overrides(data_folder, tmp_path / "whole"))
+    original = SpeakerBrain.fit_batch
+
+    def interrupted(self, batch):
+        if self.hparams.lr_scheduler.step_count == 3:  # inside epoch 1, after the intra-epoch checkpoint of step 2
+            raise _Interrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(SpeakerBrain, "fit_batch", interrupted)
+    with pytest.raises(_Interrupt):
+        train_stage(HPARAMS, run_opts, overrides(data_folder, tmp_path / "resumed"))
+    monkeypatch.setattr(SpeakerBrain, "fit_batch", original)
+    resumed = train_stage(HPARAMS, run_opts, overrides(data_folder, tmp_path / "resumed"))
+    for name in ("embedder", "classifier"):
+        for key, value in whole.modules[name].state_dict().items():
+            assert torch.equal(value, resumed.modules[name].state_dict()[key]), f"{name}.{key} differs"
+    # The epoch statistics count every batch of the resumed epoch: the logs are identical.
+    assert (tmp_path / "whole" / "train_log.txt").read_text() == (tmp_path / "resumed" / "train_log.txt").read_text()
+
+
+def test_issue9_item9_relogging_an_epoch_replaces_its_line(tmp_path):
+    log = EpochLog(tmp_path / "train_log.txt")
+    log.log_stats({"epoch": 1}, {"loss": 2.0})
+    log.log_stats({"epoch": 2}, {"loss": 1.5})
+    log.log_stats({"epoch": 2}, {"loss": 1.25})  # epoch 2 replayed after a kill between logging and saving
+    lines = (tmp_path / "train_log.txt").read_text().splitlines()
+    assert lines == ["epoch: 1 - train loss: 2", "epoch: 2 - train loss: 1.25"]
+
+
+# --- item 12 (training side) and threads --------------------------------------------------------
+
+def test_issue9_item12_non_numeric_hparam_names_its_key(data_folder, tmp_path):
+    with pytest.raises(StageError, match="'number_of_epochs' must be an integer >= 1, got 'abc'"):
+        train_stage(HPARAMS, RUN_OPTS, overrides(data_folder, tmp_path / "exp", number_of_epochs="abc"))
+
+
+def test_issue9_item12_huge_alpha_is_a_clear_error():
+    for make in (lambda: QMarginLoss(alpha=50.0), lambda: SparseQMarginHead(10, 4, alpha=50.0)):
+        with pytest.raises(ValueError, match=r"alpha must lie in \[1, 10.0\], got 50.0"):
+            make()
+    # the largest allowed alpha still gives a finite loss at the paper's scale and margin
+    cosines = torch.rand(4, 6) * 2 - 1
+    assert torch.isfinite(QMarginLoss(alpha=10.0, scale=30.0, margin=0.2)(cosines, torch.arange(4)))
+
+
+def test_issue9_item12_full_disk_during_a_checkpoint_names_the_os_error(tmp_path, monkeypatch):
+    checkpointer = AtomicCheckpointer(tmp_path, recoverables={"model": torch.nn.Linear(2, 2)})
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 0})())
+    with pytest.raises(OSError) as caught:
+        checkpointer.save_checkpoint()
+    assert caught.value.errno == errno.ENOSPC and "No space left on device" in str(caught.value)
+    assert not list(tmp_path.glob("CKPT+*"))
+
+
+def test_threads_follow_cores_processes_and_workers(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert choose_threads(None, num_workers=1) == 3
+    assert choose_threads(None, num_workers=8) == 1
+    assert choose_threads(2, num_workers=8) == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert choose_threads(None, num_workers=0) == 8
+
+
+def test_stage_logs_its_thread_choice(data_folder, tmp_path, capfd):
+    train_stage(HPARAMS, RUN_OPTS, overrides(data_folder, tmp_path / "exp", number_of_epochs=1, num_threads=1))
+    assert torch.get_num_threads() == 1
+    assert "; 1 threads per process" in "".join(capfd.readouterr())  # SpeechBrain's log handler writes to stdout
