@@ -193,7 +193,7 @@ class SpeakerBootstrap:
         fars: Sequence[float] = DEFAULT_FARS,
     ) -> None:
         labels = np.asarray(labels)
-        _, self.labels = validate_trials(np.zeros(labels.shape), labels)
+        _, self.labels = validate_trials(np.zeros(labels.shape), labels)  # checks the labels; scores come later
         if not len(enrol) == len(test) == self.labels.size:
             raise ValueError(
                 f"length mismatch: {self.labels.size} labels, {len(enrol)} enrol and {len(test)} test utterances"
