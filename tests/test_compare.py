@@ -43,8 +43,7 @@ def make_experiment(root, folder, lists, experiment=None, backend="cosine"):
         })
     run = {"model_id": f"model-{folder}", "backend": backend, "test_root": "/data/wav", "n_utterances": 0,
            "settings": {}, "results": results}
-    if experiment is not None:
-        run["experiment"] = experiment
+    run["experiment"] = experiment
     (scores_dir / f"results.{backend}.json").write_text(json.dumps(run))
     return root / folder
 
@@ -59,9 +58,10 @@ def two_systems(tmp_path):
         signal = 2.0 * labels + rng.normal(size=labels.size)
         lists_good[name] = (enrol, test, labels, signal + 1.0 * labels)
         lists_weak[name] = (enrol, test, labels, signal + rng.normal(size=labels.size))
-    good = make_experiment(tmp_path, "exp_good", lists_good,
-                           {"name": "qmargin", "loss": "qmargin", "alpha": 1.5, "scale": 30.0, "margin": 0.2})
-    weak = make_experiment(tmp_path, "exp_weak", lists_weak)  # older results JSON: no "experiment" entry
+    described = {"name": "qmargin", "folder": "exp/qmargin", "hparams_file": "hparams/demo_cpu_qmargin.yaml",
+                 "loss": "qmargin", "alpha": 1.5, "scale": 30.0, "margin": 0.2, "margin_ramp": [None, None]}
+    good = make_experiment(tmp_path, "exp_good", lists_good, described)
+    weak = make_experiment(tmp_path, "exp_weak", lists_weak)  # "experiment": None, as when stage 3 had none
     return good, weak, lists_good, lists_weak
 
 
