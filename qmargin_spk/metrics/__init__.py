@@ -1,5 +1,16 @@
-"""Speaker-verification metrics: EER, minDCF, TAR at fixed FAR, DET curves."""
-from qmargin_spk.metrics.det import det_available, plot_det, probit
+"""Speaker-verification metrics: EER, minDCF, TAR at fixed FAR, DET curves, speaker-bootstrap intervals."""
+from qmargin_spk.metrics.bootstrap import (
+    BootstrapResult,
+    ComparisonResult,
+    Difference,
+    Interval,
+    Replicates,
+    SpeakerBootstrap,
+    bootstrap_metrics,
+    paired_comparison,
+    utterance_speakers,
+)
+from qmargin_spk.metrics.det import det_available, plot_det, plot_det_curves, probit
 from qmargin_spk.metrics.verification import (
     CONVENTIONS,
     DEFAULT_FARS,
@@ -14,17 +25,27 @@ from qmargin_spk.metrics.verification import (
 )
 
 __all__ = [
+    "BootstrapResult",
     "CONVENTIONS",
+    "ComparisonResult",
     "DEFAULT_FARS",
     "DEFAULT_P_TARGETS",
+    "Difference",
+    "Interval",
     "MinDcf",
     "OperatingPoints",
+    "Replicates",
+    "SpeakerBootstrap",
     "TarAtFar",
     "VerificationMetrics",
+    "bootstrap_metrics",
     "compute_metrics",
     "det_available",
     "operating_points",
+    "paired_comparison",
     "plot_det",
+    "plot_det_curves",
     "probit",
+    "utterance_speakers",
     "validate_trials",
 ]

@@ -1,8 +1,9 @@
-"""DET curve (probit axes, EER marked) written as a PNG; matplotlib is optional."""
+"""DET curves (probit axes, EER marked), one system or several overlaid, written as a PNG; matplotlib is optional."""
 from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -28,25 +29,36 @@ def probit(probabilities: ArrayLike) -> np.ndarray:
 
 def plot_det(scores: ArrayLike, labels: ArrayLike, path: str | os.PathLike, title: str | None = None) -> None:
     """Draw the DET curve of a trial list (default-convention operating points) to ``path``."""
+    plot_det_curves({"": (scores, labels)}, path, title=title)
+
+
+def plot_det_curves(
+    curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | os.PathLike, title: str | None = None
+) -> None:
+    """Overlay the DET curves of several systems (name -> ``(scores, labels)``), EER of each marked, to ``path``."""
     if not det_available():
         raise RuntimeError("DET plots need matplotlib: pip install matplotlib (the 'plot' extra)")
+    if not curves:
+        raise ValueError("no curves to plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    points = operating_points(scores, labels)
-    eer, _ = points.equal_error_rate()
     low, high = probit(np.array(_AXIS_LIMITS))
-    # Points at FNR or FPR 0/1 lie at infinity; clip them just outside the visible range.
-    fpr = np.clip(probit(points.fpr), low - 1, high + 1)
-    fnr = np.clip(probit(points.fnr), low - 1, high + 1)
-
     figure = Figure(figsize=(5, 5), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    axes.plot(fpr, fnr, color="tab:blue", linewidth=1.2)
     axes.plot([low, high], [low, high], color="0.8", linewidth=0.8)
-    eer_probit = float(probit(np.array([eer]))[0])
-    axes.plot([eer_probit], [eer_probit], "o", color="tab:red", label=f"EER {100 * eer:.3f} %")
+    for index, (name, (scores, labels)) in enumerate(curves.items()):
+        points = operating_points(scores, labels)
+        eer, _ = points.equal_error_rate()
+        # Points at FNR or FPR 0/1 lie at infinity; clip them just outside the visible range.
+        fpr = np.clip(probit(points.fpr), low - 1, high + 1)
+        fnr = np.clip(probit(points.fnr), low - 1, high + 1)
+        colour = f"C{index % 10}"
+        label = f"{name} (EER {100 * eer:.3f} %)" if name else f"EER {100 * eer:.3f} %"
+        axes.plot(fpr, fnr, color=colour, linewidth=1.2, label=label)
+        eer_probit = float(probit(np.array([eer]))[0])
+        axes.plot([eer_probit], [eer_probit], "o", color=colour)
     ticks = probit(np.array(_TICKS))
     labels_text = [f"{100 * tick:g}" for tick in _TICKS]
     axes.set_xticks(ticks, labels_text)
@@ -56,7 +68,7 @@ def plot_det(scores: ArrayLike, labels: ArrayLike, path: str | os.PathLike, titl
     axes.set_xlabel("false-accept rate (%)")
     axes.set_ylabel("false-reject rate (%)")
     axes.grid(True, linewidth=0.5, alpha=0.6)
-    axes.legend(loc="upper right")
+    axes.legend(loc="upper right", fontsize="small")
     if title:
         axes.set_title(title)
     figure.tight_layout()

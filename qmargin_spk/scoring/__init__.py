@@ -1,4 +1,4 @@
-"""Scoring: trial lists, embedding extraction, cosine / AS-norm back-ends, reports, the scoring stage."""
+"""Scoring: trial lists, embedding extraction, cosine / AS-norm back-ends, reports, the scoring stage, comparisons."""
 from qmargin_spk.scoring.backends import (
     asnorm_scores,
     cohort_statistics,
@@ -7,6 +7,7 @@ from qmargin_spk.scoring.backends import (
     pair_scores,
     speaker_means,
 )
+from qmargin_spk.scoring.compare import CompareError, compare_experiments, load_experiment
 from qmargin_spk.scoring.embeddings import EmbeddingTable, extract_embeddings
 from qmargin_spk.scoring.pipeline import BACKENDS, score_trial_lists
 from qmargin_spk.scoring.report import read_score_file, results_table, write_results, write_score_file
@@ -21,15 +22,18 @@ from qmargin_spk.data.trials import (
 
 __all__ = [
     "BACKENDS",
+    "CompareError",
     "EmbeddingTable",
     "MissingTrialFilesError",
     "TrialList",
     "asnorm_scores",
     "check_trial_files",
     "cohort_statistics",
+    "compare_experiments",
     "cosine_scores",
     "extract_embeddings",
     "l2_normalise",
+    "load_experiment",
     "pair_scores",
     "read_score_file",
     "read_trial_list",

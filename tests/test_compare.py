@@ -1,0 +1,167 @@
+"""Comparing experiments from hand-made stage-3 folders: tables, baseline differences, clear errors."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qmargin_spk.metrics import SpeakerBootstrap, compute_metrics, det_available
+from qmargin_spk.scoring import CompareError, compare_experiments, write_score_file
+
+REPO = Path(__file__).resolve().parents[1]
+N_RESAMPLES = 200
+
+
+def trial_list(seed, n_speakers=12, utts=4, nontargets=300):
+    """VoxCeleb-style ids; all within-speaker pairs as targets plus random cross-speaker pairs."""
+    rng = np.random.default_rng(seed)
+    ids = [[f"id{s:05d}/vid/{u:05d}.wav" for u in range(utts)] for s in range(n_speakers)]
+    enrol, test, labels = [], [], []
+    for s in range(n_speakers):
+        for i in range(utts):
+            for j in range(i + 1, utts):
+                enrol.append(ids[s][i]), test.append(ids[s][j]), labels.append(1)
+    for _ in range(nontargets):
+        s, t = rng.choice(n_speakers, 2, replace=False)
+        enrol.append(ids[s][rng.integers(utts)]), test.append(ids[t][rng.integers(utts)]), labels.append(0)
+    return enrol, test, np.array(labels, dtype=np.int8)
+
+
+def make_experiment(root, folder, lists, experiment=None, backend="cosine"):
+    """A stage-3 experiment folder: ``lists`` maps list name -> (enrol, test, labels, scores)."""
+    scores_dir = root / folder / "scores"
+    results = []
+    for name, (enrol, test, labels, scores) in lists.items():
+        score_file = scores_dir / f"{name}.{backend}.scores"
+        write_score_file(score_file, enrol, test, scores, labels)
+        results.append({
+            "list": name, "trial_file": f"/data/{name}.txt", "backend": backend, "n_trials": len(labels),
+            "metrics": compute_metrics(scores, labels).to_dict(), "score_file": str(score_file), "det_plot": None,
+        })
+    run = {"model_id": f"model-{folder}", "backend": backend, "test_root": "/data/wav", "n_utterances": 0,
+           "settings": {}, "results": results}
+    run["experiment"] = experiment
+    (scores_dir / f"results.{backend}.json").write_text(json.dumps(run))
+    return root / folder
+
+
+@pytest.fixture
+def two_systems(tmp_path):
+    """Vox1-O-named and a custom list; system 'good' separates better than 'weak'."""
+    rng = np.random.default_rng(0)
+    lists_good, lists_weak = {}, {}
+    for name, seed in (("veri_test2", 1), ("mylist", 2)):
+        enrol, test, labels = trial_list(seed)
+        signal = 2.0 * labels + rng.normal(size=labels.size)
+        lists_good[name] = (enrol, test, labels, signal + 1.0 * labels)
+        lists_weak[name] = (enrol, test, labels, signal + rng.normal(size=labels.size))
+    described = {"name": "qmargin", "folder": "exp/qmargin", "hparams_file": "hparams/demo_cpu_qmargin.yaml",
+                 "loss": "qmargin", "alpha": 1.5, "scale": 30.0, "margin": 0.2, "margin_ramp": [None, None]}
+    good = make_experiment(tmp_path, "exp_good", lists_good, described)
+    weak = make_experiment(tmp_path, "exp_weak", lists_weak)  # "experiment": None, as when stage 3 had none
+    return good, weak, lists_good, lists_weak
+
+
+def test_tables_hold_point_estimates_and_intervals(two_systems, tmp_path):
+    good, weak, lists_good, lists_weak = two_systems
+    out = tmp_path / "cmp"
+    summary = compare_experiments([good, weak], out, n_resamples=N_RESAMPLES)
+    assert [e["name"] for e in summary["experiments"]] == ["qmargin", "exp_weak"]
+    assert [entry["label"] for entry in summary["lists"]] == ["Vox1-O", "mylist"]  # published lists first
+
+    enrol, test, labels, scores = lists_good["veri_test2"]
+    expected = compute_metrics(scores, labels)
+    entry = summary["lists"][0]
+    result = entry["systems"]["qmargin"]
+    assert result["eer"]["value"] == expected.eer
+    reference = SpeakerBootstrap(labels, enrol, test, n_resamples=N_RESAMPLES).intervals(
+        SpeakerBootstrap(labels, enrol, test, n_resamples=N_RESAMPLES).replicates(scores))
+    assert result["eer"]["low"] == reference.eer.low and result["eer"]["high"] == reference.eer.high
+    assert entry["n_speakers"] == 12 and entry["n_trials"] == labels.size
+
+    cell = f"{100 * expected.eer:.2f} [{100 * reference.eer.low:.2f}, {100 * reference.eer.high:.2f}]"
+    wide = (out / "summary.md").read_text()
+    assert wide == summary["table"]
+    assert "| experiment | loss | alpha | scale | margin | Vox1-O EER % | Vox1-O minDCF@0.01 |" in wide
+    assert f"| qmargin | qmargin | 1.5 | 30 | 0.2 | {cell} |" in wide
+    assert "| exp_weak |  |  |  |  |" in wide  # blanks where the results JSON has no experiment entry
+    assert "Differences" not in wide  # no baseline
+    per_list = (out / "veri_test2.md").read_text()
+    assert cell in per_list and "TAR@FAR=0.0001 %" in per_list
+    assert "n/a" in per_list  # 300 non-targets: TAR at FAR 1e-3 and below is not reported
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["lists"][1]["systems"]["exp_weak"] == summary["lists"][1]["systems"]["exp_weak"]
+    if det_available():
+        assert (out / "veri_test2.det.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_baseline_differences_are_paired(two_systems, tmp_path):
+    good, weak, lists_good, lists_weak = two_systems
+    out = tmp_path / "cmp"
+    summary = compare_experiments([good], out, baseline=weak, n_resamples=N_RESAMPLES)  # baseline added
+    assert summary["baseline"] == "exp_weak"
+    assert [e["name"] for e in summary["experiments"]] == ["exp_weak", "qmargin"]
+    enrol, test, labels, scores_good = lists_good["veri_test2"]
+    scores_weak = lists_weak["veri_test2"][3]
+    bootstrap = SpeakerBootstrap(labels, enrol, test, n_resamples=N_RESAMPLES)
+    expected = bootstrap.compare(bootstrap.replicates(scores_weak), bootstrap.replicates(scores_good))
+    difference = summary["lists"][0]["differences"]["qmargin"]
+    assert difference["eer"] == expected.eer.to_dict()
+    assert difference["eer"]["difference"] < 0 and difference["eer"]["p_value"] < 0.05  # good is better
+    assert "exp_weak" not in summary["lists"][0]["differences"]
+
+    wide = (out / "summary.md").read_text()
+    e = expected.eer
+    cell = f"{100 * e.difference:+.2f} [{100 * e.low:+.2f}, {100 * e.high:+.2f}] p={e.p_value:.3f}"
+    assert f"| qmargin | {cell} |" in wide
+    assert cell in (out / "veri_test2.md").read_text()
+
+
+def test_mismatched_trials_are_refused(two_systems, tmp_path):
+    good, _, lists_good, _ = two_systems
+    enrol, test, labels, scores = lists_good["veri_test2"]
+    swapped = list(test)
+    swapped[5], swapped[6] = swapped[6], swapped[5]
+    other = make_experiment(tmp_path, "exp_other", {"veri_test2": (enrol, swapped, labels, scores)})
+    with pytest.raises(CompareError, match=r"list 'veri_test2': trial 6 differs .* same trial list"):
+        compare_experiments([good, other], tmp_path / "cmp", baseline=good, n_resamples=N_RESAMPLES)
+    shorter = make_experiment(
+        tmp_path, "exp_short", {"veri_test2": (enrol[:-1], test[:-1], labels[:-1], scores[:-1])}
+    )
+    with pytest.raises(CompareError, match=f"qmargin has {labels.size} trials but exp_short has {labels.size - 1}"):
+        compare_experiments([good, shorter], tmp_path / "cmp", n_resamples=N_RESAMPLES)
+
+
+def test_missing_inputs_give_one_line_errors(two_systems, tmp_path):
+    good, weak, _, _ = two_systems
+    with pytest.raises(CompareError, match="no such experiment folder"):
+        compare_experiments([good, tmp_path / "nope"], tmp_path / "cmp")
+    with pytest.raises(CompareError, match="no asnorm results"):
+        compare_experiments([good], tmp_path / "cmp", backend="asnorm")
+    (weak / "scores" / "mylist.cosine.scores").unlink()
+    with pytest.raises(CompareError, match="score file of list 'mylist' is missing"):
+        compare_experiments([good, weak], tmp_path / "cmp")
+    (good / "scores" / "mylist.cosine.scores").write_text("a b 0.5 1\nbroken line\n")
+    with pytest.raises(CompareError, match=r"mylist.cosine.scores:2: expected"):
+        compare_experiments([good], tmp_path / "cmp")
+
+
+def test_recipe_script_exits_with_one_line(two_systems, tmp_path, capsys):
+    good, weak, _, _ = two_systems
+    spec = importlib.util.spec_from_file_location("compare_recipe", REPO / "recipes" / "voxceleb" / "compare.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    assert script.main([str(good), str(tmp_path / "missing"), "--out", str(tmp_path / "cmp")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "missing: no such experiment folder" in error
+
+    argv = [str(good), str(weak), "--baseline", str(weak), "--out", str(tmp_path / "cmp"), "--n_resamples", "50"]
+    assert script.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| qmargin |" in printed and "Differences to the baseline exp_weak" in printed
+    assert (tmp_path / "cmp" / "mylist.md").is_file()
