@@ -165,3 +165,15 @@ def test_recipe_script_exits_with_one_line(two_systems, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| qmargin |" in printed and "Differences to the baseline exp_weak" in printed
     assert (tmp_path / "cmp" / "mylist.md").is_file()
+
+
+def test_demo_verdict_says_whether_the_difference_is_significant():
+    spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parents[1] / "recipes/voxceleb/demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    entry = {"label": "Vox1-O", "differences": {
+        "qmargin": {"eer": {"difference": -0.012, "low": -0.02, "high": -0.004, "p_value": 0.004}},
+        "entmax": {"eer": {"difference": 0.003, "low": -0.006, "high": 0.011, "p_value": 0.41}}}}
+    text = demo.verdict({"lists": [entry]}, "aam")
+    assert "qmargin - aam EER -1.20 points [-2.00, -0.40], p = 0.004: a significant difference" in text
+    assert "entmax - aam EER +0.30 points [-0.60, +1.10], p = 0.410: no significant difference" in text

@@ -93,6 +93,8 @@ def test_all_stages_end_to_end(corpus, tmp_path):
     assert entry["trial_file"] == str(trials) and entry["list"] == trials.stem
     assert results["experiment"]["loss"] == "qmargin" and results["experiment"]["folder"] == str(exp)
     assert 0.0 <= entry["metrics"]["eer"] <= 1.0
+    eer = entry["intervals"]["eer"]  # speaker-bootstrap interval around the point estimate
+    assert eer["value"] == entry["metrics"]["eer"] and eer["low"] <= eer["value"] <= eer["high"]
     n_trials = len(Path(corpus.trials).read_text().splitlines())
     assert entry["n_trials"] == n_trials
     score_lines = Path(entry["score_file"]).read_text().splitlines()

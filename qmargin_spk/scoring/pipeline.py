@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from qmargin_spk.metrics import DEFAULT_FARS, DEFAULT_P_TARGETS, compute_metrics, det_available, plot_det
+from qmargin_spk.metrics import DEFAULT_FARS, DEFAULT_P_TARGETS, bootstrap_metrics, compute_metrics, det_available, plot_det
 from qmargin_spk.scoring.backends import asnorm_scores, cosine_scores, speaker_means
 from qmargin_spk.scoring.embeddings import EmbedFn, EmbeddingTable, extract_embeddings
 from qmargin_spk.scoring.report import write_results, write_score_file
@@ -38,6 +38,7 @@ def score_trial_lists(
     max_missing_listed: int = 10,
     print_table: bool = True,
     experiment: Mapping | None = None,
+    bootstrap_resamples: int = 1000,
 ) -> dict:
     """Score every trial list with one set of embeddings and write all result files to ``out_dir``.
 
@@ -50,6 +51,8 @@ def score_trial_lists(
     ``model_id``. Writes per list ``<list>.<backend>.scores`` and ``.det.png`` (if
     matplotlib is installed), and ``results.<backend>.json`` / ``.md`` (with ``experiment``,
     e.g. the loss and its settings, when given); returns the JSON content plus the ``table``.
+    Every metric gets a 95 % speaker-bootstrap interval from ``bootstrap_resamples`` resamples
+    (``intervals`` of each result; 0 turns them off).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
@@ -83,6 +86,10 @@ def score_trial_lists(
         score_file = out_dir / f"{trials.name}.{backend}.scores"
         write_score_file(score_file, trials.enrol, trials.test, scores, trials.labels)
         metrics = compute_metrics(scores, trials.labels, p_targets=p_targets, fars=fars)
+        intervals = None
+        if bootstrap_resamples:
+            intervals = bootstrap_metrics(scores, trials.labels, trials.enrol, trials.test, n_resamples=bootstrap_resamples,
+                                          p_targets=p_targets, fars=fars).to_dict()
         det_file = None
         if det_available():
             det_file = out_dir / f"{trials.name}.{backend}.det.png"
@@ -94,6 +101,7 @@ def score_trial_lists(
                 "backend": backend,
                 "n_trials": len(trials),
                 "metrics": metrics.to_dict(),
+                "intervals": intervals,
                 "score_file": str(score_file),
                 "det_plot": None if det_file is None else str(det_file),
             }

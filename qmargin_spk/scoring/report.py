@@ -43,7 +43,11 @@ def read_score_file(path: str | os.PathLike) -> tuple[list[str], list[str], np.n
 
 
 def results_table(results: Sequence[dict]) -> str:
-    """Markdown table: list, back-end, trials, EER %, minDCF per prior, TAR % per FAR."""
+    """Markdown table: list, back-end, trials, EER %, minDCF per prior, TAR % per FAR.
+
+    Entries with ``intervals`` (speaker-bootstrap, see docs/evidence.md) show each number as
+    ``value [low, high]``.
+    """
     if not results:
         raise ValueError("no results to tabulate")
     priors = list(results[0]["metrics"]["min_dcf"])
@@ -52,10 +56,12 @@ def results_table(results: Sequence[dict]) -> str:
     header += [f"minDCF@{p}" for p in priors] + [f"TAR@FAR={far} %" for far in fars]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
-        metrics = result["metrics"]
-        cells = [result["list"], result["backend"], str(result["n_trials"]), f"{100 * metrics['eer']:.3f}"]
-        cells += [f"{metrics['min_dcf'][p]['value']:.4f}" for p in priors]
-        cells += [_percent_or_na(metrics["tar_at_far"][far]["tar"]) for far in fars]
+        metrics, intervals = result["metrics"], result.get("intervals") or {}
+        cells = [result["list"], result["backend"], str(result["n_trials"]),
+                 _with_interval(metrics["eer"], intervals.get("eer"), 100, 3)]
+        cells += [_with_interval(metrics["min_dcf"][p]["value"], intervals.get("min_dcf", {}).get(p), 1, 4) for p in priors]
+        cells += [_with_interval(metrics["tar_at_far"][far]["tar"], intervals.get("tar_at_far", {}).get(far), 100, 2)
+                  for far in fars]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -68,6 +74,11 @@ def write_results(run: dict, json_path: str | os.PathLike, markdown_path: str | 
     return table
 
 
-def _percent_or_na(value: float | None) -> str:
-    """TAR as a percentage, or ``n/a`` when it was not reported."""
-    return "n/a" if value is None else f"{100 * value:.2f}"
+def _with_interval(value: float | None, interval: dict | None, factor: float, digits: int) -> str:
+    """``value`` (times ``factor``) with its ``[low, high]`` when known; ``n/a`` when the metric was not reported."""
+    if value is None:
+        return "n/a"
+    text = f"{factor * value:.{digits}f}"
+    if interval and interval.get("low") is not None:
+        text += f" [{factor * interval['low']:.{digits}f}, {factor * interval['high']:.{digits}f}]"
+    return text

@@ -48,4 +48,5 @@ def score_stage(hparams_file: str, overrides: Overrides = "", device: str | None
         subtract_mean=hparams.get("subtract_mean", None) if cohort_paths is not None else False,
         batch_size=hparams["extract_batch_size"], chunk_seconds=hparams["extract_chunk_seconds"],
         sample_rate=hparams["sample_rate"], experiment=experiment.describe(),
+        bootstrap_resamples=hparams.get("bootstrap_resamples", 1000),
     )

@@ -8,7 +8,6 @@ Extra ``--key=value`` arguments go to every run (hparams overrides, e.g. ``--num
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 from qmargin_spk.data.synthetic import PRESETS, CorpusPaths, generate_corpus
+from qmargin_spk.scoring.compare import compare_experiments
 from qmargin_spk.utils import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,14 +39,18 @@ def run_loss(loss: str, corpus: CorpusPaths, exp: Path, overrides: list[str]) ->
     return time.time() - start
 
 
-def comparison_table(rows: list[tuple[str, dict, float]]) -> str:
-    lines = ["| loss | EER % | minDCF@0.01 | minDCF@0.05 | TAR@FAR=1e-2 % | recipe time (s) |",
-             "|---|---|---|---|---|---|"]
-    for loss, metrics, seconds in rows:
-        tar = metrics["tar_at_far"].get("0.01")
-        tar_text = "n/a" if tar is None or tar.get("tar") is None else f"{100 * tar['tar']:.2f}"
-        lines.append(f"| {loss} | {100 * metrics['eer']:.2f} | {metrics['min_dcf']['0.01']['value']:.4f} | "
-                     f"{metrics['min_dcf']['0.05']['value']:.4f} | {tar_text} | {seconds:.0f} |")
+def verdict(summary: dict, baseline: str) -> str:
+    """One plain sentence per system and list: does its EER differ from the baseline's at the 5 % level?"""
+    lines = []
+    for entry in summary["lists"]:
+        for name, difference in entry["differences"].items():
+            eer = difference["eer"]
+            low, high, p_value = 100 * eer["low"], 100 * eer["high"], eer["p_value"]
+            significant = p_value < 0.05
+            lines.append(f"{entry['label']}: {name} - {baseline} EER {100 * eer['difference']:+.2f} points "
+                         f"[{low:+.2f}, {high:+.2f}], p = {p_value:.3f}: "
+                         + ("a significant difference at the 5 % level." if significant else
+                            "no significant difference at the 5 % level (the interval covers zero)."))
     return "\n".join(lines) + "\n"
 
 
@@ -57,15 +61,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args, overrides = parser.parse_known_args()
     corpus = ensure_corpus(args.out / "corpus", args.seed)
-    rows = []
     for loss in args.losses:
         seconds = run_loss(loss, corpus, args.out / loss, overrides)
-        results = json.loads((args.out / loss / "scores" / "results.cosine.json").read_text())
-        rows.append((loss, results["results"][0]["metrics"], seconds))
-    table = comparison_table(rows)
-    atomic_write_text(args.out / "comparison.md", table)
-    print("\nDemo: synthetic corpus, ECAPA-TDNN (CPU setting), cosine scoring\n")
-    print(table)
+        print(f"{loss}: recipe {seconds:.0f} s")
+    baseline = "aam" if "aam" in args.losses else args.losses[0]
+    summary = compare_experiments([args.out / loss for loss in args.losses], args.out / "comparison",
+                                  baseline=args.out / baseline)
+    text = summary["table"] + "\n" + verdict(summary, baseline)
+    atomic_write_text(args.out / "comparison.md", text)
+    print("\nDemo: synthetic corpus, ECAPA-TDNN (CPU setting), cosine scoring, 95 % speaker-bootstrap intervals\n")
+    print(text)
 
 
 if __name__ == "__main__":
