@@ -67,7 +67,10 @@ def test_interrupted_save_leaves_no_checkpoint(tmp_path):
     checkpoints = good.find_checkpoints(max_num_checkpoints=None)
     assert [c.meta["n"] for c in checkpoints] == [1]
     assert any(p.name.startswith(".partial-") for p in tmp_path.iterdir())
-    AtomicCheckpointer(tmp_path, recoverables={"model": model})  # a restart cleans up
+    restarted = AtomicCheckpointer(tmp_path, recoverables={"model": model})
+    assert any(p.name.startswith(".partial-") for p in tmp_path.iterdir())  # merely loading cleans nothing
+    restarted.claim()  # a restarted training run, owner of the folder, cleans up
+    restarted.release()
     assert not any(p.name.startswith(".partial-") for p in tmp_path.iterdir())
 
 
