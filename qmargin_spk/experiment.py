@@ -7,6 +7,7 @@ checkpoints to evaluate are chosen and averaged in one place. Nothing here train
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.checkpoints import Checkpoint, Checkpointer, average_checkpoints
+
+from qmargin_spk.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +66,32 @@ def last_checkpoints(checkpointer: Checkpointer, num: int) -> list[Checkpoint]:
     return checkpoints
 
 
+FINETUNE_RECORD = "finetune.json"
+
+
+def record_finetune(folder: str | Path, init_from: str | Path, overrides: dict) -> None:
+    """Note in a fine-tuned experiment's folder where it started and the overrides that made it one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / FINETUNE_RECORD, json.dumps({"init_from": str(init_from), "overrides": overrides}, indent=1))
+
+
 class Experiment:
-    """An experiment folder with its hparams (``output_folder`` is the folder)."""
+    """An experiment folder with its hparams (``output_folder`` is the folder).
+
+    A fine-tuned experiment (``finetune.json`` in its folder) gets its fine-tuning overrides back
+    whichever stage loads it, so scoring and packaging see the settings it was trained with.
+    """
 
     def __init__(self, hparams_file: str | Path, overrides: Overrides = "") -> None:
         self.hparams_file = Path(hparams_file)
+        self.finetuned_from = None
+        if isinstance(overrides, dict) and "output_folder" in overrides:
+            record = Path(overrides["output_folder"]) / FINETUNE_RECORD
+            if record.is_file():
+                saved = json.loads(record.read_text(encoding="utf-8"))
+                self.finetuned_from = saved["init_from"]
+                overrides = {**overrides, **saved["overrides"]}
         self.overrides = overrides
         try:
             self.hparams = load_hparams(hparams_file, overrides)
@@ -84,7 +108,7 @@ class Experiment:
     def describe(self) -> dict:
         """What identifies the experiment in results and model cards."""
         return {"name": self.folder.name, "folder": str(self.folder), "hparams_file": str(self.hparams_file),
-                **self.loss_settings()}
+                **self.loss_settings(), "finetuned_from": self.finetuned_from}
 
     def evaluation_checkpoints(self) -> list[Checkpoint]:
         """The last ``average_checkpoints`` end-of-epoch checkpoints, oldest first."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from speechbrain.utils.checkpoints import average_checkpoints
 
 from qmargin_spk.data.prepare import prepare
 from qmargin_spk.data.synthetic import PRESETS, generate_corpus
@@ -17,7 +18,8 @@ from qmargin_spk.data.manifest import read_manifest
 from qmargin_spk.experiment import load_hparams
 from qmargin_spk.losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, DenseHead, QMarginLoss, SparseQMarginHead
 from qmargin_spk.training.brain import SpeakerBrain
-from qmargin_spk.training.stage import train_stage
+from qmargin_spk.experiment import last_checkpoints
+from qmargin_spk.training.stage import finetune_stage, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "recipes" / "voxceleb" / "run.sh"
@@ -132,6 +134,36 @@ def test_margin_override_reaches_the_loss(prepared):
     assert brain.modules.classifier.loss.margin == 0.3
     logged = re.search(r"train margin: ([0-9.e+-]+)", (prepared / "qmargin" / "train_log.txt").read_text()).group(1)
     assert float(logged) == 0.3
+
+
+def test_large_margin_fine_tuning_starts_from_the_averaged_model(prepared):
+    hparams_file = str(REPO / "hparams" / "demo_cpu_qmargin.yaml")
+    base = {"output_folder": str(prepared), "number_of_epochs": 2, "warmup_epochs": 1, "batch_size": 8,
+            "channels": 16, "embedding_dim": 16, "num_workers": 0, "average_checkpoints": 2}
+    train_stage(hparams_file, {"device": "cpu", "noprogressbar": True}, base)
+    checkpointer = load_hparams(hparams_file, base)["checkpointer"]
+    averaged = average_checkpoints(last_checkpoints(checkpointer, 2), "embedding_model")
+    prototypes = torch.load(last_checkpoints(checkpointer, 1)[0].paramfiles["classifier"], weights_only=True)
+    # An LR of 1e-30 leaves float32 weights as they start: the fine-tuned run must start from the average.
+    lm = {**base, "output_folder": str(prepared / "lm"), "lm_number_of_epochs": 1, "lm_base_lr": 1e-30,
+          "lm_final_lr": 1e-30}
+    brain = finetune_stage(hparams_file, {"device": "cpu", "noprogressbar": True}, prepared, lm)
+    for key, value in brain.modules.embedder.embedding_model.named_parameters():
+        torch.testing.assert_close(value.detach(), averaged[key], rtol=0, atol=0)
+    torch.testing.assert_close(brain.modules.classifier.weight.detach(), prototypes["classifier.weight"], rtol=0, atol=0)
+    log = (prepared / "lm" / "train_log.txt").read_text()
+    assert float(re.search(r"train margin: ([0-9.e+-]+)", log).group(1)) == 0.3  # lm_margin of demo_cpu_qmargin
+    assert brain.hparams.crop_seconds == 3.0 and brain.hparams.speed_factors == [1.0]
+
+
+def test_large_margin_stages_through_run_sh(corpus, tmp_path):
+    exp = tmp_path / "exp"
+    run_recipe(corpus, exp, "--stop_stage", "2")
+    run_recipe(corpus, exp, "--stage", "5", "--stop_stage", "6", "--lm_number_of_epochs=1")
+    results = json.loads((tmp_path / "exp_lm" / "scores" / "results.cosine.json").read_text())
+    assert results["experiment"]["margin"] == 0.3 and results["experiment"]["name"] == "exp_lm"
+    assert results["experiment"]["finetuned_from"] == str(exp.resolve())
+    assert len(list((tmp_path / "exp_lm" / "save").glob("CKPT+*"))) == 1
 
 
 class _Interrupt(Exception):

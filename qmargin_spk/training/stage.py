@@ -4,14 +4,16 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+from pathlib import Path
 
 import speechbrain as sb
 import torch
+from speechbrain.utils.checkpoints import Checkpointer, average_checkpoints
 from speechbrain.utils.distributed import ddp_init_group, if_main_process, run_on_main
 
 from qmargin_spk.data.dataset import SpeakerLabelEncoder
 from qmargin_spk.data.manifest import read_manifest
-from qmargin_spk.experiment import Experiment, Overrides, StageError, world_size
+from qmargin_spk.experiment import Experiment, Overrides, StageError, last_checkpoints, record_finetune, world_size
 from qmargin_spk.models import count_parameters
 from qmargin_spk.training.brain import SpeakerBrain
 
@@ -64,11 +66,14 @@ def choose_threads(requested: int | None, num_workers: int) -> int:
     return max(1, cores // local_processes - num_workers)
 
 
-def train_stage(hparams_file: str, run_opts: dict, overrides: Overrides = "") -> SpeakerBrain:
+def train_stage(hparams_file: str, run_opts: dict, overrides: Overrides = "", init_from: str | Path | None = None
+                ) -> SpeakerBrain:
     """Train (or resume) the experiment described by ``hparams_file``; returns the fitted Brain.
 
     The stage builds what only training needs from the experiment's hparams: the training set
     from the manifest, the speaker label file, and the head (``classifier``) for its number of classes.
+    ``init_from`` (another experiment folder) starts a new run from that experiment's averaged
+    embedding model and its prototypes of the classes this run keeps.
     """
     ddp_init_group(run_opts)
     experiment = Experiment(hparams_file, overrides)
@@ -78,12 +83,43 @@ def train_stage(hparams_file: str, run_opts: dict, overrides: Overrides = "") ->
     torch.set_num_threads(threads)
     hparams["checkpointer"].claim()
     try:
-        return _train(experiment, run_opts, threads)
+        return _train(experiment, run_opts, threads, init_from)
     finally:
         hparams["checkpointer"].release()
 
 
-def _train(experiment: Experiment, run_opts: dict, threads: int) -> SpeakerBrain:
+def finetune_stage(hparams_file: str, run_opts: dict, init_from: str | Path, overrides: dict) -> SpeakerBrain:
+    """Large-margin fine-tuning: a new run in ``overrides["output_folder"]`` from the experiment ``init_from``.
+
+    The hparams' ``lm_overrides`` (longer crops, ``lm_margin``, small LR, no warm-up, no speed
+    classes) are applied over the file and the user's overrides; the training manifest is the
+    initial experiment's. A run already under way resumes from its own checkpoints.
+    """
+    init_from = Path(init_from).resolve()
+    lm = {**Experiment(hparams_file, overrides).hparams["lm_overrides"], "data_folder": str(init_from / "data")}
+    if if_main_process():
+        record_finetune(overrides["output_folder"], init_from, lm)
+    return train_stage(hparams_file, run_opts, {**overrides, **lm}, init_from=init_from)
+
+
+def _initialise_from(hparams: dict, head: torch.nn.Module, init_from: Path) -> None:
+    """Load the averaged embedding model of ``init_from`` and the first ``C`` rows of its prototypes.
+
+    Classes ``0 .. num_speakers - 1`` are the unperturbed speakers in every run (speed classes come
+    after them), so the rows a run without speed classes keeps are the first ones.
+    """
+    checkpoints = last_checkpoints(Checkpointer(init_from / "save"), int(hparams.get("average_checkpoints", 1)))
+    hparams["embedding_model"].load_state_dict(average_checkpoints(checkpoints, "embedding_model"))
+    prototypes = torch.load(checkpoints[-1].paramfiles["classifier"], map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for key, value in head.state_dict().items():
+            if prototypes[key].shape[0] < value.shape[0]:
+                raise StageError(f"{init_from} has {prototypes[key].shape[0]} classes, fewer than this run's {value.shape[0]}")
+            value.copy_(prototypes[key][: value.shape[0]])
+    logger.info("initialised from %s (embedding model: average of %s)", init_from, [c.path.name for c in checkpoints])
+
+
+def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Path | None) -> SpeakerBrain:
     """The stage's work once the save folder is ours."""
     hparams, hparams_file, overrides = experiment.hparams, experiment.hparams_file, experiment.overrides
     sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides)
@@ -94,6 +130,8 @@ def _train(experiment: Experiment, run_opts: dict, threads: int) -> SpeakerBrain
     head = hparams["classifier"](num_classes=train_data.num_classes, embedding_dim=hparams["embedding_dim"])
     hparams["modules"]["classifier"] = head
     hparams["checkpointer"].add_recoverable("classifier", head)
+    if init_from is not None and not hparams["checkpointer"].find_checkpoints(max_num_checkpoints=1):
+        _initialise_from(hparams, head, Path(init_from))
 
     global_batch = hparams["batch_size"] * world_size()
     steps = steps_per_epoch(len(train_data), hparams["batch_size"], world_size())

@@ -3,14 +3,18 @@
 #
 #   bash recipes/voxceleb/run.sh --train_root DIR [--train_root DIR2 ...] --test_root DIR \
 #       --trials FILE [--trials FILE2 ...] --exp DIR --hparams hparams/<file>.yaml \
-#       [--stage N] [--stop_stage M] [--nproc N] [--key=value ...]
+#       [--stage N] [--stop_stage M] [--lm_exp DIR] [--nproc N] \
+#       [--nnodes N --node_rank K --rdzv_endpoint HOST:PORT] [--key=value ...]
 #
-# Stages: 1 prepare (decode m4a, manifests, checks), 2 train, 3 extract + score.
-# Each stage can run alone; re-running a finished stage does nothing new (prepare is skipped,
-# training resumes from its last checkpoint, embeddings come from the cache).
-# Paths (--exp, --train_root, --test_root, --trials) reach Python as data, whatever characters they hold.
-# --key=value pairs override hparams keys (e.g. --number_of_epochs=2); --nproc N trains with
-# torchrun on N processes (nccl with GPUs, gloo otherwise). PYTHON picks the interpreter.
+# Stages: 1 prepare (decode m4a, manifests, checks), 2 train, 3 extract + score,
+#         5 large-margin fine-tuning of the trained model into --lm_exp (default: <exp>_lm), 6 score it.
+# The default runs stages 1-3. Each stage can run alone; re-running a finished stage does nothing new
+# (prepare is skipped, training resumes from its last checkpoint, embeddings come from the cache).
+# Paths (--exp, --lm_exp, --train_root, --test_root, --trials) reach Python as data, whatever characters
+# they hold. --key=value pairs override hparams keys (e.g. --number_of_epochs=2).
+# --nproc N trains with torchrun on N processes per node (nccl with GPUs, gloo otherwise); on several
+# machines run the same command on each with --nnodes, its own --node_rank and one --rdzv_endpoint
+# (torchrun's c10d rendezvous); the default is one node (--standalone). PYTHON picks the interpreter.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,14 +22,18 @@ python="${PYTHON:-python3}"
 stage=1
 stop_stage=3
 nproc=1
+nnodes=1
+node_rank=0
+rdzv_endpoint=""
 exp=""
+lm_exp=""
 hparams=""
 test_root=""
 train_roots=()
 trials=()
 overrides=()
 
-usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -33,10 +41,14 @@ while [[ $# -gt 0 ]]; do
     --test_root) test_root="$2"; shift 2 ;;
     --trials) trials+=("$2"); shift 2 ;;
     --exp) exp="$2"; shift 2 ;;
+    --lm_exp) lm_exp="$2"; shift 2 ;;
     --hparams) hparams="$2"; shift 2 ;;
     --stage) stage="$2"; shift 2 ;;
     --stop_stage) stop_stage="$2"; shift 2 ;;
     --nproc) nproc="$2"; shift 2 ;;
+    --nnodes) nnodes="$2"; shift 2 ;;
+    --node_rank) node_rank="$2"; shift 2 ;;
+    --rdzv_endpoint) rdzv_endpoint="$2"; shift 2 ;;
     -h|--help) usage 0 ;;
     --*=*) overrides+=("$1"); shift ;;
     *) echo "run.sh: unknown argument '$1'" >&2; usage ;;
@@ -45,12 +57,37 @@ done
 
 [[ -n "$exp" ]] || { echo "run.sh: --exp is required" >&2; exit 1; }
 [[ -n "$hparams" && -f "$hparams" ]] || { echo "run.sh: --hparams must name an existing file (got '$hparams')" >&2; exit 1; }
+[[ $nnodes -eq 1 || -n "$rdzv_endpoint" ]] || { echo "run.sh: --nnodes $nnodes needs --rdzv_endpoint HOST:PORT" >&2; exit 1; }
+lm_exp="${lm_exp:-${exp}_lm}"
 mkdir -p -- "$exp"
 
 trial_args=()
 for t in "${trials[@]+"${trials[@]}"}"; do trial_args+=(--trials "$(realpath -- "$t")"); done
+run_stage() { [[ $stage -le $1 && $stop_stage -ge $1 ]]; }
 
-if [[ $stage -le 1 && $stop_stage -ge 1 ]]; then
+# Runs a training script on one process, or under torchrun on nproc x nnodes processes.
+launch() {
+  if [[ $nproc -le 1 && $nnodes -le 1 ]]; then
+    "$python" "$@"
+    return
+  fi
+  local backend rendezvous
+  backend=$("$python" -c "import torch; print('nccl' if torch.cuda.device_count() >= $nproc else 'gloo')")
+  if [[ $nnodes -gt 1 ]]; then
+    rendezvous=(--nnodes="$nnodes" --node_rank="$node_rank" --rdzv_backend=c10d --rdzv_endpoint="$rdzv_endpoint")
+  else
+    rendezvous=(--standalone)
+  fi
+  "$python" -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$nproc" "$@" --distributed_backend="$backend"
+}
+
+score() {  # score.py for experiment folder $1
+  [[ -n "$test_root" && ${#trial_args[@]} -gt 0 ]] || { echo "run.sh: scoring needs --test_root and --trials" >&2; exit 1; }
+  "$python" "$here/score.py" "$hparams" --exp "$1" --test_root "$(realpath -- "$test_root")" \
+    "${trial_args[@]}" "${overrides[@]+"${overrides[@]}"}"
+}
+
+if run_stage 1; then
   echo "== stage 1: prepare"
   [[ ${#train_roots[@]} -gt 0 && -n "$test_root" ]] || { echo "run.sh: stage 1 needs --train_root and --test_root" >&2; exit 1; }
   args=(--test_root "$test_root" --out "$exp/data")
@@ -59,21 +96,22 @@ if [[ $stage -le 1 && $stop_stage -ge 1 ]]; then
   "$python" "$here/prepare.py" "${args[@]}"
 fi
 
-if [[ $stage -le 2 && $stop_stage -ge 2 ]]; then
+if run_stage 2; then
   echo "== stage 2: train"
-  train_args=("$hparams" --exp "$exp" "${overrides[@]+"${overrides[@]}"}")
-  if [[ $nproc -gt 1 ]]; then
-    backend=$("$python" -c "import torch; print('nccl' if torch.cuda.device_count() >= $nproc else 'gloo')")
-    "$python" -m torch.distributed.run --standalone --nproc_per_node="$nproc" \
-      "$here/train.py" "${train_args[@]}" --distributed_backend="$backend"
-  else
-    "$python" "$here/train.py" "${train_args[@]}"
-  fi
+  launch "$here/train.py" "$hparams" --exp "$exp" "${overrides[@]+"${overrides[@]}"}"
 fi
 
-if [[ $stage -le 3 && $stop_stage -ge 3 ]]; then
+if run_stage 3; then
   echo "== stage 3: extract + score"
-  [[ -n "$test_root" && ${#trial_args[@]} -gt 0 ]] || { echo "run.sh: stage 3 needs --test_root and --trials" >&2; exit 1; }
-  "$python" "$here/score.py" "$hparams" --exp "$exp" --test_root "$(realpath -- "$test_root")" \
-    "${trial_args[@]}" "${overrides[@]+"${overrides[@]}"}"
+  score "$exp"
+fi
+
+if run_stage 5; then
+  echo "== stage 5: large-margin fine-tuning into $lm_exp"
+  launch "$here/finetune_lm.py" "$hparams" --init "$exp" --exp "$lm_exp" "${overrides[@]+"${overrides[@]}"}"
+fi
+
+if run_stage 6; then
+  echo "== stage 6: extract + score the fine-tuned model"
+  score "$lm_exp"
 fi
