@@ -116,3 +116,14 @@ def test_demo_corpus_step_runs_twice_on_the_same_folder(tmp_path):
     second = demo.ensure_corpus(tmp_path / "corpus", seed=5, preset="tiny")
     assert second == first and Path(second.trials).is_file()
     assert (tmp_path / "corpus" / "synthetic.json").stat().st_mtime_ns == marker  # reused, not regenerated
+
+
+def test_all_pairs_trials_cover_every_cross_video_target_and_cross_speaker_pair():
+    utterances = {"s1": [("v1", "s1/v1/a.wav"), ("v1", "s1/v1/b.wav"), ("v2", "s1/v2/c.wav")],
+                  "s2": [("v3", "s2/v3/d.wav"), ("v4", "s2/v4/e.wav")]}
+    lines = make_trials(utterances, None, np.random.default_rng(0))
+    targets = {tuple(line.split()[1:]) for line in lines if line.startswith("1 ")}
+    nontargets = {frozenset(line.split()[1:]) for line in lines if line.startswith("0 ")}
+    assert targets == {("s1/v1/a.wav", "s1/v2/c.wav"), ("s1/v1/b.wav", "s1/v2/c.wav"), ("s2/v3/d.wav", "s2/v4/e.wav")}
+    assert len(nontargets) == 3 * 2 == len(lines) - 3  # every cross-speaker pair once
+    assert PRESETS["demo"]["num_trials"] is None

@@ -66,12 +66,14 @@ PRESETS: dict[str, dict] = {
         num_trials=40,
         duration_range=(1.2, 1.8),
     ),
+    # 40 test speakers x 12 utterances, every pair: ~1,900 target and 112,320 non-target trials, enough
+    # false accepts to report TAR down to FAR = 1e-4 and speakers enough for the bootstrap intervals.
     "demo": dict(
         num_train_speakers=60,
         utts_per_train_speaker=30,
-        num_test_speakers=20,
-        utts_per_test_speaker=15,
-        num_trials=3000,
+        num_test_speakers=40,
+        utts_per_test_speaker=12,
+        num_trials=None,
         duration_range=(2.0, 4.0),
     ),
 }
@@ -343,8 +345,9 @@ def _write_speaker(job: _SpeakerJob) -> list[tuple[str, str]]:
     return written
 
 
-def make_trials(utterances: dict[str, list[tuple[str, str]]], num_trials: int, rng: np.random.Generator) -> list[str]:
-    """Balanced trial lines ``"label enrol test"``.
+def make_trials(utterances: dict[str, list[tuple[str, str]]], num_trials: int | None, rng: np.random.Generator
+                ) -> list[str]:
+    """Trial lines ``"label enrol test"``: balanced, or every pair when ``num_trials`` is None.
 
     Targets pair utterances of one speaker from different videos (as VoxCeleb1 does);
     non-targets pair different speakers. Pairs are unique and the order is shuffled.
@@ -356,6 +359,16 @@ def make_trials(utterances: dict[str, list[tuple[str, str]]], num_trials: int, r
         for video_b, b in items[i + 1 :]
         if video_a != video_b
     ]
+    if num_trials is None:
+        speakers = sorted(utterances)
+        lines = [f"1 {a} {b}" for a, b in targets] + [
+            f"0 {a} {b}"
+            for i, first in enumerate(speakers)
+            for second in speakers[i + 1 :]
+            for _, a in utterances[first]
+            for _, b in utterances[second]
+        ]
+        return [lines[i] for i in rng.permutation(len(lines))]
     num_targets = num_trials // 2
     if num_targets > len(targets):
         raise ValueError(f"{num_trials} trials need {num_targets} target pairs, only {len(targets)} cross-video pairs exist")
@@ -382,9 +395,9 @@ def generate_corpus(
     root: str | os.PathLike,
     num_train_speakers: int = 60,
     utts_per_train_speaker: int = 30,
-    num_test_speakers: int = 20,
-    utts_per_test_speaker: int = 15,
-    num_trials: int = 3000,
+    num_test_speakers: int = 40,
+    utts_per_test_speaker: int = 12,
+    num_trials: int | None = None,
     duration_range: tuple[float, float] = (2.0, 4.0),
     seed: int = 0,
     num_workers: int | None = None,
