@@ -9,8 +9,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from torch.nn.parallel import DistributedDataParallel
+
 from qmargin_spk.losses import QMarginLoss
 from qmargin_spk.losses.sharded_head import ShardedQMarginHead, shard_range
+from qmargin_spk.training.brain import sum_gradients
 
 WORLD = 2
 NUM_CLASSES, DIM = 1001, 24
@@ -59,8 +62,37 @@ def worker(rank, port, out_dir):
             "shard": (head.shard_start, head.shard_stop), "overflow": head.overflow_count, "stats": dataclasses.asdict(head.stats),
         })
     head.weight.data.mul_(rank + 2.0)
-    torch.save({"results": results, "full_weight": head.full_weight()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    encoder_grad = encoder_gradient_through_ddp(rank, weight, embeddings, labels)
+    torch.save({"results": results, "full_weight": head.full_weight(), "encoder_grad": encoder_grad},
+               os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def make_encoder():
+    torch.manual_seed(1)
+    return torch.nn.Linear(DIM, DIM, dtype=torch.float64)
+
+
+def encoder_gradient_through_ddp(rank, weight, embeddings, labels):
+    """An encoder under DDP with the recipe's summing hook, trained through the sharded head."""
+    start = sum(BATCH_PER_RANK[:rank])
+    rows = slice(start, start + BATCH_PER_RANK[rank])
+    encoder = make_encoder()
+    wrapped = DistributedDataParallel(encoder)
+    wrapped.register_comm_hook(None, sum_gradients)
+    head = ShardedQMarginHead(NUM_CLASSES, DIM, alpha=1.5).double()
+    head.load_full_weight(weight)
+    head(wrapped(embeddings[rows]), labels[rows]).backward()
+    return encoder.weight.grad
+
+
+def test_ddp_with_the_summing_hook_gives_the_single_process_encoder_gradient(rank_results):
+    weight, embeddings, labels = problem()
+    encoder = make_encoder()
+    cosines = F.normalize(encoder(embeddings), dim=1) @ F.normalize(weight, dim=1).T
+    QMarginLoss(1.5, 10.0, 0.2)(cosines, labels).backward()
+    for rank in range(WORLD):  # DDP's default averaging would give half of it
+        torch.testing.assert_close(rank_results[rank]["encoder_grad"], encoder.weight.grad, atol=1e-10, rtol=0)
 
 
 def free_port():

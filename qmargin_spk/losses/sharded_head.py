@@ -7,9 +7,10 @@ candidates with that common floor, and the candidates of all ranks are all-gathe
 solves the same tau on the same candidates: loss and ``p`` are those of one process holding all
 prototypes. Backward needs no communication beyond returning the embedding gradients to their
 owners: the all-gather's backward sums the per-shard gradients (all-reduce) and keeps this rank's
-rows. The loss is the mean over the *global* batch, the same value on every rank; DDP, which
-averages gradients over ranks, would scale the embedding model's gradients by ``1 / world_size``
-(multiply the loss by the world size to compensate).
+rows. The loss is the mean over the *global* batch, the same value on every rank, so the embedding
+model's gradients must be *summed* over ranks, not averaged as DDP does by default: the recipe's
+``SpeakerBrain`` keeps this head out of DDP and gives the other modules' DDP a summing hook
+(``model_parallel`` marks such heads).
 
 Launch with torchrun (gloo on CPU, nccl on GPU); build the head after ``init_process_group`` and keep
 it out of DDP (its gradients are already exact per shard)::
@@ -21,10 +22,13 @@ it out of DDP (its gradients are already exact per shard)::
     loss.backward()
 
 ``overflow_count`` and ``stats.overflow_rows`` count the rows that overflowed on this rank's shard.
-Checkpoints: each rank saves its ``state_dict()`` (``weight [shard_size, D]``, classes
-``[shard_start, shard_stop)``); ``full_weight()`` assembles ``[C, D]`` on rank 0 (loadable into a
-``SparseQMarginHead`` or a ``Classifier``) and ``load_full_weight`` takes this rank's rows back from such
-a matrix. ``full_weight`` is a collective: call it on every rank.
+``state_dict()`` holds this rank's rows (``weight [shard_size, D]``, classes ``[shard_start, shard_stop)``);
+``full_weight()`` assembles ``[C, D]`` on rank 0 (loadable into a ``SparseQMarginHead`` or a
+``Classifier``) and ``load_full_weight`` takes this rank's rows back from such a matrix.
+``full_weight`` is a collective: call it on every rank. SpeechBrain checkpoints store the full
+matrix (``{"weight": [C, D]}``, written by rank 0 while every rank takes part in the gather), so a
+run resumes, and its prototypes load, with any number of processes. Without an initialised process
+group the head is one shard holding every class.
 """
 from __future__ import annotations
 
@@ -32,9 +36,10 @@ import math
 
 import torch
 import torch.distributed as dist
+from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
 from qmargin_spk.losses.alpha_divergence import validate_targets
-from qmargin_spk.losses.candidate_stream import CandidatePairs
+from qmargin_spk.losses.candidate_stream import CandidatePairs, SingleProcess
 from qmargin_spk.losses.sparse_head import QMarginHeadBase, checked_batch, normalized_embeddings, without_autocast
 
 
@@ -96,6 +101,8 @@ class ProcessGroupCombiner:
 class ShardedQMarginHead(QMarginHeadBase):
     """This rank's shard of the prototypes and the exact Q-Margin loss of the global batch."""
 
+    model_parallel = True  # each rank holds different parameters: never wrap in DDP
+
     def __init__(
         self,
         num_classes: int,
@@ -110,11 +117,13 @@ class ShardedQMarginHead(QMarginHeadBase):
     ) -> None:
         super().__init__(alpha, scale, margin, chunk_size, capacity, sparse_grad)
         self.process_group = process_group
-        world = dist.get_world_size(process_group)
+        self.distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size(process_group) if self.distributed else 1
         if num_classes < world:
             raise ValueError(f"num_classes ({num_classes}) must be >= the world size ({world})")
         self.num_classes = int(num_classes)
-        self.shard_start, self.shard_stop = shard_range(num_classes, dist.get_rank(process_group), world)
+        rank = dist.get_rank(process_group) if self.distributed else 0
+        self.shard_start, self.shard_stop = shard_range(num_classes, rank, world)
         self.weight = torch.nn.Parameter(torch.empty(self.shard_stop - self.shard_start, embedding_dim))
         # xavier_uniform of the full [C, D] matrix, as SparseQMarginHead and Classifier.
         bound = math.sqrt(6.0 / (num_classes + embedding_dim))
@@ -125,6 +134,8 @@ class ShardedQMarginHead(QMarginHeadBase):
         embeddings, labels = checked_batch(embeddings, labels)
         validate_targets(labels, embeddings.shape[0], self.num_classes)
         with without_autocast(embeddings):
+            if not self.distributed:
+                return self.sparse_loss(normalized_embeddings(embeddings), labels.long(), self.weight, 0, SingleProcess())
             x_n = _GatherRowsWithGradient.apply(normalized_embeddings(embeddings), self.process_group)
             all_labels, _ = gather_rows(labels.long(), self.process_group)
             combiner = ProcessGroupCombiner(self.process_group)
@@ -133,10 +144,16 @@ class ShardedQMarginHead(QMarginHeadBase):
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor | None:
         """The assembled ``[C, D]`` prototypes on rank 0, ``None`` elsewhere (a collective: call on every rank)."""
+        return self._gather_shards(self.weight)
+
+    def _gather_shards(self, shard: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's ``[shard_size, D]`` rows of a per-class tensor, assembled in class order on rank 0."""
+        if not self.distributed:
+            return shard.detach().clone()
         world = dist.get_world_size(self.process_group)
         rows = shard_range(self.num_classes, 0, world)[1]  # the largest shard
-        padded = self.weight.new_zeros(rows, self.weight.shape[1])
-        padded[: self.weight.shape[0]] = self.weight
+        padded = shard.new_zeros(rows, shard.shape[1])
+        padded[: shard.shape[0]] = shard
         group = self.process_group or dist.group.WORLD
         is_root = dist.get_rank(group) == 0
         parts = [torch.empty_like(padded) for _ in range(world)] if is_root else None
@@ -155,3 +172,33 @@ class ShardedQMarginHead(QMarginHeadBase):
 
     def extra_repr(self) -> str:
         return f"shard=[{self.shard_start}, {self.shard_stop}) of {self.num_classes}, " + super().extra_repr()
+
+    @mark_as_saver
+    def save(self, path) -> None:
+        """Checkpoint saver, run on every rank (the gathers are collectives); rank 0 writes the full matrices.
+
+        ``{"weight": [C, D]}``, plus ``"momentum_buffer"`` ``[C, D]`` when an ``optimizer`` (SGD with
+        momentum, set by the recipe's Brain) has one for the prototypes: each rank's optimizer state
+        covers only its shard, so it is stored with the prototypes rather than by rank 0's optimizer.
+        """
+        state = {"weight": self.full_weight()}
+        momentum = self._momentum_buffer()
+        if momentum is not None:
+            state["momentum_buffer"] = self._gather_shards(momentum)
+        if state["weight"] is not None:
+            torch.save({key: value.cpu() for key, value in state.items()}, path)
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=False) -> None:
+        """Checkpoint loader: this rank's rows of the stored full matrices."""
+        state = torch.load(path, map_location=self.weight.device, weights_only=True)
+        self.load_full_weight(state["weight"])
+        if "momentum_buffer" in state and getattr(self, "optimizer", None) is not None:
+            self.optimizer.state[self.weight]["momentum_buffer"] = state["momentum_buffer"][self.shard_start : self.shard_stop].clone()
+
+    def _momentum_buffer(self) -> torch.Tensor | None:
+        optimizer = getattr(self, "optimizer", None)
+        return None if optimizer is None else optimizer.state.get(self.weight, {}).get("momentum_buffer")
+
+
+register_checkpoint_hooks(ShardedQMarginHead, save_on_main_only=False)

@@ -10,11 +10,17 @@ import logging
 
 import speechbrain as sb
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from qmargin_spk.training.epoch_stats import EpochStatistics
 
 logger = logging.getLogger(__name__)
+
+def sum_gradients(state, bucket):  # no annotations: DDP checks them, and this module's are strings
+    """DDP communication hook: all-reduce SUM of a ``dist.GradBucket`` (DDP's default divides by the world size)."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DDP / DataParallel wrapper."""
@@ -38,12 +44,26 @@ class SpeakerBrain(sb.Brain):
             self.checkpointer.add_recoverable("epoch_stats", self.epoch_stats)
 
     def _wrap_distributed(self):
-        """SpeechBrain always converts BatchNorm to SyncBatchNorm, which runs only on GPUs: on the CPU (gloo) wrap without it."""
-        if not (self.distributed_launch and str(self.device).startswith("cpu")):
+        """DDP for every trainable module except a model-parallel head (docs/speechbrain.md).
+
+        Unlike SpeechBrain's, SyncBatchNorm is used only on GPUs (it has no CPU kernels), and when the
+        head is model parallel (its loss is already the mean over the global batch, the same on
+        every rank) the other modules' gradients are summed over ranks instead of averaged.
+        """
+        if not self.distributed_launch:
             return super()._wrap_distributed()
+        on_cpu = str(self.device).startswith("cpu")
+        model_parallel = any(getattr(module, "model_parallel", False) for module in self.modules.values())
         for name, module in self.modules.items():
-            if any(p.requires_grad for p in module.parameters()):
-                self.modules[name] = DistributedDataParallel(module, find_unused_parameters=self.find_unused_parameters)
+            if getattr(module, "model_parallel", False) or not any(p.requires_grad for p in module.parameters()):
+                continue
+            if not on_cpu:
+                module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            wrapped = DistributedDataParallel(module, device_ids=None if on_cpu else [self.device],
+                                              find_unused_parameters=self.find_unused_parameters)
+            if model_parallel:
+                wrapped.register_comm_hook(None, sum_gradients)
+            self.modules[name] = wrapped
         return None
 
     def compute_forward(self, batch, stage):
@@ -59,9 +79,26 @@ class SpeakerBrain(sb.Brain):
         self.epoch_stats.add(self._head().stats)
         return loss
 
+    def init_optimizers(self):
+        """SpeechBrain's single optimizer, except for a model-parallel head, which gets its own.
+
+        Each rank's optimizer state for such a head covers only its shard of the prototypes, so the
+        head's checkpoint hooks store it, gathered like the prototypes, instead of rank 0's optimizer.
+        """
+        head = self._head()
+        if not getattr(head, "model_parallel", False):
+            return super().init_optimizers()
+        head_parameters = {id(p) for p in head.parameters()}
+        self.optimizer = self.opt_class([p for p in self.modules.parameters() if id(p) not in head_parameters])
+        head.optimizer = self.opt_class(list(head.parameters()))
+        self.optimizers_dict = {"opt_class": self.optimizer, "head": head.optimizer}
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("optimizer", self.optimizer)
+        return None
+
     def on_fit_batch_start(self, batch, should_step):
         if should_step:  # the LR of the step about to be taken
-            self.hparams.lr_scheduler.step(self.optimizer)
+            self.hparams.lr_scheduler.step(*self.optimizers_dict.values())
 
     def fit(self, epoch_counter, train_set, valid_set=None, progressbar=None, train_loader_kwargs={},  # noqa: B006
             valid_loader_kwargs={}):  # noqa: B006 (SpeechBrain's signature)

@@ -62,12 +62,13 @@ class WarmupExponentialLR:
         final = min(self.final_lr, peak)
         return peak * math.exp(progress * math.log(final / peak))
 
-    def step(self, optimizer: torch.optim.Optimizer) -> float:
-        """Advance one optimizer step and write the new LR into ``optimizer``."""
+    def step(self, *optimizers: torch.optim.Optimizer) -> float:
+        """Advance one optimizer step and write the new LR into every one of ``optimizers``."""
         self.step_count += 1
         lr = self.lr_at(self.step_count)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         return lr
 
     @mark_as_saver

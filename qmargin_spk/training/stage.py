@@ -106,16 +106,21 @@ def _initialise_from(hparams: dict, head: torch.nn.Module, init_from: Path) -> N
     """Load the averaged embedding model of ``init_from`` and the first ``C`` rows of its prototypes.
 
     Classes ``0 .. num_speakers - 1`` are the unperturbed speakers in every run (speed classes come
-    after them), so the rows a run without speed classes keeps are the first ones.
+    after them), so the rows a run without speed classes keeps are the first ones. Every head's
+    checkpoint holds the full ``[C, D]`` prototype matrix.
     """
     checkpoints = last_checkpoints(Checkpointer(init_from / "save"), int(hparams.get("average_checkpoints", 1)))
     hparams["embedding_model"].load_state_dict(average_checkpoints(checkpoints, "embedding_model"))
-    prototypes = torch.load(checkpoints[-1].paramfiles["classifier"], map_location="cpu", weights_only=True)
+    saved = torch.load(checkpoints[-1].paramfiles["classifier"], map_location="cpu", weights_only=True)
+    prototypes = saved["classifier.weight"] if "classifier.weight" in saved else saved["weight"]  # dense or fused heads
+    if prototypes.shape[0] < head.num_classes:
+        raise StageError(f"{init_from} has {prototypes.shape[0]} classes, fewer than this run's {head.num_classes}")
+    rows = prototypes[: head.num_classes]
     with torch.no_grad():
-        for key, value in head.state_dict().items():
-            if prototypes[key].shape[0] < value.shape[0]:
-                raise StageError(f"{init_from} has {prototypes[key].shape[0]} classes, fewer than this run's {value.shape[0]}")
-            value.copy_(prototypes[key][: value.shape[0]])
+        if hasattr(head, "load_full_weight"):  # a sharded head takes its own rows
+            head.load_full_weight(rows)
+        else:
+            head.weight.copy_(rows)
     logger.info("initialised from %s (embedding model: average of %s)", init_from, [c.path.name for c in checkpoints])
 
 
