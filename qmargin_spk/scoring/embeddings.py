@@ -1,11 +1,15 @@
 """Embedding extraction for unique utterances, batched by length, cached on disk.
 
 Each utterance is embedded once, whole (or, with ``chunk_seconds``, as near-equal
-chunks whose embeddings are averaged). Segments are sorted by length before batching
-so padding stays small; ``embed_fn`` gets the padded batch and each row's length as
-a fraction of the batch width. The cache is keyed on the model id, the utterance ->
-path mapping and the extraction settings, written atomically, and reused only when
-the key matches.
+chunks whose embeddings are averaged). Zero padding changes what a convolutional
+embedder computes near the end of a row (filterbank frames, convolution context), so
+an embedding would depend on its batch-mates: by default only segments of exactly
+equal length share a batch (``max_padding=0``), and a batch never holds more than
+``max_batch_seconds`` of padded audio, so one very long file is embedded alone and
+memory stays bounded. ``embed_fn`` gets the padded batch and each row's length as a
+fraction of the batch width. The cache is keyed on the model id, the utterance ->
+path mapping and every extraction setting (batch policy included), written
+atomically, and reused only when the key matches.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from qmargin_spk.utils.atomic import atomic_torch_save
 logger = logging.getLogger(__name__)
 
 EmbedFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ def extract_embeddings(
     batch_size: int = 16,
     chunk_seconds: float | None = None,
     sample_rate: int = 16000,
+    max_padding: float = 0.0,
+    max_batch_seconds: float = 300.0,
 ) -> EmbeddingTable:
     """Embed every utterance of ``paths`` (utt id -> audio file) with ``embed_fn``.
 
@@ -74,13 +80,30 @@ def extract_embeddings(
     needs. Utterances longer than 1.5 ``chunk_seconds`` are cut into near-equal chunks
     of about ``chunk_seconds`` whose embeddings are averaged. ``cache_path`` None
     disables the cache.
+
+    Batching: at most ``batch_size`` segments, each at least ``1 - max_padding`` times
+    as long as the batch's longest (0: equal lengths only, so no padding and results
+    independent of batching; up to 1: any lengths, only for an ``embed_fn`` that
+    masks padding exactly), and at most ``max_batch_seconds`` of padded audio (rows
+    x width) unless the batch is a single segment.
     """
     if not paths:
         raise ValueError("no utterances to embed")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0.0 <= max_padding <= 1.0:
+        raise ValueError(f"max_padding must be in [0, 1], got {max_padding}")
+    if not max_batch_seconds > 0:
+        raise ValueError(f"max_batch_seconds must be positive, got {max_batch_seconds}")
     utt_ids = sorted(paths)
-    key = _cache_key(model_id, utt_ids, paths, chunk_seconds, sample_rate)
+    settings = {
+        "chunk_seconds": chunk_seconds,
+        "sample_rate": sample_rate,
+        "batch_size": batch_size,
+        "max_padding": max_padding,
+        "max_batch_seconds": max_batch_seconds,
+    }
+    key = _cache_key(model_id, utt_ids, paths, settings)
     cached = _load_cache(cache_path, key)
     if cached is not None:
         logger.info("embeddings of %d utterances reused from %s", len(utt_ids), cache_path)
@@ -91,8 +114,7 @@ def extract_embeddings(
     sums: torch.Tensor | None = None
     counts = torch.zeros(len(files), dtype=torch.float64)
     with torch.no_grad():
-        for start in range(0, len(segments), batch_size):
-            batch = segments[start : start + batch_size]
+        for batch in _batches(segments, batch_size, max_padding, int(max_batch_seconds * sample_rate)):
             embeddings = _embed_batch(batch, files, embed_fn, sample_rate)
             if sums is None:
                 sums = torch.zeros(len(files), embeddings.shape[1], dtype=torch.float64)
@@ -119,15 +141,13 @@ def _cache_key(
     model_id: str,
     utt_ids: list[str],
     paths: Mapping[str, str | os.PathLike],
-    chunk_seconds: float | None,
-    sample_rate: int,
+    settings: Mapping[str, object],
 ) -> str:
     """SHA-256 of everything that determines the embeddings, except the audio bytes."""
     description = {
         "format": CACHE_FORMAT,
         "model_id": model_id,
-        "chunk_seconds": chunk_seconds,
-        "sample_rate": sample_rate,
+        **settings,
         "utterances": [[utt, str(paths[utt])] for utt in utt_ids],
     }
     return hashlib.sha256(json.dumps(description).encode("utf-8")).hexdigest()
@@ -158,6 +178,26 @@ def _segments(files: list[str], chunk_seconds: float | None, sample_rate: int) -
         segments.extend(_Segment(row, int(a), int(b - a), pieces == 1) for a, b in zip(bounds[:-1], bounds[1:]))
     segments.sort(key=lambda segment: -segment.length)
     return segments
+
+
+def _batches(
+    segments: list[_Segment], batch_size: int, max_padding: float, max_samples: int
+) -> list[list[_Segment]]:
+    """Split longest-first ``segments`` into batches that respect the padding and size bounds."""
+    batches: list[list[_Segment]] = []
+    for segment in segments:
+        batch = batches[-1] if batches else None
+        fits = (
+            batch is not None
+            and len(batch) < batch_size
+            and batch[0].length - segment.length <= max_padding * batch[0].length
+            and (len(batch) + 1) * batch[0].length <= max_samples
+        )
+        if fits:
+            batch.append(segment)
+        else:
+            batches.append([segment])
+    return batches
 
 
 def _embed_batch(batch: list[_Segment], files: list[str], embed_fn: EmbedFn, sample_rate: int) -> torch.Tensor:

@@ -33,6 +33,8 @@ def score_trial_lists(
     batch_size: int = 16,
     chunk_seconds: float | None = None,
     sample_rate: int = 16000,
+    max_padding: float = 0.0,
+    max_batch_seconds: float = 300.0,
     p_targets: Sequence[float] = DEFAULT_P_TARGETS,
     fars: Sequence[float] = DEFAULT_FARS,
     max_missing_listed: int = 10,
@@ -50,6 +52,8 @@ def score_trial_lists(
     ``model_id``. Writes per list ``<list>.<backend>.scores`` and ``.det.png`` (if
     matplotlib is installed), and ``results.<backend>.json`` / ``.md`` (with ``experiment``,
     e.g. the loss and its settings, when given); returns the JSON content plus the ``table``.
+    ``batch_size``, ``chunk_seconds``, ``max_padding`` and ``max_batch_seconds`` are the
+    batching of :func:`extract_embeddings`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
@@ -62,7 +66,10 @@ def score_trial_lists(
 
     trial_lists = read_trial_lists(trial_files)
     check_trial_files(trial_lists, test_root, max_missing_listed)
-    settings = dict(batch_size=batch_size, chunk_seconds=chunk_seconds, sample_rate=sample_rate)
+    settings = dict(
+        batch_size=batch_size, chunk_seconds=chunk_seconds, sample_rate=sample_rate,
+        max_padding=max_padding, max_batch_seconds=max_batch_seconds,
+    )
     test_paths = {utt: test_root / utt for utt in unique_utterances(trial_lists).tolist()}
     test_table = extract_embeddings(test_paths, embed_fn, out_dir / "embeddings" / "test.pt", model_id, **settings)
 
