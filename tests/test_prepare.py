@@ -214,3 +214,36 @@ def test_recipe_cli(corpus, tmp_path, capsys):
     assert main(["--train_root", str(test), *args[2:]]) == 1
     assert "in both training and test" in capsys.readouterr().err
     assert main(["--train_root", str(test), *args[2:], "--allow_overlap"]) == 0
+
+
+def _float_wav(path: Path, seconds: float, bad_value: float | None) -> Path:
+    """A 32-bit float wav (header fine) with one NaN or inf sample when ``bad_value`` is given."""
+    samples = _tone(seconds).astype(np.float32)
+    if bad_value is not None:
+        samples[len(samples) // 3] = bad_value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), samples, 16000, subtype="FLOAT")
+    return path
+
+
+def test_issue9_item6_nan_and_inf_audio_is_skipped_at_prepare(corpus, tmp_path):
+    train, test, trials = corpus
+    folder = train / "wav" / "id19999" / "floatvideo"
+    nan = _float_wav(folder / "00001.wav", 1.0, np.nan)
+    inf = _float_wav(folder / "00002.wav", 1.0, -np.inf)
+    fine = _float_wav(folder / "00003.wav", 1.0, None)
+    test_nan = _float_wav(test / "wav" / "id10300" / "v" / "00001.wav", 1.0, np.nan)
+    result = prepare([train], test, [trials], tmp_path / "out", num_workers=2)
+    skipped = _listing(tmp_path / "out" / "skipped.txt")
+    assert set(skipped) == {str(nan), str(inf), str(test_nan)}
+    assert all("NaN or inf" in reason for reason in skipped.values())
+    train_ids = {row.id for row in read_manifest(result.train_manifest)}
+    assert "id19999/floatvideo/00003" in train_ids and "id19999/floatvideo/00001" not in train_ids
+    assert str(fine) not in skipped
+
+    # A trial naming such a file is refused at prepare time, with file and line.
+    enrol = trials.read_text().split()[1]
+    with_nan = tmp_path / "with_nan.txt"
+    with_nan.write_text(f"0 {enrol} id10300/v/00001.wav\n")
+    with pytest.raises(PrepareError, match=rf"{with_nan}:1: id10300/v/00001.wav is unusable \(audio contains NaN"):
+        prepare([train], test, [with_nan], tmp_path / "out2", num_workers=2)

@@ -2,6 +2,8 @@
 and extraction that keeps its work when one file is bad."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile
@@ -94,3 +96,86 @@ def test_issue9_item4_batch_policy_is_in_the_cache_key(tmp_path):
         recorder = Recorder()
         extract_embeddings(paths, recorder, cache, "m", **changed)
         assert recorder.batches, f"{changed} must invalidate the cache"
+
+
+# ---------------------------------------------------------------- item 6 (extraction)
+
+
+def write_with_nan(path, seconds, seed):
+    samples = np.random.default_rng(seed).normal(scale=0.1, size=int(seconds * SR)).astype(np.float32)
+    samples[len(samples) // 2] = np.nan
+    soundfile.write(path, samples, SR, subtype="FLOAT")  # the header is fine, the samples are not
+    return path
+
+
+@pytest.fixture()
+def five_files(tmp_path):
+    lengths = {"a": 0.3, "b": 0.4, "c": 0.5, "d": 0.6, "e": 0.7}
+    return {utt: write_noise(tmp_path / "wav" / f"{utt}.wav", s, i) for i, (utt, s) in enumerate(lengths.items())}
+
+
+def partial_files(cache):
+    return sorted(p.name for p in cache.parent.iterdir() if p.name != cache.name)
+
+
+def test_issue9_item6_bad_file_is_named_and_the_other_embeddings_are_kept(tmp_path, five_files):
+    cache = tmp_path / "emb" / "test.pt"
+    fresh = extract_embeddings(five_files, Recorder(), None, "m")
+    write_with_nan(five_files["c"], 0.5, 7)
+    write_with_nan(five_files["e"], 0.7, 8)
+    with pytest.raises(AudioError, match=r"(?s)2 of 5 .*kept in .*c\.wav: audio contains NaN or inf.*e\.wav: audio contains NaN"):
+        extract_embeddings(five_files, Recorder(), cache, "m")
+    assert not cache.exists() and partial_files(cache) == ["test.pt.partial"]
+
+    # Repaired files: only they are embedded; the result is that of an uninterrupted run.
+    write_noise(five_files["c"], 0.5, 2)
+    write_noise(five_files["e"], 0.7, 4)
+    recorder = Recorder()
+    table = extract_embeddings(five_files, recorder, cache, "m")
+    assert sorted(recorder.batches) == [(1, 8000), (1, 11200)]
+    torch.testing.assert_close(table.vectors, fresh.vectors, rtol=0, atol=0)
+    assert cache.is_file() and partial_files(cache) == []
+
+    # Or without the bad utterance (another utterance set, so another cache key): nothing is recomputed.
+    write_with_nan(five_files["c"], 0.5, 7)
+    with pytest.raises(AudioError, match="1 of 5"):
+        extract_embeddings(five_files, Recorder(), tmp_path / "other" / "test.pt", "m")
+    good = {utt: five_files[utt] for utt in "abde"}
+    recorder = Recorder()
+    table = extract_embeddings(good, recorder, tmp_path / "other" / "test.pt", "m")
+    assert recorder.batches == []
+    torch.testing.assert_close(table.vectors, fresh.vectors[[0, 1, 3, 4]], rtol=0, atol=0)
+
+
+def test_issue9_item6_failing_model_keeps_finished_batches(tmp_path, five_files):
+    cache = tmp_path / "emb" / "test.pt"
+    calls = []
+
+    def fails_on_third_batch(wavs, rel_lens):
+        calls.append(wavs.shape[1])
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return Recorder()(wavs, rel_lens)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        extract_embeddings(five_files, fails_on_third_batch, cache, "m")
+    recorder = Recorder()
+    table = extract_embeddings(five_files, recorder, cache, "m")
+    assert [width for _, width in recorder.batches] == [8000, 6400, 4800]  # e (0.7 s) and d (0.6 s) were kept
+    torch.testing.assert_close(table.vectors, extract_embeddings(five_files, Recorder(), None, "m").vectors)
+
+
+def test_issue9_item6_progress_is_saved_while_extracting(tmp_path, five_files):
+    """A kill -9 cannot run an exception handler: progress is also saved every ``save_every_seconds``."""
+    cache = tmp_path / "emb" / "test.pt"
+    seen = []
+
+    def inspect_partial(wavs, rel_lens):
+        partial = cache.parent / "test.pt.partial"
+        stored = torch.load(partial, weights_only=True) if partial.exists() else {"paths": []}
+        seen.append(sorted(Path(p).stem for p in stored["paths"]))
+        return Recorder()(wavs, rel_lens)
+
+    extract_embeddings(five_files, inspect_partial, cache, "m", save_every_seconds=0.0)
+    assert seen == [[], ["e"], ["d", "e"], ["c", "d", "e"], ["b", "c", "d", "e"]]
+    assert partial_files(cache) == []

@@ -7,8 +7,9 @@ is found here, once:
 
 - m4a files are decoded with ffmpeg into the same root's ``wav/`` tree (threads
   running ffmpeg processes; resumable; failures listed, not fatal);
-- unreadable, empty, non-mono (and, for training, too short) files are skipped, one
-  reason per file in ``skipped.txt``;
+- unreadable, empty, non-mono, NaN/inf (and, for training, too short) files are
+  skipped, one reason per file in ``skipped.txt`` (samples are read only where
+  their coding can hold NaN/inf, see :func:`~qmargin_spk.data.audio.check_finite_samples`);
 - files at another sample rate are kept and listed in ``resampled.txt``;
   :func:`qmargin_spk.data.audio.load_audio` resamples them on every load, so
   durations here are in seconds, whatever the file's rate;
@@ -38,7 +39,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from qmargin_spk.data.audio import AudioError, audio_info
+from qmargin_spk.data.audio import AudioError, audio_info, check_finite_samples
 from qmargin_spk.data.manifest import ManifestRow, read_manifest, utterance_id, write_manifest
 from qmargin_spk.data.trials import MissingTrialFilesError, TrialList, check_trial_files, read_trial_lists, unique_utterances
 from qmargin_spk.utils.atomic import atomic_write_text
@@ -159,14 +160,16 @@ class RootScan:
 
 
 def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: int) -> RootScan:
-    """Read the header of every wav under ``root/wav`` and sort usable files from the rest."""
+    """Check every wav under ``root/wav`` (header; samples if they may be NaN/inf) and sort usable files from the rest."""
     paths = _audio_files(root / "wav", "wav")
     if not paths:
         raise PrepareError(f"{root}: no audio files under {root / 'wav'} (expected <spk>/<video>/<utt>.wav)")
 
     def probe(path: Path):
         try:
-            return audio_info(path), None
+            info = audio_info(path)
+            check_finite_samples(path, info)
+            return info, None
         except AudioError as err:
             return None, str(err).removeprefix(f"{path}: ")
 
