@@ -247,3 +247,37 @@ def test_issue9_item6_nan_and_inf_audio_is_skipped_at_prepare(corpus, tmp_path):
     with_nan.write_text(f"0 {enrol} id10300/v/00001.wav\n")
     with pytest.raises(PrepareError, match=rf"{with_nan}:1: id10300/v/00001.wav is unusable \(audio contains NaN"):
         prepare([train], test, [with_nan], tmp_path / "out2", num_workers=2)
+
+
+def test_issue9_item7_broken_symlinks_are_skipped_with_reasons(corpus, tmp_path):
+    train, test, trials = corpus
+    folder = train / "wav" / "id19999" / "linkvideo"
+    folder.mkdir(parents=True)
+    (folder / "00001.wav").symlink_to(tmp_path / "nowhere.wav")
+    (folder / "00002.wav").symlink_to(folder / "00003.wav")
+    (folder / "00003.wav").symlink_to(folder / "00002.wav")  # a loop
+    good = folder / "00004.wav"
+    good.symlink_to(next((train / "wav").glob("id1*/*/*.wav")))  # a working link is followed
+    result = prepare([train], test, [trials], tmp_path / "out", num_workers=2)
+    skipped = _listing(tmp_path / "out" / "skipped.txt")
+    assert skipped[str(folder / "00001.wav")].startswith("dangling symbolic link")
+    assert skipped[str(folder / "00002.wav")].startswith("symbolic link loop")
+    assert skipped[str(folder / "00003.wav")].startswith("symbolic link loop")
+    assert "id19999/linkvideo/00004" in {row.id for row in read_manifest(result.train_manifest)}
+    assert (tmp_path / "out" / "prepare_done.json").is_file()
+    assert prepare([train], test, [trials], tmp_path / "out", num_workers=2).reused
+
+
+def test_issue9_item7_outputs_are_written_only_after_every_check(corpus, tmp_path, monkeypatch):
+    """A failure anywhere before the end leaves no manifest or listing behind."""
+    import qmargin_spk.data.prepare as prepare_module
+
+    train, test, trials = corpus
+
+    def failing_fingerprint(*args, **kwargs):
+        raise OSError("simulated failure while reading the inputs")
+
+    monkeypatch.setattr(prepare_module, "input_fingerprint", failing_fingerprint)
+    with pytest.raises(OSError, match="simulated"):
+        prepare([train], test, [trials], tmp_path / "out", num_workers=2)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -8,8 +8,10 @@ reads only files whose coding can hold NaN/inf (float, or decoded to float).
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
+import stat
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -38,8 +40,9 @@ class AudioInfo:
 
 def audio_info(path: str | os.PathLike) -> AudioInfo:
     """Read the header of ``path``; raise :class:`AudioError` if it is missing, unreadable, empty or not mono."""
-    if not os.path.isfile(path):
-        raise AudioError(f"{path}: no such audio file")
+    problem = _file_problem(path)
+    if problem is not None:
+        raise AudioError(f"{path}: {problem}")
     try:
         info = soundfile.info(str(path))
     except (RuntimeError, soundfile.LibsndfileError) as err:
@@ -49,6 +52,17 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
     if info.channels != 1:
         raise AudioError(f"{path}: {info.channels} channels, expected mono")
     return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels), str(info.subtype))
+
+
+def _file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a readable regular file (missing, dangling or looping link, ...), or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"dangling symbolic link (to {os.readlink(path)})" if os.path.islink(path) else "no such audio file"
+    except OSError as err:
+        return "symbolic link loop" if err.errno == errno.ELOOP else f"cannot access ({err.strerror or err})"
+    return None if stat.S_ISREG(mode) else "not a regular file"
 
 
 # Codings that store integers (PCM, companded, ADPCM, lossless): decoded samples are always finite.

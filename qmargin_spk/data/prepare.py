@@ -7,7 +7,8 @@ is found here, once:
 
 - m4a files are decoded with ffmpeg into the same root's ``wav/`` tree (threads
   running ffmpeg processes; resumable; failures listed, not fatal);
-- unreadable, empty, non-mono, NaN/inf (and, for training, too short) files are
+- unreadable, empty, non-mono, NaN/inf (and, for training, too short) files, and
+  dangling or looping symbolic links, are
   skipped, one reason per file in ``skipped.txt`` (samples are read only where
   their coding can hold NaN/inf, see :func:`~qmargin_spk.data.audio.check_finite_samples`);
 - files at another sample rate are kept and listed in ``resampled.txt``;
@@ -17,7 +18,8 @@ is found here, once:
 - every trial must name a usable test utterance, with a label that agrees with the
   speaker folders (parsing and file checks shared with :mod:`qmargin_spk.data.trials`).
 
-Outputs in ``out_dir`` (all written atomically): ``train.csv`` and ``test.csv``
+Outputs in ``out_dir`` (all written atomically, and only after every check passed, so
+a failed prepare leaves no new output): ``train.csv`` and ``test.csv``
 (``ID,wav,duration,spk_id``; ``ID`` is ``spk/video/utt``, ``wav`` an absolute path,
 ``duration`` seconds), ``skipped.txt``, ``resampled.txt``, ``conversion_failures.txt``
 and, last, ``prepare_done.json``, which holds a cheap fingerprint of the inputs (file
@@ -246,8 +248,16 @@ def validate_trial_lists(
 # --- fingerprint ------------------------------------------------------------------
 
 
+def _stat(path: Path) -> os.stat_result:
+    """The file's status, or the link's own for a dangling or looping symbolic link."""
+    try:
+        return path.stat()
+    except OSError:
+        return path.lstat()
+
+
 def _tree_summary(paths: list[Path]) -> dict:
-    stats = [p.stat() for p in paths]
+    stats = [_stat(p) for p in paths]
     return {
         "files": len(stats),
         "bytes": sum(s.st_size for s in stats),
@@ -309,7 +319,7 @@ def prepare(
         marker.unlink()
 
     failures = convert_m4a([*train_roots, test_root], sample_rate, num_workers)
-    _write_listing(out_dir / "conversion_failures.txt", failures)
+    fingerprint = input_fingerprint(train_roots, test_root, trial_paths, settings)  # the inputs as scanned below
 
     train = [scan_root(root, sample_rate, min_duration, num_workers) for root in train_roots]
     test = scan_root(test_root, sample_rate, 0.0, num_workers)
@@ -324,6 +334,7 @@ def prepare(
         logger.info("%s: %d target and %d non-target trials", trials.path, trials.labels.sum(), len(trials) - trials.labels.sum())
 
     scans = [*train, test]
+    _write_listing(out_dir / "conversion_failures.txt", failures)
     write_manifest(out_dir / "train.csv", train_rows)
     write_manifest(out_dir / "test.csv", test.rows)
     _write_listing(out_dir / "skipped.txt", [entry for scan in scans for entry in scan.skipped])
@@ -341,6 +352,5 @@ def prepare(
         num_resampled=sum(len(scan.resampled) for scan in scans),
         num_conversion_failures=len(failures),
     )
-    fingerprint = input_fingerprint(train_roots, test_root, trial_paths, settings)
     atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "result": result.to_json()}, indent=1) + "\n")
     return result
