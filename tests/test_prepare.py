@@ -281,3 +281,14 @@ def test_issue9_item7_outputs_are_written_only_after_every_check(corpus, tmp_pat
     with pytest.raises(OSError, match="simulated"):
         prepare([train], test, [trials], tmp_path / "out", num_workers=2)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_issue9_item8_prepare_refuses_paths_outside_the_wav_root_with_the_shared_check(corpus, tmp_path):
+    train, test, trials = corpus
+    lines = trials.read_text().splitlines()
+    enrol = lines[0].split()[1]
+    outside = tmp_path / "outside.txt"
+    for path in (f"{enrol.split('/')[0]}/../{enrol}", str(test / "wav" / enrol)):
+        outside.write_text(f"{lines[0]}\n0 {enrol} {path}\n")
+        with pytest.raises(PrepareError, match=rf"{outside}:2: '{path}' is not a relative path inside"):
+            prepare([train], test, [outside], tmp_path / "out")

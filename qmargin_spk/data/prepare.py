@@ -15,8 +15,8 @@ is found here, once:
   :func:`qmargin_spk.data.audio.load_audio` resamples them on every load, so
   durations here are in seconds, whatever the file's rate;
 - training and test speakers must be disjoint (VoxCeleb1-E/H use all of VoxCeleb1);
-- every trial must name a usable test utterance, with a label that agrees with the
-  speaker folders (parsing and file checks shared with :mod:`qmargin_spk.data.trials`).
+- every trial must name a usable test utterance by a canonical relative path inside
+  the test root's ``wav/``, with a label that agrees with the speaker folders (parsing and file checks shared with :mod:`qmargin_spk.data.trials`).
 
 Outputs in ``out_dir`` (all written atomically, and only after every check passed, so
 a failed prepare leaves no new output): ``train.csv`` and ``test.csv``

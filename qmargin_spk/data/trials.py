@@ -31,6 +31,10 @@ class MissingTrialFilesError(FileNotFoundError):
     """Some utterances named by trial lists are not under the wav root."""
 
 
+class TrialPathError(ValueError):
+    """A trial names a path that could leave the wav root (absolute, ``..``) or is not canonical."""
+
+
 def read_trial_list(path: str | os.PathLike, name: str | None = None) -> TrialList:
     """Parse one list; blank lines are skipped, anything else malformed raises ValueError at file:line."""
     path = Path(path)
@@ -75,14 +79,51 @@ def unique_utterances(trial_lists: Sequence[TrialList]) -> np.ndarray:
     return np.unique(np.concatenate([np.r_[t.enrol, t.test] for t in trial_lists]))
 
 
+def path_problem(utterance: str) -> str | None:
+    """Why ``utterance`` cannot name a file inside a wav root, or None.
+
+    Only canonical relative paths are accepted (no leading ``/``, no empty, ``.`` or
+    ``..`` component), so a trial can never reach outside the root and names each
+    file one way only (the way manifests do). Checked on the text, not the disk:
+    symbolic links inside the root are the data owner's choice.
+    """
+    if utterance.startswith("/"):
+        return "an absolute path"
+    if any(part in ("", ".", "..") for part in utterance.split("/")):
+        return "a path with an empty, '.' or '..' component"
+    return None
+
+
+def check_trial_paths(trial_lists: Sequence[TrialList], max_listed: int = 10) -> None:
+    """Raise :class:`TrialPathError` unless every utterance is a canonical relative path (:func:`path_problem`).
+
+    Both the prepare and the scoring stage call this (through :func:`check_trial_files`).
+    """
+    bad = [(utt, problem) for utt in unique_utterances(trial_lists) if (problem := path_problem(utt)) is not None]
+    if not bad:
+        return
+    listed = [
+        f"{_first_reference(trial_lists, utt, quoted=True)} is not a relative path inside the wav root ({problem})"
+        for utt, problem in bad[:max_listed]
+    ]
+    more = len(bad) - len(listed)
+    raise TrialPathError(
+        f"{len(bad)} utterances in the trial lists are not relative paths inside the wav root:\n"
+        + "\n".join(listed)
+        + (f"\n... and {more} more" if more else "")
+    )
+
+
 def check_trial_files(
     trial_lists: Sequence[TrialList], wav_root: str | os.PathLike, max_listed: int = 10
 ) -> None:
-    """Raise :class:`MissingTrialFilesError` unless every utterance exists under ``wav_root``.
+    """Raise unless every utterance is a file inside ``wav_root``.
 
-    The message counts all missing files and lists the first ``max_listed`` of them
-    as ``list_file:line: utterance`` (the first line referencing each).
+    First :func:`check_trial_paths` (:class:`TrialPathError`), then existence:
+    :class:`MissingTrialFilesError` counts all missing files and lists the first
+    ``max_listed`` of them as ``list_file:line: utterance`` (the first line referencing each).
     """
+    check_trial_paths(trial_lists, max_listed)
     root = Path(wav_root)
     utterances = unique_utterances(trial_lists)
     missing = [utt for utt in utterances if not (root / utt).is_file()]
@@ -97,10 +138,10 @@ def check_trial_files(
     )
 
 
-def _first_reference(trial_lists: Sequence[TrialList], utterance: str) -> str:
-    """``file:line: utterance`` for the first trial that names ``utterance``."""
+def _first_reference(trial_lists: Sequence[TrialList], utterance: str, quoted: bool = False) -> str:
+    """``file:line: utterance`` (``repr`` of it if ``quoted``) for the first trial that names ``utterance``."""
     for trials in trial_lists:
         hits = np.flatnonzero((trials.enrol == utterance) | (trials.test == utterance))
         if hits.size:
-            return f"{trials.path}:{trials.line_numbers[hits[0]]}: {utterance}"
+            return f"{trials.path}:{trials.line_numbers[hits[0]]}: {repr(str(utterance)) if quoted else utterance}"
     raise AssertionError(f"{utterance} is not in the trial lists")
