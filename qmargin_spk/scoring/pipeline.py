@@ -51,7 +51,9 @@ def score_trial_lists(
     cohort is given). Embeddings are cached under ``out_dir/embeddings`` keyed on
     ``model_id``. Writes per list ``<list>.<backend>.scores`` and ``.det.png`` (if
     matplotlib is installed), and ``results.<backend>.json`` / ``.md`` (with ``experiment``,
-    e.g. the loss and its settings, when given); returns the JSON content plus the ``table``.
+    e.g. the loss and its settings, when given), into which the lists are merged with
+    those of earlier runs of the same model and settings (:func:`write_results`);
+    returns the JSON content plus the ``table``.
     ``batch_size``, ``chunk_seconds``, ``max_padding`` and ``max_batch_seconds`` are the
     batching of :func:`extract_embeddings`.
     """
@@ -100,6 +102,7 @@ def score_trial_lists(
                 "trial_file": str(trials.path),
                 "backend": backend,
                 "n_trials": len(trials),
+                "n_utterances": int(unique_utterances([trials]).size),
                 "metrics": metrics.to_dict(),
                 "score_file": str(score_file),
                 "det_plot": None if det_file is None else str(det_file),
@@ -111,7 +114,6 @@ def score_trial_lists(
         "model_id": model_id,
         "backend": backend,
         "test_root": str(test_root),
-        "n_utterances": len(test_table.utt_ids),
         "settings": {
             **settings,
             "subtract_mean": subtract_mean,
@@ -120,10 +122,10 @@ def score_trial_lists(
         },
         "results": results,
     }
-    table = write_results(run, out_dir / f"results.{backend}.json", out_dir / f"results.{backend}.md")
+    merged, table = write_results(run, out_dir / f"results.{backend}.json", out_dir / f"results.{backend}.md")
     if print_table:
         print(table, end="")
-    return {**run, "table": table}
+    return {**merged, "table": table}
 
 
 def _cohort(

@@ -97,6 +97,24 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if absent) for a read-modify-write of a shared file.
+
+    The lock is released by the kernel when the process dies, so a killed holder never blocks others.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
