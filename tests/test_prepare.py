@@ -292,3 +292,11 @@ def test_issue9_item8_prepare_refuses_paths_outside_the_wav_root_with_the_shared
         outside.write_text(f"{lines[0]}\n0 {enrol} {path}\n")
         with pytest.raises(PrepareError, match=rf"{outside}:2: '{path}' is not a relative path inside"):
             prepare([train], test, [outside], tmp_path / "out")
+
+
+def test_issue9_item12_prepare_refuses_a_list_with_one_class_only(corpus, tmp_path):
+    train, test, trials = corpus
+    targets = tmp_path / "targets_only.txt"
+    targets.write_text("".join(line + "\n" for line in trials.read_text().splitlines() if line.startswith("1 ")))
+    with pytest.raises(PrepareError, match=rf"{targets}: only target trials"):
+        prepare([train], test, [targets], tmp_path / "out")

@@ -49,3 +49,47 @@ def test_issue9_item8_scoring_refuses_paths_outside_the_wav_root(tmp_path, wav_r
     with pytest.raises(ValueError, match=rf"{trials}:2: "):
         check_trial_files(read_trial_lists([trials]), wav_root)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- item 12 (trial lists)
+
+
+def test_issue9_item12_non_utf8_list_names_file_and_line(tmp_path):
+    trials = tmp_path / "latin1.txt"
+    trials.write_bytes(b"1 id1/v1/00001.wav id1/v2/00001.wav\n0 id1/v1/caf\xe9.wav id2/v1/00001.wav\n")
+    with pytest.raises(ValueError, match=rf"{trials}:2: not UTF-8 text"):
+        read_trial_list(trials)
+
+
+def test_issue9_item12_utf8_bom_is_not_read_into_the_first_label(tmp_path):
+    trials = tmp_path / "bom.txt"
+    trials.write_bytes("1 id1/v1/00001.wav id1/v2/00001.wav\n0 id1/v1/00001.wav id2/v1/00001.wav\n".encode("utf-8-sig"))
+    parsed = read_trial_list(trials)
+    assert parsed.labels.tolist() == [1, 0] and parsed.enrol[0] == "id1/v1/00001.wav"
+
+
+def test_issue9_item12_duplicate_trials_are_dropped_with_a_counted_warning(tmp_path, caplog):
+    trials = tmp_path / "dup.txt"
+    a, b, c = "id1/v1/00001.wav", "id1/v2/00001.wav", "id2/v1/00001.wav"
+    trials.write_text(f"1 {a} {b}\n0 {a} {c}\n1 {a} {b}\n1 {a} {b}\n0 {c} {a}\n")
+    with caplog.at_level(logging.WARNING):
+        parsed = read_trial_list(trials)
+    assert f"{trials}: 2 duplicate trials dropped" in caplog.text and f"{trials}:3" in caplog.text
+    assert parsed.line_numbers.tolist() == [1, 2, 5]  # the first of each; (c, a) is another trial than (a, c)
+    assert parsed.labels.tolist() == [1, 0, 0]
+
+    trials.write_text(f"1 {a} {b}\n0 {a} {c}\n0 {a} {b}\n")
+    with pytest.raises(ValueError, match=rf"{trials}:3: .* also on line 1 with label 1"):
+        read_trial_list(trials)
+
+
+@pytest.mark.parametrize("label", ["1", "0"])
+def test_issue9_item12_single_class_list_fails_before_anything_is_written(tmp_path, wav_root, label):
+    good = tmp_path / "good.txt"
+    good.write_text("1 id1/v1/00001.wav id1/v2/00001.wav\n0 id1/v1/00001.wav id2/v1/00001.wav\n")
+    one_class = tmp_path / "one_class.txt"
+    one_class.write_text(f"{label} id1/v1/00001.wav id1/v2/00001.wav\n{label} id1/v2/00001.wav id2/v1/00001.wav\n")
+    kind = "target" if label == "1" else "non-target"
+    with pytest.raises(ValueError, match=rf"{one_class}: only {kind} trials"):
+        score_trial_lists(must_not_run, "m", wav_root, [good, one_class], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

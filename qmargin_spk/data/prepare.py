@@ -43,7 +43,14 @@ import numpy as np
 
 from qmargin_spk.data.audio import AudioError, audio_info, check_finite_samples
 from qmargin_spk.data.manifest import ManifestRow, read_manifest, utterance_id, write_manifest
-from qmargin_spk.data.trials import MissingTrialFilesError, TrialList, check_trial_files, read_trial_lists, unique_utterances
+from qmargin_spk.data.trials import (
+    MissingTrialFilesError,
+    TrialList,
+    check_trial_files,
+    check_trial_labels,
+    read_trial_lists,
+    unique_utterances,
+)
 from qmargin_spk.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -218,7 +225,8 @@ def validate_trial_lists(
 
     Parsing and the existence of files are checked by :mod:`qmargin_spk.data.trials`
     (the same code that scoring uses); on top of that every utterance must be usable
-    (not in ``skipped``) and each label must agree with the speaker folders.
+    (not in ``skipped``), each label must agree with the speaker folders, and each list
+    must hold both target and non-target trials.
     """
     for path in trial_files:
         if not path.is_file():
@@ -242,6 +250,10 @@ def validate_trial_lists(
     if problems:
         more = f"\n... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
         raise PrepareError(f"{len(problems)} problems in the trial lists:\n" + "\n".join(problems[:MAX_LISTED_PROBLEMS]) + more)
+    try:
+        check_trial_labels(lists)
+    except ValueError as err:
+        raise PrepareError(str(err)) from err
     return lists
 
 

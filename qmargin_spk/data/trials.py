@@ -1,12 +1,16 @@
 """VoxCeleb trial lists: ``<label> <enrol> <test>`` per line, paths relative to a wav root."""
 from __future__ import annotations
 
+import io
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 TrialFiles = Union[Mapping[str, PathLike], Sequence[PathLike]]
@@ -36,24 +40,45 @@ class TrialPathError(ValueError):
 
 
 def read_trial_list(path: str | os.PathLike, name: str | None = None) -> TrialList:
-    """Parse one list; blank lines are skipped, anything else malformed raises ValueError at file:line."""
+    """Parse one list; anything malformed raises ValueError at ``file:line``.
+
+    The file must be UTF-8 (a byte-order mark is ignored); blank lines are skipped.
+    An exact duplicate of an earlier trial (same label, enrol and test, in that order)
+    is dropped, since it would count twice in the metrics, and the drops are counted in
+    one warning; the same enrol/test pair with two labels is an error.
+    """
     path = Path(path)
     labels, enrol, test, line_numbers = [], [], [], []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 3:
-                raise ValueError(f"{path}:{number}: expected '<label> <enrol> <test>', got {line.strip()!r}")
-            if fields[0] not in ("0", "1"):
-                raise ValueError(f"{path}:{number}: label must be 0 or 1, got {fields[0]!r}")
-            labels.append(fields[0] == "1")
-            enrol.append(fields[1])
-            test.append(fields[2])
-            line_numbers.append(number)
+    first: dict[tuple[str, str], tuple[int, str]] = {}
+    duplicates: list[int] = []
+    for number, line in enumerate(io.StringIO(_read_utf8(path), newline=None), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 3:
+            raise ValueError(f"{path}:{number}: expected '<label> <enrol> <test>', got {line.strip()!r}")
+        if fields[0] not in ("0", "1"):
+            raise ValueError(f"{path}:{number}: label must be 0 or 1, got {fields[0]!r}")
+        earlier = first.setdefault((fields[1], fields[2]), (number, fields[0]))
+        if earlier[0] != number:
+            if earlier[1] != fields[0]:
+                raise ValueError(
+                    f"{path}:{number}: trial {fields[1]} {fields[2]} with label {fields[0]} "
+                    f"is also on line {earlier[0]} with label {earlier[1]}"
+                )
+            duplicates.append(number)
+            continue
+        labels.append(fields[0] == "1")
+        enrol.append(fields[1])
+        test.append(fields[2])
+        line_numbers.append(number)
     if not labels:
         raise ValueError(f"{path}: no trials")
+    if duplicates:
+        logger.warning(
+            "%s: %d duplicate trials dropped (the first of each is kept), e.g. %s:%d",
+            path, len(duplicates), path, duplicates[0],
+        )
     return TrialList(
         name=name or path.stem,
         path=path,
@@ -64,6 +89,16 @@ def read_trial_list(path: str | os.PathLike, name: str | None = None) -> TrialLi
     )
 
 
+def _read_utf8(path: Path) -> str:
+    """The text of ``path`` (UTF-8, without a byte-order mark); ValueError at ``file:line`` if it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({err.reason}, byte {data[err.start:err.start + 1]!r})") from None
+
+
 def read_trial_lists(trial_files: TrialFiles) -> list[TrialList]:
     """Parse several lists (a name -> path mapping, or paths named by their stem); names must differ."""
     items = trial_files.items() if isinstance(trial_files, Mapping) else [(None, p) for p in trial_files]
@@ -72,6 +107,22 @@ def read_trial_lists(trial_files: TrialFiles) -> list[TrialList]:
     if len(set(names)) != len(names):
         raise ValueError(f"trial lists need distinct names, got {names}")
     return lists
+
+
+def check_trial_labels(trial_lists: Sequence[TrialList]) -> None:
+    """Raise ValueError naming the first list that holds only target or only non-target trials.
+
+    EER, minDCF and TAR@FAR need both kinds; the prepare and scoring stages check
+    this before they write anything.
+    """
+    for trials in trial_lists:
+        targets = int(trials.labels.sum())
+        if targets in (0, len(trials)):
+            kind = "non-target" if targets == 0 else "target"
+            raise ValueError(
+                f"{trials.path}: only {kind} trials ({len(trials)}); "
+                "the metrics need both target and non-target trials"
+            )
 
 
 def unique_utterances(trial_lists: Sequence[TrialList]) -> np.ndarray:

@@ -12,7 +12,7 @@ from qmargin_spk.metrics import DEFAULT_FARS, DEFAULT_P_TARGETS, compute_metrics
 from qmargin_spk.scoring.backends import asnorm_scores, cosine_scores, speaker_means
 from qmargin_spk.scoring.embeddings import EmbedFn, EmbeddingTable, extract_embeddings
 from qmargin_spk.scoring.report import write_results, write_score_file
-from qmargin_spk.data.trials import TrialFiles, check_trial_files, read_trial_lists, unique_utterances
+from qmargin_spk.data.trials import TrialFiles, check_trial_files, check_trial_labels, read_trial_lists, unique_utterances
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def score_trial_lists(
 
     trial_lists = read_trial_lists(trial_files)
     check_trial_files(trial_lists, test_root, max_missing_listed)
+    check_trial_labels(trial_lists)
     settings = dict(
         batch_size=batch_size, chunk_seconds=chunk_seconds, sample_rate=sample_rate,
         max_padding=max_padding, max_batch_seconds=max_batch_seconds,
