@@ -44,6 +44,9 @@ def score_trial_lists(
     """Score every trial list with one set of embeddings and write all result files to ``out_dir``.
 
     ``test_root`` is the VoxCeleb1 ``wav/`` folder the lists' paths are relative to.
+    ``batch_size``, ``chunk_seconds``, ``max_padding`` and ``max_batch_seconds`` are the
+    batching of :func:`extract_embeddings`. The lists are merged into the results files
+    with those of earlier runs of the same model and settings (:func:`write_results`).
     ``cohort_paths`` (utt id -> audio) are training utterances: their speaker means
     (speaker from ``cohort_speakers``, else the first path component of the utt id,
     as in VoxCeleb ids) form the AS-norm cohort, and their mean embedding is
@@ -51,11 +54,7 @@ def score_trial_lists(
     cohort is given). Embeddings are cached under ``out_dir/embeddings`` keyed on
     ``model_id``. Writes per list ``<list>.<backend>.scores`` and ``.det.png`` (if
     matplotlib is installed), and ``results.<backend>.json`` / ``.md`` (with ``experiment``,
-    e.g. the loss and its settings, when given), into which the lists are merged with
-    those of earlier runs of the same model and settings (:func:`write_results`);
-    returns the JSON content plus the ``table``.
-    ``batch_size``, ``chunk_seconds``, ``max_padding`` and ``max_batch_seconds`` are the
-    batching of :func:`extract_embeddings`.
+    e.g. the loss and its settings, when given); returns the JSON content plus the ``table``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
