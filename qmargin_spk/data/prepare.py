@@ -8,15 +8,17 @@ is found here, once:
 - m4a files are decoded with ffmpeg into the same root's ``wav/`` tree (threads
   running ffmpeg processes; resumable; failures listed, not fatal);
 - unreadable, empty, non-mono, NaN/inf (and, for training, too short) files, and
-  dangling or looping symbolic links, are
-  skipped, one reason per file in ``skipped.txt`` (samples are read only where
-  their coding can hold NaN/inf, see :func:`~qmargin_spk.data.audio.check_finite_samples`);
+  dangling or looping symbolic links, are skipped, one reason per file in
+  ``skipped.txt`` (samples are read only where their coding can hold NaN/inf, see
+  :func:`~qmargin_spk.data.audio.check_finite_samples`);
 - files at another sample rate are kept and listed in ``resampled.txt``;
   :func:`qmargin_spk.data.audio.load_audio` resamples them on every load, so
   durations here are in seconds, whatever the file's rate;
 - training and test speakers must be disjoint (VoxCeleb1-E/H use all of VoxCeleb1);
 - every trial must name a usable test utterance by a canonical relative path inside
-  the test root's ``wav/``, with a label that agrees with the speaker folders (parsing and file checks shared with :mod:`qmargin_spk.data.trials`).
+  the test root's ``wav/``, with a label that agrees with the speaker folders, and
+  every list must hold both target and non-target trials (parsing, paths, labels and
+  file checks shared with :mod:`qmargin_spk.data.trials`).
 
 Outputs in ``out_dir`` (all written atomically, and only after every check passed, so
 a failed prepare leaves no new output): ``train.csv`` and ``test.csv``

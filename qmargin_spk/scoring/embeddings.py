@@ -176,7 +176,8 @@ class _Progress:
 
     def expect(self, segments: list[_Segment]) -> None:
         """Count the segments each utterance still needs."""
-        self.expected.index_add_(0, torch.tensor([s.row for s in segments], dtype=torch.long), torch.ones(len(segments), dtype=torch.float64))
+        rows = torch.tensor([s.row for s in segments], dtype=torch.long)
+        self.expected.index_add_(0, rows, torch.ones(len(segments), dtype=torch.float64))
 
     def load(self, batch: list[_Segment], sample_rate: int) -> tuple[list[_Segment], list[torch.Tensor]]:
         """Audio of the batch's segments; a file that fails is recorded and left out, with its other segments."""
