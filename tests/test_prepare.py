@@ -214,3 +214,89 @@ def test_recipe_cli(corpus, tmp_path, capsys):
     assert main(["--train_root", str(test), *args[2:]]) == 1
     assert "in both training and test" in capsys.readouterr().err
     assert main(["--train_root", str(test), *args[2:], "--allow_overlap"]) == 0
+
+
+def _float_wav(path: Path, seconds: float, bad_value: float | None) -> Path:
+    """A 32-bit float wav (header fine) with one NaN or inf sample when ``bad_value`` is given."""
+    samples = _tone(seconds).astype(np.float32)
+    if bad_value is not None:
+        samples[len(samples) // 3] = bad_value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), samples, 16000, subtype="FLOAT")
+    return path
+
+
+def test_issue9_item6_nan_and_inf_audio_is_skipped_at_prepare(corpus, tmp_path):
+    train, test, trials = corpus
+    folder = train / "wav" / "id19999" / "floatvideo"
+    nan = _float_wav(folder / "00001.wav", 1.0, np.nan)
+    inf = _float_wav(folder / "00002.wav", 1.0, -np.inf)
+    fine = _float_wav(folder / "00003.wav", 1.0, None)
+    test_nan = _float_wav(test / "wav" / "id10300" / "v" / "00001.wav", 1.0, np.nan)
+    result = prepare([train], test, [trials], tmp_path / "out", num_workers=2)
+    skipped = _listing(tmp_path / "out" / "skipped.txt")
+    assert set(skipped) == {str(nan), str(inf), str(test_nan)}
+    assert all("NaN or inf" in reason for reason in skipped.values())
+    train_ids = {row.id for row in read_manifest(result.train_manifest)}
+    assert "id19999/floatvideo/00003" in train_ids and "id19999/floatvideo/00001" not in train_ids
+    assert str(fine) not in skipped
+
+    # A trial naming such a file is refused at prepare time, with file and line.
+    enrol = trials.read_text().split()[1]
+    with_nan = tmp_path / "with_nan.txt"
+    with_nan.write_text(f"0 {enrol} id10300/v/00001.wav\n")
+    with pytest.raises(PrepareError, match=rf"{with_nan}:1: id10300/v/00001.wav is unusable \(audio contains NaN"):
+        prepare([train], test, [with_nan], tmp_path / "out2", num_workers=2)
+
+
+def test_issue9_item7_broken_symlinks_are_skipped_with_reasons(corpus, tmp_path):
+    train, test, trials = corpus
+    folder = train / "wav" / "id19999" / "linkvideo"
+    folder.mkdir(parents=True)
+    (folder / "00001.wav").symlink_to(tmp_path / "nowhere.wav")
+    (folder / "00002.wav").symlink_to(folder / "00003.wav")
+    (folder / "00003.wav").symlink_to(folder / "00002.wav")  # a loop
+    good = folder / "00004.wav"
+    good.symlink_to(next((train / "wav").glob("id1*/*/*.wav")))  # a working link is followed
+    result = prepare([train], test, [trials], tmp_path / "out", num_workers=2)
+    skipped = _listing(tmp_path / "out" / "skipped.txt")
+    assert skipped[str(folder / "00001.wav")].startswith("dangling symbolic link")
+    assert skipped[str(folder / "00002.wav")].startswith("symbolic link loop")
+    assert skipped[str(folder / "00003.wav")].startswith("symbolic link loop")
+    assert "id19999/linkvideo/00004" in {row.id for row in read_manifest(result.train_manifest)}
+    assert (tmp_path / "out" / "prepare_done.json").is_file()
+    assert prepare([train], test, [trials], tmp_path / "out", num_workers=2).reused
+
+
+def test_issue9_item7_outputs_are_written_only_after_every_check(corpus, tmp_path, monkeypatch):
+    """A failure anywhere before the end leaves no manifest or listing behind."""
+    import qmargin_spk.data.prepare as prepare_module
+
+    train, test, trials = corpus
+
+    def failing_fingerprint(*args, **kwargs):
+        raise OSError("simulated failure while reading the inputs")
+
+    monkeypatch.setattr(prepare_module, "input_fingerprint", failing_fingerprint)
+    with pytest.raises(OSError, match="simulated"):
+        prepare([train], test, [trials], tmp_path / "out", num_workers=2)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_issue9_item8_prepare_refuses_paths_outside_the_wav_root_with_the_shared_check(corpus, tmp_path):
+    train, test, trials = corpus
+    lines = trials.read_text().splitlines()
+    enrol = lines[0].split()[1]
+    outside = tmp_path / "outside.txt"
+    for path in (f"{enrol.split('/')[0]}/../{enrol}", str(test / "wav" / enrol)):
+        outside.write_text(f"{lines[0]}\n0 {enrol} {path}\n")
+        with pytest.raises(PrepareError, match=rf"{outside}:2: '{path}' is not a relative path inside"):
+            prepare([train], test, [outside], tmp_path / "out")
+
+
+def test_issue9_item12_prepare_refuses_a_list_with_one_class_only(corpus, tmp_path):
+    train, test, trials = corpus
+    targets = tmp_path / "targets_only.txt"
+    targets.write_text("".join(line + "\n" for line in trials.read_text().splitlines() if line.startswith("1 ")))
+    with pytest.raises(PrepareError, match=rf"{targets}: only target trials"):
+        prepare([train], test, [targets], tmp_path / "out")

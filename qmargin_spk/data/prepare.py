@@ -7,16 +7,21 @@ is found here, once:
 
 - m4a files are decoded with ffmpeg into the same root's ``wav/`` tree (threads
   running ffmpeg processes; resumable; failures listed, not fatal);
-- unreadable, empty, non-mono (and, for training, too short) files are skipped, one
-  reason per file in ``skipped.txt``;
+- unreadable, empty, non-mono, NaN/inf (and, for training, too short) files, and
+  dangling or looping symbolic links, are skipped, one reason per file in
+  ``skipped.txt`` (samples are read only where their coding can hold NaN/inf, see
+  :func:`~qmargin_spk.data.audio.check_finite_samples`);
 - files at another sample rate are kept and listed in ``resampled.txt``;
   :func:`qmargin_spk.data.audio.load_audio` resamples them on every load, so
   durations here are in seconds, whatever the file's rate;
 - training and test speakers must be disjoint (VoxCeleb1-E/H use all of VoxCeleb1);
-- every trial must name a usable test utterance, with a label that agrees with the
-  speaker folders (parsing and file checks shared with :mod:`qmargin_spk.data.trials`).
+- every trial must name a usable test utterance by a canonical relative path inside
+  the test root's ``wav/``, with a label that agrees with the speaker folders, and
+  every list must hold both target and non-target trials (parsing, paths, labels and
+  file checks shared with :mod:`qmargin_spk.data.trials`).
 
-Outputs in ``out_dir`` (all written atomically): ``train.csv`` and ``test.csv``
+Outputs in ``out_dir`` (all written atomically, and only after every check passed, so
+a failed prepare leaves no new output): ``train.csv`` and ``test.csv``
 (``ID,wav,duration,spk_id``; ``ID`` is ``spk/video/utt``, ``wav`` an absolute path,
 ``duration`` seconds), ``skipped.txt``, ``resampled.txt``, ``conversion_failures.txt``
 and, last, ``prepare_done.json``, which holds a cheap fingerprint of the inputs (file
@@ -38,9 +43,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from qmargin_spk.data.audio import AudioError, audio_info
+from qmargin_spk.data.audio import AudioError, audio_info, check_finite_samples
 from qmargin_spk.data.manifest import ManifestRow, read_manifest, utterance_id, write_manifest
-from qmargin_spk.data.trials import MissingTrialFilesError, TrialList, check_trial_files, read_trial_lists, unique_utterances
+from qmargin_spk.data.trials import (
+    MissingTrialFilesError,
+    TrialList,
+    check_trial_files,
+    check_trial_labels,
+    read_trial_lists,
+    unique_utterances,
+)
 from qmargin_spk.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -159,14 +171,16 @@ class RootScan:
 
 
 def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: int) -> RootScan:
-    """Read the header of every wav under ``root/wav`` and sort usable files from the rest."""
+    """Check every wav under ``root/wav`` (header; samples if they may be NaN/inf) and sort usable files from the rest."""
     paths = _audio_files(root / "wav", "wav")
     if not paths:
         raise PrepareError(f"{root}: no audio files under {root / 'wav'} (expected <spk>/<video>/<utt>.wav)")
 
     def probe(path: Path):
         try:
-            return audio_info(path), None
+            info = audio_info(path)
+            check_finite_samples(path, info)
+            return info, None
         except AudioError as err:
             return None, str(err).removeprefix(f"{path}: ")
 
@@ -213,7 +227,8 @@ def validate_trial_lists(
 
     Parsing and the existence of files are checked by :mod:`qmargin_spk.data.trials`
     (the same code that scoring uses); on top of that every utterance must be usable
-    (not in ``skipped``) and each label must agree with the speaker folders.
+    (not in ``skipped``), each label must agree with the speaker folders, and each list
+    must hold both target and non-target trials.
     """
     for path in trial_files:
         if not path.is_file():
@@ -237,14 +252,26 @@ def validate_trial_lists(
     if problems:
         more = f"\n... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
         raise PrepareError(f"{len(problems)} problems in the trial lists:\n" + "\n".join(problems[:MAX_LISTED_PROBLEMS]) + more)
+    try:
+        check_trial_labels(lists)
+    except ValueError as err:
+        raise PrepareError(str(err)) from err
     return lists
 
 
 # --- fingerprint ------------------------------------------------------------------
 
 
+def _stat(path: Path) -> os.stat_result:
+    """The file's status, or the link's own for a dangling or looping symbolic link."""
+    try:
+        return path.stat()
+    except OSError:
+        return path.lstat()
+
+
 def _tree_summary(paths: list[Path]) -> dict:
-    stats = [p.stat() for p in paths]
+    stats = [_stat(p) for p in paths]
     return {
         "files": len(stats),
         "bytes": sum(s.st_size for s in stats),
@@ -306,7 +333,7 @@ def prepare(
         marker.unlink()
 
     failures = convert_m4a([*train_roots, test_root], sample_rate, num_workers)
-    _write_listing(out_dir / "conversion_failures.txt", failures)
+    fingerprint = input_fingerprint(train_roots, test_root, trial_paths, settings)  # the inputs as scanned below
 
     train = [scan_root(root, sample_rate, min_duration, num_workers) for root in train_roots]
     test = scan_root(test_root, sample_rate, 0.0, num_workers)
@@ -321,6 +348,7 @@ def prepare(
         logger.info("%s: %d target and %d non-target trials", trials.path, trials.labels.sum(), len(trials) - trials.labels.sum())
 
     scans = [*train, test]
+    _write_listing(out_dir / "conversion_failures.txt", failures)
     write_manifest(out_dir / "train.csv", train_rows)
     write_manifest(out_dir / "test.csv", test.rows)
     _write_listing(out_dir / "skipped.txt", [entry for scan in scans for entry in scan.skipped])
@@ -338,6 +366,5 @@ def prepare(
         num_resampled=sum(len(scan.resampled) for scan in scans),
         num_conversion_failures=len(failures),
     )
-    fingerprint = input_fingerprint(train_roots, test_root, trial_paths, settings)
     atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "result": result.to_json()}, indent=1) + "\n")
     return result

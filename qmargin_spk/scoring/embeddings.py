@@ -1,11 +1,15 @@
 """Embedding extraction for unique utterances, batched by length, cached on disk.
 
 Each utterance is embedded once, whole (or, with ``chunk_seconds``, as near-equal
-chunks whose embeddings are averaged). Segments are sorted by length before batching
-so padding stays small; ``embed_fn`` gets the padded batch and each row's length as
-a fraction of the batch width. The cache is keyed on the model id, the utterance ->
-path mapping and the extraction settings, written atomically, and reused only when
-the key matches.
+chunks whose embeddings are averaged). Zero padding changes what a convolutional
+embedder computes near the end of a row (filterbank frames, convolution context), so
+an embedding would depend on its batch-mates: by default only segments of exactly
+equal length share a batch (``max_padding=0``), and a batch never holds more than
+``max_batch_seconds`` of padded audio, so one very long file is embedded alone and
+memory stays bounded. ``embed_fn`` gets the padded batch and each row's length as a
+fraction of the batch width. The cache is keyed on the model id, the utterance ->
+path mapping and every extraction setting (batch policy included), written
+atomically, and reused only when the key matches.
 """
 from __future__ import annotations
 
@@ -13,20 +17,22 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from qmargin_spk.data.audio import audio_info, load_audio, pad_waveforms
+from qmargin_spk.data.audio import AudioError, audio_info, load_audio, pad_waveforms
 from qmargin_spk.utils.atomic import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
 EmbedFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+MAX_LISTED_FAILURES = 10
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,9 @@ def extract_embeddings(
     batch_size: int = 16,
     chunk_seconds: float | None = None,
     sample_rate: int = 16000,
+    max_padding: float = 0.0,
+    max_batch_seconds: float = 300.0,
+    save_every_seconds: float = 300.0,
 ) -> EmbeddingTable:
     """Embed every utterance of ``paths`` (utt id -> audio file) with ``embed_fn``.
 
@@ -74,32 +83,63 @@ def extract_embeddings(
     needs. Utterances longer than 1.5 ``chunk_seconds`` are cut into near-equal chunks
     of about ``chunk_seconds`` whose embeddings are averaged. ``cache_path`` None
     disables the cache.
+
+    Batching: at most ``batch_size`` segments, each at least ``1 - max_padding`` times
+    as long as the batch's longest (0: equal lengths only, so no padding and results
+    independent of batching; up to 1: any lengths, only for an ``embed_fn`` that
+    masks padding exactly), and at most ``max_batch_seconds`` of padded audio (rows
+    x width) unless the batch is a single segment.
+
+    Failures keep the work done: finished embeddings are saved to ``<cache_path>.partial``
+    every ``save_every_seconds`` and when an error stops the run, and the next run with
+    the same model and settings embeds only what is missing. A file whose samples
+    cannot be read (e.g. NaN) does not stop the others: all such files are named in
+    one :class:`AudioError` at the end.
     """
     if not paths:
         raise ValueError("no utterances to embed")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0.0 <= max_padding <= 1.0:
+        raise ValueError(f"max_padding must be in [0, 1], got {max_padding}")
+    if not max_batch_seconds > 0:
+        raise ValueError(f"max_batch_seconds must be positive, got {max_batch_seconds}")
     utt_ids = sorted(paths)
-    key = _cache_key(model_id, utt_ids, paths, chunk_seconds, sample_rate)
+    settings = {
+        "chunk_seconds": chunk_seconds,
+        "sample_rate": sample_rate,
+        "batch_size": batch_size,
+        "max_padding": max_padding,
+        "max_batch_seconds": max_batch_seconds,
+    }
+    key = _digest({"model_id": model_id, **settings, "utterances": [[utt, str(paths[utt])] for utt in utt_ids]})
     cached = _load_cache(cache_path, key)
     if cached is not None:
         logger.info("embeddings of %d utterances reused from %s", len(utt_ids), cache_path)
         return cached
 
     files = [str(paths[utt]) for utt in utt_ids]
-    segments = _segments(files, chunk_seconds, sample_rate)
-    sums: torch.Tensor | None = None
-    counts = torch.zeros(len(files), dtype=torch.float64)
-    with torch.no_grad():
-        for start in range(0, len(segments), batch_size):
-            batch = segments[start : start + batch_size]
-            embeddings = _embed_batch(batch, files, embed_fn, sample_rate)
-            if sums is None:
-                sums = torch.zeros(len(files), embeddings.shape[1], dtype=torch.float64)
-            rows = torch.tensor([segment.row for segment in batch])
-            sums.index_add_(0, rows, embeddings)
-            counts.index_add_(0, rows, torch.ones(len(batch), dtype=torch.float64))
-    table = EmbeddingTable(utt_ids, (sums / counts[:, None]).to(torch.float32))
+    progress = _Progress(files, _partial_path(cache_path), _digest({"model_id": model_id, **settings}))
+    segments = _segments(files, chunk_seconds, sample_rate, skip=progress.resumed.keys())
+    progress.expect(segments)
+    max_samples = int(max_batch_seconds * sample_rate)
+    last_save = time.monotonic()
+    try:
+        with torch.no_grad():
+            for batch in _batches(segments, batch_size, max_padding, max_samples):
+                batch, wavs = progress.load(batch, sample_rate)
+                if batch:
+                    progress.add(batch, _embed_batch(batch, wavs, files, embed_fn))
+                if progress.path is not None and time.monotonic() - last_save >= save_every_seconds:
+                    progress.save()
+                    last_save = time.monotonic()
+    except BaseException:
+        progress.save_quietly()
+        raise
+    if progress.failures:
+        progress.save_quietly()
+        raise progress.failure_error()
+    table = EmbeddingTable(utt_ids, progress.vectors())
     if cache_path is not None:
         atomic_torch_save(
             {
@@ -111,26 +151,135 @@ def extract_embeddings(
             },
             cache_path,
         )
-    logger.info("embedded %d utterances (%d segments)", len(files), len(segments))
+        progress.discard()
+    logger.info("embedded %d utterances (%d segments, %d resumed)", len(files), len(segments), len(progress.resumed))
     return table
 
 
-def _cache_key(
-    model_id: str,
-    utt_ids: list[str],
-    paths: Mapping[str, str | os.PathLike],
-    chunk_seconds: float | None,
-    sample_rate: int,
-) -> str:
-    """SHA-256 of everything that determines the embeddings, except the audio bytes."""
-    description = {
-        "format": CACHE_FORMAT,
-        "model_id": model_id,
-        "chunk_seconds": chunk_seconds,
-        "sample_rate": sample_rate,
-        "utterances": [[utt, str(paths[utt])] for utt in utt_ids],
-    }
-    return hashlib.sha256(json.dumps(description).encode("utf-8")).hexdigest()
+class _Progress:
+    """What an extraction has finished, kept on disk (``<cache>.partial``) so a failed run resumes.
+
+    The partial file holds the embeddings of finished utterances with their paths,
+    under a key of the model and the settings (not of the utterance set, so a run
+    on a subset or superset reuses it). Failed files are remembered and skipped.
+    """
+
+    def __init__(self, files: list[str], path: Path | None, settings_key: str) -> None:
+        self.files = files
+        self.path = path
+        self.settings_key = settings_key
+        self.resumed, self.others_stored = _load_partial(path, settings_key, files)
+        self.expected = torch.zeros(len(files), dtype=torch.float64)
+        self.counts = torch.zeros(len(files), dtype=torch.float64)
+        self.sums: torch.Tensor | None = None
+        self.failures: dict[int, str] = {}
+
+    def expect(self, segments: list[_Segment]) -> None:
+        """Count the segments each utterance still needs."""
+        rows = torch.tensor([s.row for s in segments], dtype=torch.long)
+        self.expected.index_add_(0, rows, torch.ones(len(segments), dtype=torch.float64))
+
+    def load(self, batch: list[_Segment], sample_rate: int) -> tuple[list[_Segment], list[torch.Tensor]]:
+        """Audio of the batch's segments; a file that fails is recorded and left out, with its other segments."""
+        kept, wavs = [], []
+        for s in batch:
+            if s.row in self.failures:
+                continue
+            try:
+                wavs.append(load_audio(self.files[s.row], sample_rate, start=s.start, num_samples=None if s.whole else s.length))
+            except AudioError as err:
+                self.failures[s.row] = str(err)
+                continue
+            kept.append(s)
+        return kept, wavs
+
+    def add(self, batch: list[_Segment], embeddings: torch.Tensor) -> None:
+        if self.sums is None:
+            self.sums = torch.zeros(len(self.files), embeddings.shape[1], dtype=torch.float64)
+        rows = torch.tensor([segment.row for segment in batch], dtype=torch.long)
+        self.sums.index_add_(0, rows, embeddings)
+        self.counts.index_add_(0, rows, torch.ones(len(batch), dtype=torch.float64))
+
+    def finished(self) -> dict[int, torch.Tensor]:
+        """Float32 embedding of every utterance with all its segments embedded (resumed ones included)."""
+        done = dict(self.resumed)
+        if self.sums is not None:
+            complete = ((self.counts == self.expected) & (self.expected > 0)).nonzero().flatten().tolist()
+            done.update({row: (self.sums[row] / self.counts[row]).to(torch.float32) for row in complete if row not in self.failures})
+        return done
+
+    def vectors(self) -> torch.Tensor:
+        """[N, D] embeddings of all utterances (call once every segment is embedded)."""
+        done = self.finished()
+        return torch.stack([done[row] for row in range(len(self.files))])
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        done = self.finished()
+        if not done:
+            return
+        rows = sorted(done)
+        atomic_torch_save(
+            {
+                "format": CACHE_FORMAT,
+                "settings_key": self.settings_key,
+                "paths": [self.files[row] for row in rows],
+                "vectors": torch.stack([done[row] for row in rows]),
+            },
+            self.path,
+        )
+
+    def save_quietly(self) -> None:
+        """Save during error handling: a second failure is logged, never raised over the first."""
+        try:
+            self.save()
+        except Exception as err:  # noqa: BLE001 - the original error matters more
+            logger.error("could not save partial embeddings to %s: %s", self.path, err)
+
+    def discard(self) -> None:
+        """Remove the partial file once the cache holds all it had (it may serve another utterance set)."""
+        if self.path is not None and not self.others_stored:
+            self.path.unlink(missing_ok=True)
+
+    def failure_error(self) -> AudioError:
+        kept = len(self.finished())
+        where = f"kept in {self.path} and reused by the next run" if self.path is not None else "not kept (no cache)"
+        problems = [self.failures[row] for row in sorted(self.failures)]
+        listed = problems[:MAX_LISTED_FAILURES]
+        more = f"\n  ... and {len(problems) - len(listed)} more" if len(problems) > len(listed) else ""
+        return AudioError(
+            f"{len(problems)} of {len(self.files)} files could not be embedded; the embeddings of {kept} others are "
+            f"{where}:\n  " + "\n  ".join(listed) + more
+        )
+
+
+def _partial_path(cache_path: str | os.PathLike | None) -> Path | None:
+    return None if cache_path is None else Path(f"{cache_path}.partial")
+
+
+def _load_partial(path: Path | None, settings_key: str, files: list[str]) -> tuple[dict[int, torch.Tensor], bool]:
+    """Rows of ``files`` whose embedding a partial file with these settings holds (same path),
+    and whether it holds embeddings of other files too."""
+    if path is None or not path.is_file():
+        return {}, False
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - an unreadable partial file only costs recomputation
+        logger.warning("ignoring unreadable partial embeddings %s: %s", path, err)
+        return {}, False
+    if not isinstance(stored, dict) or stored.get("settings_key") != settings_key:
+        return {}, False
+    by_path = dict(zip(stored["paths"], stored["vectors"]))
+    resumed = {row: by_path[file] for row, file in enumerate(files) if file in by_path}
+    if resumed:
+        logger.info("resuming extraction: %d of %d embeddings from %s", len(resumed), len(files), path)
+    return resumed, len(resumed) < len(by_path)
+
+
+def _digest(description: Mapping[str, object]) -> str:
+    """SHA-256 of what determines the embeddings (never the audio bytes), with the cache format."""
+    return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **description}).encode("utf-8")).hexdigest()
 
 
 def _load_cache(cache_path: str | os.PathLike | None, key: str) -> EmbeddingTable | None:
@@ -144,28 +293,60 @@ def _load_cache(cache_path: str | os.PathLike | None, key: str) -> EmbeddingTabl
     return EmbeddingTable(list(stored["utt_ids"]), stored["vectors"])
 
 
-def _segments(files: list[str], chunk_seconds: float | None, sample_rate: int) -> list[_Segment]:
-    """Segments of every file, longest first (lengths from the headers)."""
+def _segments(
+    files: list[str], chunk_seconds: float | None, sample_rate: int, skip: Iterable[int] = ()
+) -> list[_Segment]:
+    """Segments of every file (except rows in ``skip``), longest first, lengths from the headers.
+
+    Every unusable header is found before anything is embedded, and all are named in one error.
+    """
     chunk = None if chunk_seconds is None else int(round(chunk_seconds * sample_rate))
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk_seconds too small: {chunk_seconds}")
-    segments = []
+    skip = set(skip)
+    segments, problems = [], []
     for row, path in enumerate(files):
-        info = audio_info(path)
+        if row in skip:
+            continue
+        try:
+            info = audio_info(path)
+        except AudioError as err:
+            problems.append(str(err))
+            continue
         length = max(1, int(info.frames * sample_rate // info.sample_rate))
         pieces = 1 if chunk is None else max(1, int(round(length / chunk)))
         bounds = np.linspace(0, length, pieces + 1).round().astype(int)
         segments.extend(_Segment(row, int(a), int(b - a), pieces == 1) for a, b in zip(bounds[:-1], bounds[1:]))
+    if problems:
+        listed = problems[:MAX_LISTED_FAILURES]
+        more = f"\n  ... and {len(problems) - len(listed)} more" if len(problems) > len(listed) else ""
+        raise AudioError(f"{len(problems)} of {len(files)} files cannot be embedded:\n  " + "\n  ".join(listed) + more)
     segments.sort(key=lambda segment: -segment.length)
     return segments
 
 
-def _embed_batch(batch: list[_Segment], files: list[str], embed_fn: EmbedFn, sample_rate: int) -> torch.Tensor:
-    """Load, pad and embed one batch; returns float64 CPU embeddings [B, D]."""
-    wavs = [
-        load_audio(files[s.row], sample_rate, start=s.start, num_samples=None if s.whole else s.length)
-        for s in batch
-    ]
+def _batches(
+    segments: list[_Segment], batch_size: int, max_padding: float, max_samples: int
+) -> list[list[_Segment]]:
+    """Split longest-first ``segments`` into batches that respect the padding and size bounds."""
+    batches: list[list[_Segment]] = []
+    for segment in segments:
+        batch = batches[-1] if batches else None
+        fits = (
+            batch is not None
+            and len(batch) < batch_size
+            and batch[0].length - segment.length <= max_padding * batch[0].length
+            and (len(batch) + 1) * batch[0].length <= max_samples
+        )
+        if fits:
+            batch.append(segment)
+        else:
+            batches.append([segment])
+    return batches
+
+
+def _embed_batch(batch: list[_Segment], wavs: list[torch.Tensor], files: list[str], embed_fn: EmbedFn) -> torch.Tensor:
+    """Pad and embed one batch of loaded segments; returns float64 CPU embeddings [B, D]."""
     output = embed_fn(*pad_waveforms(wavs))
     if output.ndim == 3 and output.shape[1] == 1:
         output = output[:, 0]

@@ -12,7 +12,7 @@ from qmargin_spk.metrics import DEFAULT_FARS, DEFAULT_P_TARGETS, bootstrap_metri
 from qmargin_spk.scoring.backends import asnorm_scores, cosine_scores, speaker_means
 from qmargin_spk.scoring.embeddings import EmbedFn, EmbeddingTable, extract_embeddings
 from qmargin_spk.scoring.report import write_results, write_score_file
-from qmargin_spk.data.trials import TrialFiles, check_trial_files, read_trial_lists, unique_utterances
+from qmargin_spk.data.trials import TrialFiles, check_trial_files, check_trial_labels, read_trial_lists, unique_utterances
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ def score_trial_lists(
     batch_size: int = 16,
     chunk_seconds: float | None = None,
     sample_rate: int = 16000,
+    max_padding: float = 0.0,
+    max_batch_seconds: float = 300.0,
     p_targets: Sequence[float] = DEFAULT_P_TARGETS,
     fars: Sequence[float] = DEFAULT_FARS,
     max_missing_listed: int = 10,
@@ -43,6 +45,9 @@ def score_trial_lists(
     """Score every trial list with one set of embeddings and write all result files to ``out_dir``.
 
     ``test_root`` is the VoxCeleb1 ``wav/`` folder the lists' paths are relative to.
+    ``batch_size``, ``chunk_seconds``, ``max_padding`` and ``max_batch_seconds`` are the
+    batching of :func:`extract_embeddings`. The lists are merged into the results files
+    with those of earlier runs of the same model and settings (:func:`write_results`).
     ``cohort_paths`` (utt id -> audio) are training utterances: their speaker means
     (speaker from ``cohort_speakers``, else the first path component of the utt id,
     as in VoxCeleb ids) form the AS-norm cohort, and their mean embedding is
@@ -65,7 +70,11 @@ def score_trial_lists(
 
     trial_lists = read_trial_lists(trial_files)
     check_trial_files(trial_lists, test_root, max_missing_listed)
-    settings = dict(batch_size=batch_size, chunk_seconds=chunk_seconds, sample_rate=sample_rate)
+    check_trial_labels(trial_lists)
+    settings = dict(
+        batch_size=batch_size, chunk_seconds=chunk_seconds, sample_rate=sample_rate,
+        max_padding=max_padding, max_batch_seconds=max_batch_seconds,
+    )
     test_paths = {utt: test_root / utt for utt in unique_utterances(trial_lists).tolist()}
     test_table = extract_embeddings(test_paths, embed_fn, out_dir / "embeddings" / "test.pt", model_id, **settings)
 
@@ -100,6 +109,7 @@ def score_trial_lists(
                 "trial_file": str(trials.path),
                 "backend": backend,
                 "n_trials": len(trials),
+                "n_utterances": int(unique_utterances([trials]).size),
                 "metrics": metrics.to_dict(),
                 "intervals": intervals,
                 "score_file": str(score_file),
@@ -112,7 +122,6 @@ def score_trial_lists(
         "model_id": model_id,
         "backend": backend,
         "test_root": str(test_root),
-        "n_utterances": len(test_table.utt_ids),
         "settings": {
             **settings,
             "subtract_mean": subtract_mean,
@@ -121,10 +130,10 @@ def score_trial_lists(
         },
         "results": results,
     }
-    table = write_results(run, out_dir / f"results.{backend}.json", out_dir / f"results.{backend}.md")
+    merged, table = write_results(run, out_dir / f"results.{backend}.json", out_dir / f"results.{backend}.md")
     if print_table:
         print(table, end="")
-    return {**run, "table": table}
+    return {**merged, "table": table}
 
 
 def _cohort(

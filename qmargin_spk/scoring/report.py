@@ -1,18 +1,25 @@
 """Result files of a scoring run: score files, JSON and a Markdown table, all written atomically.
 
 A result entry (one per trial list) is a dict with at least ``list``, ``backend``,
-``n_trials`` and ``metrics`` (:meth:`VerificationMetrics.to_dict`).
+``n_trials`` and ``metrics`` (:meth:`VerificationMetrics.to_dict`). The results file
+of an experiment gathers the lists of every scoring run with the same model and
+settings: each run replaces the entries of the lists it scored and keeps the others,
+under a lock, so runs on different lists (one after the other or at the same time)
+all end up in it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from qmargin_spk.utils.atomic import atomic_open, atomic_write_text
+from qmargin_spk.utils.atomic import atomic_open, atomic_write_text, exclusive_lock
+
+logger = logging.getLogger(__name__)
 
 
 def write_score_file(
@@ -66,12 +73,48 @@ def results_table(results: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(run: dict, json_path: str | os.PathLike, markdown_path: str | os.PathLike) -> str:
-    """Write ``run`` (with its ``results`` entries) as JSON and its table as Markdown; return the table."""
-    table = results_table(run["results"])
-    atomic_write_text(json_path, json.dumps(run, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(markdown_path, table)
-    return table
+def write_results(run: dict, json_path: str | os.PathLike, markdown_path: str | os.PathLike) -> tuple[dict, str]:
+    """Merge ``run`` into the JSON results file and rewrite its Markdown table; return both.
+
+    Under an exclusive lock (``<json_path>.lock``) the file is read, the entries of the
+    lists in ``run["results"]`` replace those of the same name (in place; new lists are
+    appended), and entries of other lists are kept when the file describes the same
+    run (every key but ``results``: model, back-end, settings, ...); a file from
+    another model or other settings is replaced, with a warning naming its lists.
+    """
+    with exclusive_lock(f"{json_path}.lock"):
+        merged = _merge(_read_results(json_path), run, json_path)
+        table = results_table(merged["results"])
+        atomic_write_text(json_path, json.dumps(merged, indent=2, allow_nan=False) + "\n")
+        atomic_write_text(markdown_path, table)
+    return merged, table
+
+
+def _read_results(json_path: str | os.PathLike) -> dict | None:
+    """The results file's content, or None when absent or unreadable (logged)."""
+    try:
+        with open(json_path, encoding="utf-8") as handle:
+            stored = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        logger.warning("%s: unreadable results file, replacing it (%s)", json_path, err)
+        return None
+    return stored if isinstance(stored, dict) and isinstance(stored.get("results"), list) else None
+
+
+def _merge(stored: dict | None, run: dict, json_path: str | os.PathLike) -> dict:
+    """``run`` with the entries of ``stored`` for lists that ``run`` did not score (same run identity only)."""
+    if stored is None:
+        return run
+    identity = json.loads(json.dumps({key: value for key, value in run.items() if key != "results"}))  # as stored
+    if {key: value for key, value in stored.items() if key != "results"} != identity:
+        dropped = [entry.get("list") for entry in stored["results"]]
+        logger.warning("%s: dropping the results of lists %s, scored with another model or other settings", json_path, dropped)
+        return run
+    fresh = {entry["list"]: entry for entry in run["results"]}
+    results = [fresh.pop(entry["list"], entry) for entry in stored["results"]]
+    return {**run, "results": results + list(fresh.values())}
 
 
 def _with_interval(value: float | None, interval: dict | None, factor: float, digits: int) -> str:

@@ -1,17 +1,30 @@
 """Atomic file writes: write to a temporary file in the same folder, then rename.
 
 A crash or a kill mid-write leaves either the old file or the new one, never a
-half-written score file, manifest or checkpoint.
+half-written score file, manifest or checkpoint. The file is fsynced before the
+rename and its folder after it, so a power loss cannot undo a finished write either.
+
+A kill leaves the temporary file behind. Temporaries are named
+``.<name>.<host>.<pid>.<random>.tmp``, and every write removes the leftovers of its
+own target whose writer is gone (same host, process no longer alive); a concurrent
+writer's temporary (live process, or another host) is never touched.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
+
+logger = logging.getLogger(__name__)
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
 @contextlib.contextmanager
@@ -21,7 +34,8 @@ def atomic_open(path: PathLike, mode: str = "w", encoding: str | None = "utf-8")
         raise ValueError(f"atomic_open only writes whole files, got mode {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
@@ -33,6 +47,72 @@ def atomic_open(path: PathLike, mode: str = "w", encoding: str | None = "utf-8")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_folder(path.parent)
+
+
+def temporary_prefix(path: PathLike, pid: int | None = None) -> str:
+    """Start of the name of a temporary file for ``path`` written by process ``pid`` (default: this one)."""
+    return f".{Path(path).name}.{_HOST}.{os.getpid() if pid is None else pid}."
+
+
+def remove_stale_temporaries(path: PathLike) -> list[Path]:
+    """Delete temporaries of ``path`` left by dead writers on this host; return them."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?P<host>[A-Za-z0-9-]+)\.(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp")
+    removed = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            match = pattern.fullmatch(entry.name)
+            if match and match["host"] == _HOST and not _process_alive(int(match["pid"])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    if removed:
+        logger.info("removed %d temporary files of %s left by killed writers", len(removed), path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a process of another user counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; file systems that cannot fsync a folder are let be."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if absent) for a read-modify-write of a shared file.
+
+    The lock is released by the kernel when the process dies, so a killed holder never blocks others.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _umask() -> int:
