@@ -239,3 +239,32 @@ def test_ddp_with_two_cpu_processes(corpus, tmp_path):
     assert "global batch 16" in output
     assert len(list((exp / "save").glob("CKPT+*"))) == 1
     assert "epoch: 1" in (exp / "train_log.txt").read_text()
+
+
+def test_two_torchrun_nodes_train_like_one_node_with_two_processes(corpus, tmp_path):
+    import socket
+
+    one_node, two_nodes = tmp_path / "one_node", tmp_path / "two_nodes"
+    run_recipe(corpus, one_node, "--stop_stage", "1")
+    run_recipe(corpus, one_node, "--stage", "2", "--stop_stage", "2", "--nproc", "2")
+    two_nodes.mkdir()
+    (two_nodes / "data").symlink_to(one_node / "data")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = ["bash", str(RUN_SH), "--exp", str(two_nodes), "--hparams", "hparams/demo_cpu_qmargin.yaml",
+               "--stage", "2", "--stop_stage", "2", "--nproc", "1", "--nnodes", "2",
+               "--rdzv_endpoint", f"127.0.0.1:{port}", *FAST]
+    env = {**os.environ, "PYTHON": sys.executable}
+    nodes = [subprocess.Popen([*command, "--node_rank", str(rank)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert any("global batch 16" in output for output in outputs)
+    # Same global batch, same data split, same averaged gradients: the same loss trajectory and weights.
+    assert (one_node / "train_log.txt").read_text() == (two_nodes / "train_log.txt").read_text()
+    saved = [torch.load(next((exp / "save").glob("CKPT+*")) / "embedding_model.ckpt", weights_only=True)
+             for exp in (one_node, two_nodes)]
+    for key, value in saved[0].items():
+        if value.is_floating_point() and "running" not in key:  # BatchNorm statistics stay per process on CPU
+            torch.testing.assert_close(value, saved[1][key], rtol=0, atol=0)

@@ -20,6 +20,17 @@ def test_overridden_brain_methods_keep_their_signatures():
     assert "SyncBatchNorm" in inspect.getsource(sb.Brain._wrap_distributed)
 
 
+def test_multi_process_checkpoint_and_optimizer_hooks_exist():
+    from speechbrain.utils.checkpoints import register_checkpoint_hooks
+
+    assert "save_on_main_only" in inspect.signature(register_checkpoint_hooks).parameters
+    # Savers run on every process (the sharded head's gather needs all of them), after the folder is broadcast.
+    source = inspect.getsource(Checkpointer.save_checkpoint)
+    assert "ddp_broadcast(ckpt_dir" in source and "for name, obj in self.recoverables.items()" in source
+    assert "self.optimizers_dict = {" in inspect.getsource(sb.Brain.init_optimizers)
+    assert "self.optimizers_dict" in inspect.getsource(sb.Brain.optimizers_step)
+
+
 def test_overridden_checkpointer_methods_keep_their_signatures_and_calls():
     assert list(inspect.signature(Checkpointer.save_checkpoint).parameters) == [
         "self", "meta", "end_of_epoch", "name", "verbosity"]

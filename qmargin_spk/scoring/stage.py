@@ -49,4 +49,5 @@ def score_stage(hparams_file: str, overrides: Overrides = "", device: str | None
         batch_size=hparams["extract_batch_size"], chunk_seconds=hparams["extract_chunk_seconds"],
         sample_rate=hparams["sample_rate"], experiment=experiment.describe(),
         bootstrap_resamples=hparams.get("bootstrap_resamples", 1000),
+        max_batch_seconds=hparams.get("extract_max_batch_seconds", 300.0),
     )
