@@ -129,7 +129,8 @@ def run_verify(args: argparse.Namespace) -> None:
         print(f"decision: none ({result.source})")
     else:
         verdict = "same speaker" if result.decision else "different speakers"
-        print(f"decision: {verdict} at p_target {result.p_target:g} (threshold {result.threshold:.4f}; {result.source})")
+        print(f"decision: {verdict} at p_target {result.p_target:g} "
+              f"(threshold {result.threshold:.4f}; {result.source})")
 
 
 def run_score(args: argparse.Namespace) -> None:
@@ -205,7 +206,8 @@ def run_calibrate(args: argparse.Namespace) -> None:
         with atomic_open(args.model / COHORT_FILE, "wb") as handle:
             np.save(handle, cohort)
     calibration.save(args.model / CALIBRATION_FILE)
-    print(f"calibration on {labels.size} trials ({int(labels.sum())} target) written to {args.model / CALIBRATION_FILE}")
+    print(f"calibration on {labels.size} trials ({int(labels.sum())} target) "
+          f"written to {args.model / CALIBRATION_FILE}")
     print(f"inputs: {', '.join(calibration.inputs)}")
     print(f"Cllr before: {before:.4f}  after: {after:.4f}  (min Cllr {fit['min_cllr']:.4f}; on the fitting list)")
 

@@ -131,8 +131,9 @@ def test_calibrate_with_quality(model_dir, audio_dir, trials, tmp_path, capsys):
     run_cli(capsys, "score", "--model", model_dir, "--trials", trials, "--root", audio_dir, "--out", tmp_path / "s")
     cohort = tmp_path / "cohort.scp"
     cohort.write_text("".join(f"c{i} {p}\n" for i, p in enumerate(sorted(audio_dir.rglob("*.wav")))))
-    status, out, err = run_cli(capsys, "calibrate", "--model", model_dir, "--scores", tmp_path / "s" / "mini.cosine.scores",
-                               "--quality", "--root", audio_dir, "--cohort", cohort, "--top_n", 3)
+    status, out, err = run_cli(capsys, "calibrate", "--model", model_dir, "--scores",
+                               tmp_path / "s" / "mini.cosine.scores", "--quality", "--root", audio_dir,
+                               "--cohort", cohort, "--top_n", 3)
     assert status == 0, err
     assert "inputs: score, log_duration_enrol, log_duration_test, imposter_mean_enrol, imposter_mean_test" in out
     assert np.load(model_dir / "calibration_cohort.npy").shape == (7, 16)

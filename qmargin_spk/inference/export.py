@@ -89,7 +89,7 @@ class ExportableFbank(torch.nn.Module):
 
 
 class ExportableEmbedder(torch.nn.Module):
-    """Waveforms ``[B, T]`` (whole utterances) -> raw embeddings ``[B, D]``, as ``SpeakerEmbedder`` with full lengths."""
+    """Waveforms ``[B, T]`` (whole utterances) -> raw embeddings ``[B, D]``: ``SpeakerEmbedder`` at full lengths."""
 
     def __init__(self, model: SpeakerModel) -> None:
         super().__init__()

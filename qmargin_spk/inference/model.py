@@ -113,7 +113,7 @@ class SpeakerModel:
         return int(self.info["embedding_dim"])
 
     def embed_batch(self, wavs: torch.Tensor, rel_lens: torch.Tensor) -> torch.Tensor:
-        """Raw (unnormalised) float32 CPU embeddings ``[B, D]`` of a padded batch, as the scoring stage's ``embed_fn``."""
+        """Raw float32 CPU embeddings ``[B, D]`` of a padded batch: the scoring stage's ``embed_fn``."""
         with torch.no_grad():
             return self.embedder(wavs.to(self.device), rel_lens.to(self.device)).float().cpu()
 
@@ -125,6 +125,8 @@ class SpeakerModel:
         progress: bool = False,
     ) -> np.ndarray:
         """L2-normalised float32 embeddings ``[N, D]`` of audio files or 1-D waveforms at the model rate.
+
+        One path or waveform gives ``[1, D]``; a 2-D numpy array is read as one waveform per row.
 
         With ``chunk_seconds``, an item longer than 1.5 chunks is cut into near-equal chunks
         of about that length whose raw embeddings are averaged (as the scoring stage does).
@@ -144,7 +146,7 @@ class SpeakerModel:
         a = np.asarray(a, dtype=np.float64)
         b = np.asarray(b, dtype=np.float64)
         if a.shape != b.shape or a.ndim not in (1, 2):
-            raise ValueError(f"score needs two embeddings or two [N, D] arrays of one shape, got {a.shape} and {b.shape}")
+            raise ValueError(f"score needs two embeddings or two [N, D] arrays of one shape, got {a.shape}, {b.shape}")
         scores = np.sum(_normalised(np.atleast_2d(a)) * _normalised(np.atleast_2d(b)), axis=1)
         return float(scores[0]) if a.ndim == 1 else scores
 
@@ -163,8 +165,8 @@ class SpeakerModel:
             return Verification(score, llr, llr >= threshold, threshold, p_target, "calibrated: LLR >= log((1-P)/P)")
         stored = self._stored_threshold(p_target)
         if stored is None:
-            return Verification(score, None, None, None, p_target,
-                                f"uncalibrated, no stored threshold for p_target {p_target:g}: run qmargin-spk calibrate")
+            source = f"uncalibrated, no stored threshold for p_target {p_target:g}: run qmargin-spk calibrate"
+            return Verification(score, None, None, None, p_target, source)
         threshold, source = stored
         return Verification(score, None, score >= threshold, threshold, p_target, source)
 
@@ -208,7 +210,7 @@ class SpeakerModel:
         if isinstance(item, (np.ndarray, torch.Tensor)):
             wav = torch.as_tensor(item)
             if wav.ndim != 1 or wav.numel() == 0:
-                raise ValueError(f"waveform {index}: expected a non-empty 1-D array (mono), got shape {tuple(wav.shape)}")
+                raise ValueError(f"waveform {index}: expected a non-empty 1-D array (mono), got {tuple(wav.shape)}")
             if not bool(torch.isfinite(wav).all()):
                 raise ValueError(f"waveform {index}: contains NaN or inf samples")
             return wav.numel()

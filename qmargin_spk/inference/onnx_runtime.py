@@ -53,8 +53,9 @@ class OnnxSpeakerModel:
         order = sorted(range(len(arrays)), key=lambda i: -arrays[i].size)
         start = 0
         while start < len(order):
+            length = arrays[order[start]].size
             stop = start + 1
-            while stop < len(order) and stop - start < batch_size and arrays[order[stop]].size == arrays[order[start]].size:
+            while stop < len(order) and stop - start < batch_size and arrays[order[stop]].size == length:
                 stop += 1
             rows = order[start:stop]
             out[rows] = self.embed_batch(np.stack([arrays[i] for i in rows]))
