@@ -10,7 +10,7 @@ $(STAMP): setup.py requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements-lock.txt -r requirements-lock.txt
-	$(PY) -m pip install -q -c requirements-lock.txt -e ".[dev]"
+	$(PY) -m pip install -q -c requirements-lock.txt -e ".[dev,export]"
 	touch $(STAMP)
 
 install: $(STAMP)

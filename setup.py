@@ -21,5 +21,7 @@ setup(
         "dev": ["pytest>=7", "matplotlib>=3.7", "tensorboard>=2.14"],
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
+        "export": ["onnx>=1.15", "onnxruntime>=1.17"],
     },
+    entry_points={"console_scripts": ["qmargin-spk=qmargin_spk.cli:main"]},
 )

@@ -1,4 +1,5 @@
-"""Speaker-verification metrics: EER, minDCF, TAR at fixed FAR, DET curves, speaker-bootstrap intervals."""
+"""Speaker-verification metrics: EER, minDCF, TAR at fixed FAR, DET curves, speaker-bootstrap intervals;
+Cllr and actual DCF of LLRs."""
 from qmargin_spk.metrics.bootstrap import (
     BootstrapResult,
     ComparisonResult,
@@ -9,6 +10,15 @@ from qmargin_spk.metrics.bootstrap import (
     bootstrap_metrics,
     paired_comparison,
     utterance_speakers,
+)
+from qmargin_spk.metrics.calibration import (
+    ActDcf,
+    CalibrationMetrics,
+    actual_dcf,
+    bayes_threshold,
+    calibration_metrics,
+    cllr,
+    min_cllr,
 )
 from qmargin_spk.metrics.det import det_available, plot_det, plot_det_curves, probit
 from qmargin_spk.metrics.verification import (
@@ -25,8 +35,10 @@ from qmargin_spk.metrics.verification import (
 )
 
 __all__ = [
+    "ActDcf",
     "BootstrapResult",
     "CONVENTIONS",
+    "CalibrationMetrics",
     "ComparisonResult",
     "DEFAULT_FARS",
     "DEFAULT_P_TARGETS",
@@ -38,9 +50,14 @@ __all__ = [
     "SpeakerBootstrap",
     "TarAtFar",
     "VerificationMetrics",
+    "actual_dcf",
+    "bayes_threshold",
     "bootstrap_metrics",
+    "calibration_metrics",
+    "cllr",
     "compute_metrics",
     "det_available",
+    "min_cllr",
     "operating_points",
     "paired_comparison",
     "plot_det",

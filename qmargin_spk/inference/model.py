@@ -1,0 +1,326 @@
+"""``SpeakerModel``: embeddings, enrolment, scores and calibrated decisions from a model folder.
+
+Batching policy. An utterance's embedding must not depend on its batch-mates
+(speechbrain #1374): padding changes the filterbank frames at the end of the shorter
+signals and the convolutions near them, so a padded batch does not give the
+embeddings of its members alone. Items are therefore sorted by length and only
+*equal-length* items share a batch; everything else runs alone. The embeddings are
+then exactly those of the scoring stage for one utterance per batch (and for its
+batches of equal-length files), and bulk throughput comes from equal-length inputs
+(fixed-length crops, or ``chunk_seconds``).
+
+Decisions. With a ``calibration.json`` the score becomes a natural-log LLR and the
+decision is ``LLR >= log((1 - p_target) / p_target)`` (Bayes). Without one there is no
+LLR; the decision then uses the minDCF threshold at ``p_target`` measured on the first
+cosine-scored list of ``model.json`` (``source`` says which), and is None when there is
+no such entry.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from numpy.typing import ArrayLike
+
+from qmargin_spk.calibration import Calibration, trial_quality, utterance_quality
+from qmargin_spk.data.audio import audio_info, load_audio
+from qmargin_spk.inference.package import (
+    CALIBRATION_FILE,
+    CHECKPOINT_FILE,
+    HPARAMS_FILE,
+    ModelFolderError,
+    read_model_info,
+)
+from qmargin_spk.metrics.calibration import bayes_threshold
+from qmargin_spk.models.embedder import SpeakerEmbedder
+
+AudioItem = Union[str, os.PathLike, np.ndarray, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Samples ``[start, start + length)`` of item ``row`` (at the model rate); ``whole``: the entire item."""
+
+    row: int
+    start: int
+    length: int
+    whole: bool
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Outcome of :meth:`SpeakerModel.verify`.
+
+    ``llr`` is None for an uncalibrated model; ``decision`` (True: same speaker) is
+    None when the model has neither a calibration nor a stored threshold for
+    ``p_target``; ``threshold`` is the threshold applied (on the LLR when calibrated,
+    else on the cosine score) and ``source`` says where it comes from.
+    """
+
+    score: float
+    llr: float | None
+    decision: bool | None
+    threshold: float | None
+    p_target: float
+    source: str
+
+
+class SpeakerModel:
+    """A packaged speaker-embedding model (see :mod:`qmargin_spk.inference.package` for the folder)."""
+
+    def __init__(
+        self,
+        embedder: SpeakerEmbedder,
+        info: dict,
+        calibration: Calibration | None = None,
+        cohort: np.ndarray | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.embedder = embedder.to(device).eval()
+        self.info = info
+        self.calibration = calibration
+        self.cohort = cohort
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "SpeakerModel":
+        """Load a model folder (ModelFolderError naming the folder when it is incomplete or inconsistent)."""
+        folder = Path(folder)
+        info = read_model_info(folder)
+        with open(folder / HPARAMS_FILE, encoding="utf-8") as handle:
+            hparams = load_hyperpyyaml(handle)
+        try:
+            weights = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+            hparams["embedding_model"].load_state_dict(weights, strict=True)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            raise ModelFolderError(f"{folder / CHECKPOINT_FILE}: cannot load into the model ({err})") from err
+        embedder = SpeakerEmbedder(hparams["compute_features"], hparams["mean_var_norm"], hparams["embedding_model"])
+        calibration, cohort = _load_calibration(folder, info)
+        return cls(embedder, info, calibration, cohort, device)
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.info["sample_rate"])
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.info["embedding_dim"])
+
+    def embed_batch(self, wavs: torch.Tensor, rel_lens: torch.Tensor) -> torch.Tensor:
+        """Raw float32 CPU embeddings ``[B, D]`` of a padded batch: the scoring stage's ``embed_fn``."""
+        with torch.no_grad():
+            return self.embedder(wavs.to(self.device), rel_lens.to(self.device)).float().cpu()
+
+    def embed(
+        self,
+        items: AudioItem | Sequence[AudioItem],
+        batch_size: int = 16,
+        chunk_seconds: float | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """L2-normalised float32 embeddings ``[N, D]`` of audio files or 1-D waveforms at the model rate.
+
+        One path or waveform gives ``[1, D]``; a 2-D numpy array is read as one waveform per row.
+
+        With ``chunk_seconds``, an item longer than 1.5 chunks is cut into near-equal chunks
+        of about that length whose raw embeddings are averaged (as the scoring stage does).
+        """
+        raw = self._raw_embeddings(_as_list(items), batch_size, chunk_seconds, progress)
+        return _normalised(raw).astype(np.float32)
+
+    def enroll(self, items: AudioItem | Sequence[AudioItem], batch_size: int = 16,
+               chunk_seconds: float | None = None) -> np.ndarray:
+        """One speaker's embedding ``[D]``: the renormalised mean of the items' normalised embeddings."""
+        embeddings = self.embed(items, batch_size=batch_size, chunk_seconds=chunk_seconds).astype(np.float64)
+        return _normalised(embeddings.mean(axis=0, keepdims=True))[0].astype(np.float32)
+
+    @staticmethod
+    def score(a: ArrayLike, b: ArrayLike) -> float | np.ndarray:
+        """Cosine similarity of embeddings ``[D]`` or row-wise of ``[N, D]`` (float64)."""
+        a = np.asarray(a, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64)
+        if a.shape != b.shape or a.ndim not in (1, 2):
+            raise ValueError(f"score needs two embeddings or two [N, D] arrays of one shape, got {a.shape}, {b.shape}")
+        scores = np.sum(_normalised(np.atleast_2d(a)) * _normalised(np.atleast_2d(b)), axis=1)
+        return float(scores[0]) if a.ndim == 1 else scores
+
+    def verify(self, a: AudioItem | Sequence[AudioItem], b: AudioItem | Sequence[AudioItem],
+               p_target: float = 0.01) -> Verification:
+        """Same speaker in ``a`` and ``b``? Each side is a file, a waveform, or a list of them (enrolled together)."""
+        sides = [_as_list(a), _as_list(b)]
+        embeddings = [self.enroll(side) for side in sides]
+        score = self.score(*embeddings)
+        if self.calibration is not None:
+            values = {"score": np.array([score])}
+            if self.calibration.uses_quality:
+                values.update(self._quality(sides, embeddings))
+            llr = float(self.calibration.llrs(values)[0])
+            threshold = bayes_threshold(p_target)
+            return Verification(score, llr, llr >= threshold, threshold, p_target, "calibrated: LLR >= log((1-P)/P)")
+        stored = self._stored_threshold(p_target)
+        if stored is None:
+            source = f"uncalibrated, no stored threshold for p_target {p_target:g}: run qmargin-spk calibrate"
+            return Verification(score, None, None, None, p_target, source)
+        threshold, source = stored
+        return Verification(score, None, score >= threshold, threshold, p_target, source)
+
+    def _raw_embeddings(self, items: list[AudioItem], batch_size: int, chunk_seconds: float | None,
+                        progress: bool) -> np.ndarray:
+        """Float64 raw embeddings [N, D]: cut into pieces, batch equal lengths, average the pieces of each item.
+
+        Files are read batch by batch (lengths come from their headers), so memory holds
+        one batch of audio, and each piece is read exactly as the scoring stage reads it.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        lengths = [self._length(item, index) for index, item in enumerate(items)]
+        pieces = [
+            _Piece(row, start, end - start, (start, end) == (0, length))
+            for row, length in enumerate(lengths)
+            for start, end in _chunk_bounds(length, chunk_seconds, self.sample_rate)
+        ]
+        sums = np.zeros((len(items), self.embedding_dim))
+        counts = np.zeros(len(items))
+        for planned in _progress(_equal_length_batches(pieces, batch_size), len(pieces), progress):
+            loaded = [(piece.row, self._load(items[piece.row], piece)) for piece in planned]
+            # A resampled file can come out a sample off its planned length: regroup by actual length.
+            for batch in _equal_length_batches(loaded, batch_size):
+                wavs = torch.stack([wav for _, wav in batch])
+                output = self.embed_batch(wavs, torch.ones(len(batch))).double().numpy()
+                for (row, _), embedding in zip(batch, output):
+                    sums[row] += embedding
+                    counts[row] += 1
+        raw = sums / counts[:, None]
+        bad = np.flatnonzero(~np.isfinite(raw).all(axis=1))
+        if bad.size:
+            raise ValueError(f"the model gave NaN/inf embeddings for item {bad[0]} ({_describe(items[bad[0]])})")
+        return raw
+
+    def _length(self, item: AudioItem, index: int) -> int:
+        """Samples at the model rate: from a file's header (checked by the audio policy) or a checked waveform."""
+        if isinstance(item, (str, os.PathLike)):
+            info = audio_info(item)
+            return max(1, info.frames * self.sample_rate // info.sample_rate)
+        if isinstance(item, (np.ndarray, torch.Tensor)):
+            wav = torch.as_tensor(item)
+            if wav.ndim != 1 or wav.numel() == 0:
+                raise ValueError(f"waveform {index}: expected a non-empty 1-D array (mono), got {tuple(wav.shape)}")
+            if not bool(torch.isfinite(wav).all()):
+                raise ValueError(f"waveform {index}: contains NaN or inf samples")
+            return wav.numel()
+        raise TypeError(f"item {index}: expected a path or a 1-D waveform, got {type(item).__name__}")
+
+    def _load(self, item: AudioItem, piece: "_Piece") -> torch.Tensor:
+        """The piece's samples as float32: read from the file like the scoring stage, or sliced from the waveform."""
+        if isinstance(item, (str, os.PathLike)):
+            return load_audio(item, self.sample_rate, start=piece.start,
+                              num_samples=None if piece.whole else piece.length)
+        return torch.as_tensor(item)[piece.start : piece.start + piece.length].detach().to("cpu", torch.float32)
+
+    def _quality(self, sides: list[list[AudioItem]], embeddings: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Quality inputs of one trial: total seconds of each side, imposter means against the stored cohort."""
+        durations = [sum(self._length(item, i) for i, item in enumerate(side)) / self.sample_rate for side in sides]
+        per_side = utterance_quality(durations, np.stack(embeddings), self.cohort, self.calibration.cohort["top_n"])
+        return trial_quality(per_side, [0], [1])
+
+    def _stored_threshold(self, p_target: float) -> tuple[float, str] | None:
+        """The minDCF threshold at ``p_target`` of the first cosine-scored list in ``model.json``, if any."""
+        for entry in self.info.get("results", []):
+            if entry.get("backend") != "cosine":
+                continue
+            point = entry.get("metrics", {}).get("min_dcf", {}).get(f"{p_target:g}")
+            if point is not None:
+                return float(point["threshold"]), f"uncalibrated: minDCF threshold of {entry['list']} (cosine)"
+        return None
+
+
+def _load_calibration(folder: Path, info: dict) -> tuple[Calibration | None, np.ndarray | None]:
+    """The folder's calibration and, for quality inputs, its cohort; checks it belongs to these weights."""
+    path = folder / CALIBRATION_FILE
+    if not path.is_file():
+        return None, None
+    calibration = Calibration.load(path)
+    fitted_for = calibration.fit.get("model_sha256")
+    if fitted_for is not None and fitted_for != info["checkpoint_sha256"]:
+        raise ModelFolderError(f"{path} was fitted for other weights: recalibrate (qmargin-spk calibrate)")
+    if not calibration.uses_quality:
+        return calibration, None
+    if not calibration.cohort or "file" not in calibration.cohort:
+        raise ModelFolderError(f"{path}: quality inputs without a cohort")
+    cohort_path = folder / calibration.cohort["file"]
+    try:
+        return calibration, np.load(cohort_path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ModelFolderError(f"{cohort_path}: cannot read the calibration cohort ({err})") from err
+
+
+def _as_list(items: AudioItem | Sequence[AudioItem]) -> list[AudioItem]:
+    """One item becomes a list of one; an empty list is an error."""
+    single = isinstance(items, (str, os.PathLike, torch.Tensor)) or (
+        isinstance(items, np.ndarray) and items.ndim == 1
+    )
+    listed = [items] if single else list(items)
+    if not listed:
+        raise ValueError("no audio given")
+    return listed
+
+
+def _chunk_bounds(length: int, chunk_seconds: float | None, sample_rate: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of the pieces of an item of ``length`` samples, as the scoring stage cuts them."""
+    if chunk_seconds is None:
+        return [(0, length)]
+    chunk = int(round(chunk_seconds * sample_rate))
+    if chunk < 1:
+        raise ValueError(f"chunk_seconds too small: {chunk_seconds}")
+    pieces = max(1, int(round(length / chunk)))
+    bounds = np.linspace(0, length, pieces + 1).round().astype(int)
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def _equal_length_batches(pieces: Sequence, batch_size: int) -> Iterable[list]:
+    """Batches of up to ``batch_size`` pieces of identical length, longest first.
+
+    A piece is a :class:`_Piece` or a ``(row, waveform)`` pair.
+    """
+    def length(piece) -> int:
+        return piece.length if isinstance(piece, _Piece) else piece[1].numel()
+
+    batch: list = []
+    for piece in sorted(pieces, key=lambda piece: -length(piece)):
+        if batch and (len(batch) == batch_size or length(piece) != length(batch[0])):
+            yield batch
+            batch = []
+        batch.append(piece)
+    if batch:
+        yield batch
+
+
+def _progress(batches: Iterable[list], total: int, show: bool) -> Iterable[list]:
+    """Pass batches through, with a tqdm bar counting pieces when ``show``."""
+    if not show:
+        yield from batches
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="utt", desc="embedding") as bar:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch))
+
+
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        raise ValueError("cannot normalise an all-zero embedding")
+    return vectors / norms
+
+
+def _describe(item: AudioItem) -> str:
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"waveform of {len(item)} samples"
+
