@@ -134,7 +134,7 @@ def run_verify(args: argparse.Namespace) -> None:
 
 
 def run_score(args: argparse.Namespace) -> None:
-    from qmargin_spk.calibration import calibrate_score_file, write_calibrated_results
+    from qmargin_spk.calibration.apply import calibrate_run
     from qmargin_spk.scoring.pipeline import score_trial_lists
 
     missing = [str(path) for path in args.trials if not path.is_file()]
@@ -156,20 +156,16 @@ def run_score(args: argparse.Namespace) -> None:
         bar.close()
     if model.calibration is None:
         return
-    table = _stage_embeddings(model, model_id, args) if model.calibration.uses_quality else None
-    entries = []
-    for result in run["results"]:
-        quality_inputs = None
-        if table is not None:
+    quality_of = None
+    if model.calibration.uses_quality:
+        table = _stage_embeddings(model, model_id, args)
+
+        def quality_of(result: dict) -> dict:
             enrol, test = _score_file_sides(result["score_file"])
-            quality_inputs = _trial_quality(enrol, test, table.utt_ids, table.vectors.numpy(), args.root,
-                                            model.cohort, model.calibration.cohort["top_n"])
-        llr_file = Path(args.out) / f"{result['list']}.cosine.llr.scores"
-        entry = calibrate_score_file(model.calibration, result["score_file"], llr_file, quality_inputs)
-        entries.append({"list": result["list"], **entry})
-    calibrated = {"model_id": model_id, "calibration": model.calibration.to_dict(), "results": entries}
-    print(write_calibrated_results(calibrated, Path(args.out) / "results.cosine.calibrated.json",
-                                   Path(args.out) / "results.cosine.calibrated.md"), end="")
+            return _trial_quality(enrol, test, table.utt_ids, table.vectors.numpy(), args.root,
+                                  model.cohort, model.calibration.cohort["top_n"])
+
+    print(calibrate_run(model.calibration, run, args.out, quality_of), end="")
 
 
 def run_calibrate(args: argparse.Namespace) -> None:

@@ -18,7 +18,9 @@ from qmargin_spk.data.manifest import read_manifest
 from qmargin_spk.experiment import load_hparams
 from qmargin_spk.losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, DenseHead, QMarginLoss, SparseQMarginHead
 from qmargin_spk.training.brain import SpeakerBrain
+from qmargin_spk.cli import main as cli_main
 from qmargin_spk.experiment import last_checkpoints
+from qmargin_spk.inference import SpeakerModel
 from qmargin_spk.training.stage import finetune_stage, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,11 +104,25 @@ def test_all_stages_end_to_end(corpus, tmp_path):
     score_lines = Path(entry["score_file"]).read_text().splitlines()
     assert len(score_lines) == n_trials
     assert (exp / "scores" / "results.cosine.md").is_file()
+    # Stage 4: the packaged model embeds like stage 3 and names its loss and results.
+    info = json.loads((exp / "model" / "model.json").read_text())
+    assert info["loss"] == "qmargin" and info["loss_hparams"]["margin"] == 0.2 and info["n_training_speakers"] == 8
+    assert info["results"][0]["metrics"]["eer"] == entry["metrics"]["eer"]
+    cache = torch.load(exp / "scores" / "embeddings" / "test.pt", weights_only=True)
+    model = SpeakerModel.from_folder(exp / "model")
+    utt = cache["utt_ids"][0]
+    stage3 = torch.nn.functional.normalize(cache["vectors"][0], dim=0).numpy()
+    assert float(model.embed([Path(corpus.test_root) / "wav" / utt])[0] @ stage3) > 0.99999
+    # A calibration in the model folder makes stage 3 report calibrated results too.
+    assert cli_main(["calibrate", "--model", str(exp / "model"), "--scores", entry["score_file"]]) == 0
     # Re-running a finished recipe: prepare is skipped, training has nothing left, scoring reuses embeddings.
     checkpoints = sorted(p.name for p in (exp / "save").glob("CKPT+*"))
     output = run_recipe(corpus, exp, trials=trials)
     assert "nothing to do" in output
     assert sorted(p.name for p in (exp / "save").glob("CKPT+*")) == checkpoints
+    calibrated = json.loads((exp / "scores" / "results.cosine.calibrated.json").read_text())
+    assert calibrated["results"][0]["metrics"]["cllr"] <= 1.0 + 1e-9  # calibrated LLRs are no worse than "no information"
+    assert (exp / "model" / "calibration.json").is_file()  # repackaging kept the calibration of the same weights
 
 
 def test_fused_sparse_head_trains_through_the_recipe(prepared):

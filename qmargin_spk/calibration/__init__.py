@@ -1,5 +1,5 @@
 """Score calibration: logistic regression of scores (and quality measures) into log-likelihood ratios."""
-from qmargin_spk.calibration.apply import calibrate_score_file, calibration_table, write_calibrated_results
+from qmargin_spk.calibration.apply import calibrate_run, calibrate_score_file, calibration_table, write_calibrated_results
 from qmargin_spk.calibration.logistic import CALIBRATION_FORMAT, Calibration, fit_calibration
 from qmargin_spk.calibration.quality import (
     DEFAULT_TOP_N,
@@ -12,6 +12,7 @@ from qmargin_spk.calibration.quality import (
 __all__ = [
     "CALIBRATION_FORMAT",
     "Calibration",
+    "calibrate_run",
     "DEFAULT_TOP_N",
     "QUALITY_INPUTS",
     "calibrate_score_file",

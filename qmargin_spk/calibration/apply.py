@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -61,3 +61,27 @@ def write_calibrated_results(run: dict, json_path: str | os.PathLike, markdown_p
     atomic_write_text(Path(json_path), json.dumps(run, indent=2, allow_nan=False) + "\n")
     atomic_write_text(Path(markdown_path), table)
     return table
+
+
+def calibrate_run(
+    calibration: Calibration,
+    run: dict,
+    out_dir: str | os.PathLike,
+    quality_of: Callable[[dict], Mapping[str, np.ndarray]] | None = None,
+) -> str:
+    """Calibrate every score file of a scoring run (``score_trial_lists``' return) and write the results.
+
+    Writes ``<list>.<backend>.llr.scores`` per list and ``results.<backend>.calibrated.json`` / ``.md``
+    into ``out_dir``; ``quality_of(result)`` gives the quality inputs of a result's trials when the
+    calibration uses any. Returns the Markdown table.
+    """
+    out_dir = Path(out_dir)
+    backend = run["backend"]
+    entries = []
+    for result in run["results"]:
+        quality = quality_of(result) if quality_of is not None else None
+        llr_file = out_dir / f"{result['list']}.{backend}.llr.scores"
+        entries.append({"list": result["list"], **calibrate_score_file(calibration, result["score_file"], llr_file, quality)})
+    calibrated = {"model_id": run["model_id"], "calibration": calibration.to_dict(), "results": entries}
+    return write_calibrated_results(calibrated, out_dir / f"results.{backend}.calibrated.json",
+                                    out_dir / f"results.{backend}.calibrated.md")

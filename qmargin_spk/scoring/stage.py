@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from qmargin_spk.calibration import Calibration, calibrate_run
 from qmargin_spk.data.manifest import read_manifest
 from qmargin_spk.experiment import Experiment, Overrides
 from qmargin_spk.scoring.pipeline import score_trial_lists
@@ -41,7 +42,7 @@ def score_stage(hparams_file: str, overrides: Overrides = "", device: str | None
     cohort_paths = cohort_speakers = None
     if backend == "asnorm" or hparams.get("subtract_mean", False):
         cohort_paths, cohort_speakers = cohort_utterances(hparams["train_manifest"], hparams["cohort_utts_per_speaker"])
-    return score_trial_lists(
+    run = score_trial_lists(
         embed, model_id, Path(hparams["test_root"]) / "wav", hparams["trial_files"],
         experiment.folder / "scores", backend=backend,
         cohort_paths=cohort_paths, cohort_speakers=cohort_speakers, top_n=hparams["asnorm_top_n"],
@@ -51,3 +52,21 @@ def score_stage(hparams_file: str, overrides: Overrides = "", device: str | None
         bootstrap_resamples=hparams.get("bootstrap_resamples", 1000),
         max_batch_seconds=hparams.get("extract_max_batch_seconds", 300.0),
     )
+    _report_calibrated(experiment.folder, run)
+    return run
+
+
+def _report_calibrated(folder: Path, run: dict) -> None:
+    """With a calibration in the packaged model (``EXP/model/calibration.json``), also write calibrated results.
+
+    A calibration fitted with quality measures needs the model's cohort: ``qmargin-spk score`` reports those.
+    """
+    path = folder / "model" / "calibration.json"
+    if not path.is_file():
+        return
+    calibration = Calibration.load(path)
+    if calibration.uses_quality:
+        logger.warning("%s uses quality measures: run `qmargin-spk score --model %s` for calibrated results",
+                       path, folder / "model")
+        return
+    print(calibrate_run(calibration, run, folder / "scores"), end="")

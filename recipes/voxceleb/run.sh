@@ -6,9 +6,9 @@
 #       [--stage N] [--stop_stage M] [--lm_exp DIR] [--nproc N] \
 #       [--nnodes N --node_rank K --rdzv_endpoint HOST:PORT] [--key=value ...]
 #
-# Stages: 1 prepare (decode m4a, manifests, checks), 2 train, 3 extract + score,
-#         5 large-margin fine-tuning of the trained model into --lm_exp (default: <exp>_lm), 6 score it.
-# The default runs stages 1-3. Each stage can run alone; re-running a finished stage does nothing new
+# Stages: 1 prepare (decode m4a, manifests, checks), 2 train, 3 extract + score, 4 package (<exp>/model),
+#         5 large-margin fine-tuning of the trained model into --lm_exp (default: <exp>_lm), 6 score it,
+#         7 package it. The default runs stages 1-4. Each stage can run alone; re-running a finished stage does nothing new
 # (prepare is skipped, training resumes from its last checkpoint, embeddings come from the cache).
 # Paths (--exp, --lm_exp, --train_root, --test_root, --trials) reach Python as data, whatever characters
 # they hold. --key=value pairs override hparams keys (e.g. --number_of_epochs=2).
@@ -20,7 +20,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python3}"
 stage=1
-stop_stage=3
+stop_stage=4
 nproc=1
 nnodes=1
 node_rank=0
@@ -106,6 +106,11 @@ if run_stage 3; then
   score "$exp"
 fi
 
+if run_stage 4; then
+  echo "== stage 4: package"
+  "$python" "$here/package.py" "$hparams" --exp "$exp" "${overrides[@]+"${overrides[@]}"}"
+fi
+
 if run_stage 5; then
   echo "== stage 5: large-margin fine-tuning into $lm_exp"
   launch "$here/finetune_lm.py" "$hparams" --init "$exp" --exp "$lm_exp" "${overrides[@]+"${overrides[@]}"}"
@@ -114,4 +119,9 @@ fi
 if run_stage 6; then
   echo "== stage 6: extract + score the fine-tuned model"
   score "$lm_exp"
+fi
+
+if run_stage 7; then
+  echo "== stage 7: package the fine-tuned model"
+  "$python" "$here/package.py" "$hparams" --exp "$lm_exp" "${overrides[@]+"${overrides[@]}"}"
 fi
