@@ -25,6 +25,8 @@ bench: $(STAMP)
 	$(PY) bench/loss_step.py
 	$(PY) bench/metrics.py
 	$(PY) bench/large_classes.py
+	$(PY) bench/bootstrap.py
+	$(PY) bench/inference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
