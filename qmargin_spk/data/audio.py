@@ -7,6 +7,7 @@ refused.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -38,14 +39,19 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
     """Read the header of ``path``; raise :class:`AudioError` if it is missing, unreadable, empty or not mono."""
     if not os.path.isfile(path):
         raise AudioError(f"{path}: no such audio file")
+    return _checked_info(str(path), str(path))
+
+
+def _checked_info(source: str | io.BytesIO, name: str) -> AudioInfo:
+    """The header of a file path or in-memory file, with the mono / non-empty checks; errors name ``name``."""
     try:
-        info = soundfile.info(str(path))
+        info = soundfile.info(source)
     except (RuntimeError, soundfile.LibsndfileError) as err:
-        raise AudioError(f"{path}: unreadable audio ({err})") from err
+        raise AudioError(f"{name}: unreadable audio ({err})") from err
     if info.frames <= 0:
-        raise AudioError(f"{path}: empty audio (0 samples)")
+        raise AudioError(f"{name}: empty audio (0 samples)")
     if info.channels != 1:
-        raise AudioError(f"{path}: {info.channels} channels, expected mono")
+        raise AudioError(f"{name}: {info.channels} channels, expected mono")
     return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels))
 
 
@@ -61,17 +67,36 @@ def load_audio(
     (so crops work the same whether or not the file needs resampling).
     """
     info = audio_info(path)
+    return _read_segment(str(path), str(path), info, sample_rate, start, num_samples)
+
+
+def load_audio_bytes(
+    data: bytes,
+    name: str,
+    sample_rate: int = 16000,
+    start: int = 0,
+    num_samples: int | None = None,
+) -> torch.Tensor:
+    """:func:`load_audio` for a file held in memory (e.g. a tar member); ``name`` identifies it in errors."""
+    info = _checked_info(io.BytesIO(data), name)
+    return _read_segment(io.BytesIO(data), name, info, sample_rate, start, num_samples)
+
+
+def _read_segment(
+    source: str | io.BytesIO, name: str, info: AudioInfo, sample_rate: int, start: int, num_samples: int | None
+) -> torch.Tensor:
+    """Decode the segment of :func:`load_audio` from a path or in-memory file already checked by its header."""
     ratio = info.sample_rate / sample_rate
     first = int(round(start * ratio))
     count = -1 if num_samples is None else int(round(num_samples * ratio))
     try:
-        data, _ = soundfile.read(str(path), start=first, frames=count, dtype="float32", always_2d=False)
+        data, _ = soundfile.read(source, start=first, frames=count, dtype="float32", always_2d=False)
     except (RuntimeError, soundfile.LibsndfileError) as err:
-        raise AudioError(f"{path}: unreadable audio ({err})") from err
+        raise AudioError(f"{name}: unreadable audio ({err})") from err
     if data.size == 0:
-        raise AudioError(f"{path}: empty audio segment (start={start}, num_samples={num_samples})")
+        raise AudioError(f"{name}: empty audio segment (start={start}, num_samples={num_samples})")
     if not np.all(np.isfinite(data)):
-        raise AudioError(f"{path}: audio contains NaN or inf samples")
+        raise AudioError(f"{name}: audio contains NaN or inf samples")
     wav = torch.from_numpy(np.ascontiguousarray(data))
     if info.sample_rate != sample_rate:
         import torchaudio.functional
