@@ -39,20 +39,19 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
     """Read the header of ``path``; raise :class:`AudioError` if it is missing, unreadable, empty or not mono."""
     if not os.path.isfile(path):
         raise AudioError(f"{path}: no such audio file")
-    return _checked_info(str(path), str(path))
-
-
-def _checked_info(source: str | io.BytesIO, name: str) -> AudioInfo:
-    """The header of a file path or in-memory file, with the mono / non-empty checks; errors name ``name``."""
     try:
-        info = soundfile.info(source)
+        info = soundfile.info(str(path))
     except (RuntimeError, soundfile.LibsndfileError) as err:
-        raise AudioError(f"{name}: unreadable audio ({err})") from err
-    if info.frames <= 0:
+        raise AudioError(f"{path}: unreadable audio ({err})") from err
+    return _checked_info(str(path), info.samplerate, info.frames, info.channels)
+
+
+def _checked_info(name: str, sample_rate: int, frames: int, channels: int) -> AudioInfo:
+    if frames <= 0:
         raise AudioError(f"{name}: empty audio (0 samples)")
-    if info.channels != 1:
-        raise AudioError(f"{name}: {info.channels} channels, expected mono")
-    return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels))
+    if channels != 1:
+        raise AudioError(f"{name}: {channels} channels, expected mono")
+    return AudioInfo(int(sample_rate), int(frames), int(channels))
 
 
 def load_audio(
@@ -66,8 +65,9 @@ def load_audio(
     ``start`` and ``num_samples`` select a segment, counted at ``sample_rate``
     (so crops work the same whether or not the file needs resampling).
     """
-    info = audio_info(path)
-    return _read_segment(str(path), str(path), info, sample_rate, start, num_samples)
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: no such audio file")
+    return _decode(str(path), str(path), sample_rate, start, num_samples)
 
 
 def load_audio_bytes(
@@ -78,19 +78,19 @@ def load_audio_bytes(
     num_samples: int | None = None,
 ) -> torch.Tensor:
     """:func:`load_audio` for a file held in memory (e.g. a tar member); ``name`` identifies it in errors."""
-    info = _checked_info(io.BytesIO(data), name)
-    return _read_segment(io.BytesIO(data), name, info, sample_rate, start, num_samples)
+    return _decode(io.BytesIO(data), name, sample_rate, start, num_samples)
 
 
-def _read_segment(
-    source: str | io.BytesIO, name: str, info: AudioInfo, sample_rate: int, start: int, num_samples: int | None
-) -> torch.Tensor:
-    """Decode the segment of :func:`load_audio` from a path or in-memory file already checked by its header."""
-    ratio = info.sample_rate / sample_rate
-    first = int(round(start * ratio))
-    count = -1 if num_samples is None else int(round(num_samples * ratio))
+def _decode(source: str | io.BytesIO, name: str, sample_rate: int, start: int, num_samples: int | None) -> torch.Tensor:
+    """Open once, check the header, read the segment of :func:`load_audio` and resample it."""
     try:
-        data, _ = soundfile.read(source, start=first, frames=count, dtype="float32", always_2d=False)
+        with soundfile.SoundFile(source) as handle:
+            info = _checked_info(name, handle.samplerate, handle.frames, handle.channels)
+            ratio = info.sample_rate / sample_rate
+            first = min(int(round(start * ratio)), info.frames)
+            handle.seek(first)
+            count = -1 if num_samples is None else int(round(num_samples * ratio))
+            data = handle.read(count, dtype="float32", always_2d=False)
     except (RuntimeError, soundfile.LibsndfileError) as err:
         raise AudioError(f"{name}: unreadable audio ({err})") from err
     if data.size == 0:
