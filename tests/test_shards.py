@@ -12,6 +12,7 @@ import pytest
 import soundfile
 import torch
 
+from qmargin_spk.data.audio import AudioError, load_audio, load_audio_bytes
 from qmargin_spk.data.dataset import CropDataset, SpeakerLabelEncoder, collate_crops
 from qmargin_spk.data.manifest import ManifestRow
 from qmargin_spk.data.shards import (
@@ -307,3 +308,36 @@ def test_two_gloo_processes_split_the_epoch(corpus, tmp_path):
     for dataset in simulated:
         dataset.set_epoch(1)
     assert [g["ids"] for g in gathered] == [_ids(d) for d in simulated], "torch.distributed rank = explicit rank"
+
+
+def _wav_bytes(samples: np.ndarray, rate: int, **options) -> bytes:
+    handle = io.BytesIO()
+    soundfile.write(handle, samples, rate, format=options.pop("format", "WAV"), **options)
+    return handle.getvalue()
+
+
+@pytest.mark.parametrize("rate, subtype, fmt", [(16000, "PCM_16", "WAV"), (8000, "PCM_16", "WAV"),
+                                                (16000, "FLOAT", "WAV"), (16000, "PCM_16", "FLAC")])
+def test_audio_bytes_decode_like_soundfile_reads_the_file(tmp_path, rate, subtype, fmt):
+    samples = np.random.default_rng(0).uniform(-0.9, 0.9, rate)
+    data = _wav_bytes(samples, rate, subtype=subtype, format=fmt)
+    path = tmp_path / "a.audio"
+    path.write_bytes(data)
+    for start, count in ((0, None), (1234, 4000), (15000, 5000)):
+        expected = load_audio(path, 16000, start, count)
+        assert torch.equal(load_audio_bytes(data, "a", 16000, start, count), expected)
+
+
+def test_audio_bytes_skip_extra_chunks_and_refuse_stereo_and_garbage():
+    samples = np.random.default_rng(1).integers(-32768, 32767, 3000).astype(np.int16)
+    plain = _wav_bytes(samples, RATE, subtype="PCM_16")
+    assert plain[36:40] == b"data"
+    listed = plain[:36] + b"LIST" + (5).to_bytes(4, "little") + b"abcde\0" + plain[36:]  # odd-sized chunk, padded
+    listed = listed[:4] + (len(listed) - 8).to_bytes(4, "little") + listed[8:]
+    assert torch.equal(load_audio_bytes(listed, "x"), torch.from_numpy(samples / np.float32(32768)))
+    with pytest.raises(AudioError, match="stereo.wav: 2 channels"):
+        load_audio_bytes(_wav_bytes(np.zeros((100, 2)), RATE, subtype="PCM_16"), "stereo.wav")
+    with pytest.raises(AudioError, match="junk: unreadable audio"):
+        load_audio_bytes(b"RIFF not really a wave file", "junk")
+    with pytest.raises(AudioError, match="empty audio segment"):
+        load_audio_bytes(plain, "short", start=5000, num_samples=10)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -77,8 +78,49 @@ def load_audio_bytes(
     start: int = 0,
     num_samples: int | None = None,
 ) -> torch.Tensor:
-    """:func:`load_audio` for a file held in memory (e.g. a tar member); ``name`` identifies it in errors."""
-    return _decode(io.BytesIO(data), name, sample_rate, start, num_samples)
+    """:func:`load_audio` for a file held in memory (e.g. a tar member); ``name`` identifies it in errors.
+
+    Mono 16-bit PCM WAV, the common case, is sliced straight out of ``data`` (the values
+    soundfile gives, ``int16 / 32768``, at a tenth of the cost); other formats go through soundfile.
+    """
+    layout = _pcm16_wav_layout(data)
+    if layout is None:
+        return _decode(io.BytesIO(data), name, sample_rate, start, num_samples)
+    file_rate, channels, offset, frames = layout
+    info = _checked_info(name, file_rate, frames, channels)
+    ratio = info.sample_rate / sample_rate
+    first = min(int(round(start * ratio)), frames)
+    count = frames - first if num_samples is None else min(int(round(num_samples * ratio)), frames - first)
+    if count <= 0:
+        raise AudioError(f"{name}: empty audio segment (start={start}, num_samples={num_samples})")
+    samples = np.frombuffer(data, dtype="<i2", count=count, offset=offset + 2 * first)
+    wav = torch.from_numpy(samples.astype(np.float32) / np.float32(32768))
+    if info.sample_rate != sample_rate:
+        import torchaudio.functional
+
+        wav = torchaudio.functional.resample(wav, info.sample_rate, sample_rate)
+    return wav
+
+
+def _pcm16_wav_layout(data: bytes) -> tuple[int, int, int, int] | None:
+    """``(sample rate, channels, data offset, frames)`` of a plain 16-bit PCM WAV, else None.
+
+    Walks the RIFF chunks; a ``data`` chunk cut short (a truncated file) counts the frames present.
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    position, fmt = 12, None
+    while position + 8 <= len(data):
+        chunk, size = data[position:position + 4], struct.unpack_from("<I", data, position + 4)[0]
+        body = position + 8
+        if chunk == b"fmt " and size >= 16:
+            fmt = struct.unpack_from("<HHIIHH", data, body)  # format, channels, rate, byte rate, block, bits
+        elif chunk == b"data":
+            if fmt is None or fmt[0] != 1 or fmt[5] != 16 or fmt[4] != 2 * fmt[1]:
+                return None
+            return fmt[2], fmt[1], body, min(size, len(data) - body) // fmt[4]
+        position = body + size + (size & 1)
+    return None
 
 
 def _decode(source: str | io.BytesIO, name: str, sample_rate: int, start: int, num_samples: int | None) -> torch.Tensor:
@@ -115,5 +157,7 @@ def pad_waveforms(wavs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 
 
 def repeat_pad(wav: torch.Tensor, length: int) -> torch.Tensor:
-    """Tile ``wav`` until it is ``length`` samples long (or cut it to ``length``)."""
+    """Tile ``wav`` until it is ``length`` samples long (or cut it to ``length``, without a copy)."""
+    if len(wav) >= length:
+        return wav[:length]
     return wav.repeat(math.ceil(length / len(wav)))[:length]

@@ -1,0 +1,159 @@
+"""Samples per second of a whole training step for each loss, many class counts; prints JSON.
+
+    python bench/train_step.py [--classes 5994 17982] [--channels 512] [--batch 32] [--crop 2]
+                               [--steps 3] [--warmup 1] [--device cpu|cuda] [--bf16] [--threads 1]
+                               [--methods aam cosface qmargin_a1.5 qmargin_a1.75 sparse]
+                               [--dense_max_classes 200000]
+
+One step = Fbank features + ECAPA-TDNN forward/backward + classifier and loss + SGD step
+(momentum 0.9, Nesterov, weight decay 1e-4, as the recipe), on random noise waveforms with
+random labels (the same input for every method). Dense methods use SpeechBrain's cosine
+``Classifier`` with ``AAMLoss`` (s 32, m 0.2), ``CosFaceLoss`` (s 32, m 0.2) or ``QMarginLoss``
+(s 7.5, m 0.2, alpha 1.5 / 1.75); ``sparse`` is ``SparseQMarginHead`` (alpha 1.75, s 7.5, m 0.2),
+the settings of ``hparams/vox2_ecapa_*.yaml``. Methods run one after the other in this process
+from the same initial weights; ``ratio_to_aam`` compares throughputs measured in the same run.
+Dense methods are skipped above ``--dense_max_classes`` (on a CPU a dense step at 1M classes
+takes many seconds and gigabytes; raise the limit on a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+DENSE = ("aam", "cosface", "qmargin_a1.5", "qmargin_a1.75")
+METHODS = DENSE + ("sparse",)
+EMBEDDING_DIM = 192
+
+
+def build_embedder(channels: int, device: str) -> torch.nn.Module:
+    from speechbrain.lobes.features import Fbank
+    from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
+    from speechbrain.processing.features import InputNormalization
+
+    from qmargin_spk.models import SpeakerEmbedder
+
+    torch.manual_seed(0)
+    model = ECAPA_TDNN(input_size=80, channels=[channels] * 4 + [channels * 3], kernel_sizes=[5, 3, 3, 3, 1],
+                       dilations=[1, 2, 3, 4, 1], attention_channels=128, lin_neurons=EMBEDDING_DIM)
+    embedder = SpeakerEmbedder(Fbank(n_mels=80, sample_rate=16000), InputNormalization(norm_type="sentence", std_norm=False),
+                               model)
+    return embedder.to(device)
+
+
+def build_head(method: str, classes: int, device: str):
+    """``(classifier module, loss(embeddings, labels))`` of one method."""
+    from speechbrain.lobes.models.ECAPA_TDNN import Classifier
+
+    from qmargin_spk.losses import AAMLoss, CosFaceLoss, QMarginLoss, SparseQMarginHead
+
+    torch.manual_seed(1)
+    if method == "sparse":
+        head = SparseQMarginHead(classes, EMBEDDING_DIM, alpha=1.75, scale=7.5, margin=0.2).to(device)
+        return head, head
+    loss_fn = {"aam": lambda: AAMLoss(32.0, 0.2), "cosface": lambda: CosFaceLoss(32.0, 0.2),
+               "qmargin_a1.5": lambda: QMarginLoss(1.5, 7.5, 0.2), "qmargin_a1.75": lambda: QMarginLoss(1.75, 7.5, 0.2)}[method]()
+    classifier = Classifier(input_size=EMBEDDING_DIM, out_neurons=classes).to(device)
+
+    def loss(embeddings, labels):
+        return loss_fn(classifier(embeddings.unsqueeze(1)), labels.unsqueeze(1))
+
+    return classifier, loss
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_method(method: str, classes: int, initial_embedder: torch.nn.Module, wavs, labels, args) -> dict:
+    embedder = copy.deepcopy(initial_embedder)
+    classifier, loss_fn = build_head(method, classes, args.device)
+    params = list(embedder.parameters()) + list(classifier.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    rel_lens = torch.ones(wavs.shape[0], device=args.device)
+    autocast = (torch.autocast(device_type=args.device.split(":")[0], dtype=torch.bfloat16) if args.bf16
+                else contextlib.nullcontext())
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        _sync(args.device)
+        start = time.perf_counter()
+        with autocast:
+            loss = loss_fn(embedder(wavs, rel_lens), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(args.device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    median = statistics.median(times)
+    return {"samples_per_second": round(wavs.shape[0] / median, 2), "ms_median": round(1e3 * median, 1),
+            "ms_all": [round(1e3 * t, 1) for t in times], "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
+            "finite": all(map(math.isfinite, losses))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", type=int, nargs="+", default=[5994, 17982])
+    parser.add_argument("--channels", type=int, nargs="+", default=[512])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--crop", type=float, default=2.0, help="seconds of audio per sample")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast around forward and loss")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dense_max_classes", type=int, default=200_000)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    generator = torch.Generator().manual_seed(0)
+    wavs = (0.1 * torch.randn(args.batch, int(args.crop * 16000), generator=generator)).to(args.device)
+    results = []
+    for channels in args.channels:
+        initial = build_embedder(channels, args.device)
+        for classes in args.classes:
+            labels = torch.randint(0, classes, (args.batch,), generator=generator).to(args.device)
+            entry = {"classes": classes, "channels": channels, "methods": {}, "skipped": {}}
+            for method in args.methods:
+                if method in DENSE and classes > args.dense_max_classes:
+                    entry["skipped"][method] = f"dense above --dense_max_classes {args.dense_max_classes}"
+                    continue
+                entry["methods"][method] = time_method(method, classes, initial, wavs, labels, args)
+                gc.collect()
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            aam = entry["methods"].get("aam")
+            for result in entry["methods"].values():
+                result["ratio_to_aam"] = round(result["samples_per_second"] / aam["samples_per_second"], 3) if aam else None
+            results.append(entry)
+            print(json.dumps(entry), file=sys.stderr)
+    print(json.dumps({
+        "what": "samples/s of a whole training step: Fbank + ECAPA-TDNN fwd/bwd + classifier/loss + SGD step",
+        "batch": args.batch, "crop_seconds": args.crop, "steps": args.steps, "warmup": args.warmup,
+        "device": args.device, "bf16_autocast": args.bf16, "threads": args.threads,
+        "settings": "AAM s32 m0.2, CosFace s32 m0.2, Q-Margin s7.5 m0.2 alpha 1.5/1.75, sparse head alpha 1.75 s7.5 m0.2; "
+                    "SGD momentum 0.9 nesterov wd 1e-4",
+        "ratio_to_aam": "samples/s of the method / samples/s of AAM, same run (> 1 is faster)",
+        "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpus": os.cpu_count(),
+        "note": "shared machine: other engineers' jobs run at the same time (see load average)",
+        "torch": torch.__version__, "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "results": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
