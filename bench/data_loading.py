@@ -94,6 +94,7 @@ def main() -> None:
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_data_loading_"))
     load_before = os.getloadavg()
     try:
+        reused = {"corpus": (root / "corpus.json").is_file(), "shards": (root / "shards" / INDEX_NAME).is_file()}
         start = time.perf_counter()
         rows = make_corpus(root, args.files, args.seconds, args.workers)
         corpus_seconds = time.perf_counter() - start
@@ -115,9 +116,11 @@ def main() -> None:
             "what": f"random {args.crop} s crops per second, one epoch, DataLoader batch {args.batch}, "
                     f"{args.workers} workers, collate_crops",
             "corpus": {"files": args.files, "seconds_each": args.seconds, "speakers": SPEAKERS, "format": "16 kHz PCM16 wav",
-                       "bytes": sum(os.path.getsize(r.wav) for r in rows), "generate_seconds": round(corpus_seconds, 1)},
+                       "bytes": sum(os.path.getsize(r.wav) for r in rows), "generate_seconds": round(corpus_seconds, 1),
+                       "reused_from_dir": reused["corpus"]},
             "shards": {"count": len(index.shards), "utts_per_shard": args.utts_per_shard,
-                       "bytes": sum(p.stat().st_size for p in shard_paths), "write_seconds": round(shard_seconds, 1)},
+                       "bytes": sum(p.stat().st_size for p in shard_paths), "write_seconds": round(shard_seconds, 1),
+                       "index_existed": reused["shards"]},
             "page_cache": "cold = files evicted with posix_fadvise(DONTNEED) just before (no root needed; the "
                           "virtual disk may still be cached by the host); warm = the epoch right after",
             "rates": results,
