@@ -102,6 +102,8 @@ def test_rewriting_is_a_no_op_and_changed_rows_rewrite_only_their_shards(corpus,
     folder = tmp_path / "shards"
     write_shards(rows, folder, utts_per_shard=8, seed=3, num_workers=1)
     stamps = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("shard-*.tar")}
+    assert stamps == {p.name: (stamps[p.name][0], p.read_bytes()) for p in corpus[2].glob("shard-*.tar")}, \
+        "the same rows give byte-identical shards"
     (folder / ".shard-000001.tar.abc.tmp").write_bytes(b"left by a killed run")
     write_shards(rows, folder, utts_per_shard=8, seed=3, num_workers=1)
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("shard-*.tar")} == stamps
@@ -262,6 +264,21 @@ def test_damaged_members_are_skipped_with_a_warning_and_replaced(corpus, tmp_pat
     damaged_key = names[3].split(".")[0]
     assert rows[int(damaged_key)].id not in _ids(items)
     assert len(set(_ids(items))) < NUM_UTTS
+
+
+@pytest.mark.parametrize("piped", [False, True])
+def test_a_shard_cut_off_mid_member_warns_and_keeps_the_epoch_length(corpus, tmp_path, piped):
+    rows, index, folder = corpus
+    for shard in index.shards:
+        (tmp_path / shard.name).write_bytes((folder / shard.name).read_bytes())
+    (tmp_path / INDEX_NAME).write_text((folder / INDEX_NAME).read_text())
+    data = (folder / "shard-000003.tar").read_bytes()
+    (tmp_path / "shard-000003.tar").write_bytes(data[: len(data) // 2])
+    template = "pipe:cat {root}/{name}" if piped else None
+    with pytest.warns(RuntimeWarning, match="shard-000003.tar") as caught:
+        items = list(_dataset(tmp_path, rows, url_template=template))
+    assert len(items) == NUM_UTTS
+    assert any("of the 8 utterances expected" in str(w.message) for w in caught)
 
 
 def test_unknown_speakers_and_a_missing_shard_are_errors(corpus, tmp_path):
