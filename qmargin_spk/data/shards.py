@@ -237,8 +237,9 @@ def worker_item_counts(per_rank: int, num_workers: int, batch_size: int | None =
     """How a rank's ``per_rank`` items are split over its workers, in worker order.
 
     Without ``batch_size``: near-equal parts. With it: whole batches dealt round-robin, the
-    remainder (< batch_size) to the worker whose turn comes next, so the DataLoader's
-    round-robin over workers gives the same batches as one worker would.
+    remainder (< batch_size) to the worker whose turn comes next. Either way the workers'
+    batch counts differ by at most one and never grow with the worker number, which
+    :meth:`ShardCropDataset.resume_after` relies on.
     """
     unit = batch_size or 1
     full, rest = divmod(per_rank, unit)
@@ -261,7 +262,7 @@ def slot_spans(shard_sizes: Sequence[int], order: Sequence[int], start: int, cou
     return spans
 
 
-def shuffle_buffer(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
+def buffered_shuffle(items: Iterable, size: int, rng: np.random.Generator) -> Iterator:
     """Items in an order shuffled through a buffer of ``size`` (the classic streaming shuffle)."""
     buffer = []
     for item in items:
@@ -290,9 +291,10 @@ class ShardCropDataset(torch.utils.data.IterableDataset):
     """Items ``(utt_id, crop [T], label)`` streamed from shards; exact epochs (see the module docstring).
 
     ``index``: the path of ``shards.json`` (or a loaded :class:`ShardIndex`). ``url_template``,
-    e.g. ``"pipe:curl -s https://host/data/{name}"``, makes the URL of each shard from its
-    ``name`` and the index folder ``root`` (default: ``{root}/{name}``, the file next to the index). ``rank`` / ``world_size`` default to
-    torch.distributed's (0 / 1 when it is not initialised); workers come from the DataLoader.
+    e.g. ``"pipe:curl -sf https://host/data/{name}"``, makes the URL of each shard from its
+    ``name`` and the index folder ``root`` (default: ``{root}/{name}``, the file next to the
+    index). ``rank`` / ``world_size`` default to torch.distributed's (0 / 1 when it is not
+    initialised); workers come from the DataLoader.
     ``shuffle_buffer`` crops are held per worker (``T * 4`` bytes each). ``batch_size``, when
     given, aligns the worker split to whole batches. A damaged sample is skipped with a
     warning naming shard and member, and replaced by one more crop (with its own random
@@ -396,7 +398,7 @@ class ShardCropDataset(torch.utils.data.IterableDataset):
         worker = (loader_worker + batches_done) % num_workers
         spans = self.worker_spans(rank, world_size, worker, num_workers)
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker, num_workers])
-        items = shuffle_buffer(self._read_spans(spans), self.shuffle_buffer, rng)
+        items = buffered_shuffle(self._read_spans(spans), self.shuffle_buffer, rng)
         return itertools.islice(items, len(range(worker, batches_done, num_workers)) * batch_size, None)
 
     def _read_spans(self, spans: Sequence[ShardSpan]) -> Iterator[tuple[str, torch.Tensor, int]]:
