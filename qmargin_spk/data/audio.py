@@ -44,15 +44,11 @@ def audio_info(path: str | os.PathLike) -> AudioInfo:
         info = soundfile.info(str(path))
     except (RuntimeError, soundfile.LibsndfileError) as err:
         raise AudioError(f"{path}: unreadable audio ({err})") from err
-    return _checked_info(str(path), info.samplerate, info.frames, info.channels)
-
-
-def _checked_info(name: str, sample_rate: int, frames: int, channels: int) -> AudioInfo:
-    if frames <= 0:
-        raise AudioError(f"{name}: empty audio (0 samples)")
-    if channels != 1:
-        raise AudioError(f"{name}: {channels} channels, expected mono")
-    return AudioInfo(int(sample_rate), int(frames), int(channels))
+    if info.frames <= 0:
+        raise AudioError(f"{path}: empty audio (0 samples)")
+    if info.channels != 1:
+        raise AudioError(f"{path}: {info.channels} channels, expected mono")
+    return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels))
 
 
 def load_audio(
@@ -121,6 +117,15 @@ def _pcm16_wav_layout(data: bytes) -> tuple[int, int, int, int] | None:
             return fmt[2], fmt[1], body, min(size, len(data) - body) // fmt[4]
         position = body + size + (size & 1)
     return None
+
+
+def _checked_info(name: str, sample_rate: int, frames: int, channels: int) -> AudioInfo:
+    """The checks of :func:`audio_info` on a header already read (empty, not mono)."""
+    if frames <= 0:
+        raise AudioError(f"{name}: empty audio (0 samples)")
+    if channels != 1:
+        raise AudioError(f"{name}: {channels} channels, expected mono")
+    return AudioInfo(int(sample_rate), int(frames), int(channels))
 
 
 def _decode(source: str | io.BytesIO, name: str, sample_rate: int, start: int, num_samples: int | None) -> torch.Tensor:
