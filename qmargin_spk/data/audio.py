@@ -9,9 +9,11 @@ reads only files whose coding can hold NaN/inf (float, or decoded to float).
 from __future__ import annotations
 
 import errno
+import io
 import math
 import os
 import stat
+import struct
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -98,18 +100,89 @@ def load_audio(
     ``start`` and ``num_samples`` select a segment, counted at ``sample_rate``
     (so crops work the same whether or not the file needs resampling).
     """
-    info = audio_info(path)
+    problem = _file_problem(path)
+    if problem is not None:
+        raise AudioError(f"{path}: {problem}")
+    return _decode(str(path), str(path), sample_rate, start, num_samples)
+
+
+def load_audio_bytes(
+    data: bytes,
+    name: str,
+    sample_rate: int = 16000,
+    start: int = 0,
+    num_samples: int | None = None,
+) -> torch.Tensor:
+    """:func:`load_audio` for a file held in memory (e.g. a tar member); ``name`` identifies it in errors.
+
+    Mono 16-bit PCM WAV, the common case, is sliced straight out of ``data`` (the values
+    soundfile gives, ``int16 / 32768``, at a tenth of the cost); other formats go through soundfile.
+    """
+    layout = _pcm16_wav_layout(data)
+    if layout is None:
+        return _decode(io.BytesIO(data), name, sample_rate, start, num_samples)
+    file_rate, channels, offset, frames = layout
+    info = _checked_info(name, file_rate, frames, channels)
     ratio = info.sample_rate / sample_rate
-    first = int(round(start * ratio))
-    count = -1 if num_samples is None else int(round(num_samples * ratio))
+    first = min(int(round(start * ratio)), frames)
+    count = frames - first if num_samples is None else min(int(round(num_samples * ratio)), frames - first)
+    if count <= 0:
+        raise AudioError(f"{name}: empty audio segment (start={start}, num_samples={num_samples})")
+    samples = np.frombuffer(data, dtype="<i2", count=count, offset=offset + 2 * first)
+    wav = torch.from_numpy(samples.astype(np.float32) / np.float32(32768))
+    if info.sample_rate != sample_rate:
+        import torchaudio.functional
+
+        wav = torchaudio.functional.resample(wav, info.sample_rate, sample_rate)
+    return wav
+
+
+def _pcm16_wav_layout(data: bytes) -> tuple[int, int, int, int] | None:
+    """``(sample rate, channels, data offset, frames)`` of a plain 16-bit PCM WAV, else None.
+
+    Walks the RIFF chunks; a ``data`` chunk cut short (a truncated file) counts the frames present.
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    position, fmt = 12, None
+    while position + 8 <= len(data):
+        chunk, size = data[position:position + 4], struct.unpack_from("<I", data, position + 4)[0]
+        body = position + 8
+        if chunk == b"fmt " and size >= 16:
+            fmt = struct.unpack_from("<HHIIHH", data, body)  # format, channels, rate, byte rate, block, bits
+        elif chunk == b"data":
+            if fmt is None or fmt[0] != 1 or fmt[5] != 16 or fmt[4] != 2 * fmt[1]:
+                return None
+            return fmt[2], fmt[1], body, min(size, len(data) - body) // fmt[4]
+        position = body + size + (size & 1)
+    return None
+
+
+def _checked_info(name: str, sample_rate: int, frames: int, channels: int) -> AudioInfo:
+    """The checks of :func:`audio_info` on a header already read (empty, not mono)."""
+    if frames <= 0:
+        raise AudioError(f"{name}: empty audio (0 samples)")
+    if channels != 1:
+        raise AudioError(f"{name}: {channels} channels, expected mono")
+    return AudioInfo(int(sample_rate), int(frames), int(channels))
+
+
+def _decode(source: str | io.BytesIO, name: str, sample_rate: int, start: int, num_samples: int | None) -> torch.Tensor:
+    """Open once, check the header, read the segment of :func:`load_audio` and resample it."""
     try:
-        data, _ = soundfile.read(str(path), start=first, frames=count, dtype="float32", always_2d=False)
+        with soundfile.SoundFile(source) as handle:
+            info = _checked_info(name, handle.samplerate, handle.frames, handle.channels)
+            ratio = info.sample_rate / sample_rate
+            first = min(int(round(start * ratio)), info.frames)
+            handle.seek(first)
+            count = -1 if num_samples is None else int(round(num_samples * ratio))
+            data = handle.read(count, dtype="float32", always_2d=False)
     except (RuntimeError, soundfile.LibsndfileError) as err:
-        raise AudioError(f"{path}: unreadable audio ({err})") from err
+        raise AudioError(f"{name}: unreadable audio ({err})") from err
     if data.size == 0:
-        raise AudioError(f"{path}: empty audio segment (start={start}, num_samples={num_samples})")
+        raise AudioError(f"{name}: empty audio segment (start={start}, num_samples={num_samples})")
     if not np.all(np.isfinite(data)):
-        raise AudioError(f"{path}: audio contains NaN or inf samples")
+        raise AudioError(f"{name}: audio contains NaN or inf samples")
     wav = torch.from_numpy(np.ascontiguousarray(data))
     if info.sample_rate != sample_rate:
         import torchaudio.functional
@@ -128,5 +201,7 @@ def pad_waveforms(wavs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 
 
 def repeat_pad(wav: torch.Tensor, length: int) -> torch.Tensor:
-    """Tile ``wav`` until it is ``length`` samples long (or cut it to ``length``)."""
+    """Tile ``wav`` until it is ``length`` samples long (or cut it to ``length``, without a copy)."""
+    if len(wav) >= length:
+        return wav[:length]
     return wav.repeat(math.ceil(length / len(wav)))[:length]

@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -72,12 +72,56 @@ class SpeakerLabelEncoder:
         return encoder
 
 
+class CropMaker:
+    """The random crop and label of one utterance, shared by :class:`CropDataset` and the shard reader.
+
+    ``crop_length = crop_seconds * sample_rate`` samples. With ``speed_factors`` such as
+    ``(0.9, 1.0, 1.1)`` the crop is played at a random factor (> 1 is faster and higher-pitched);
+    with ``speed_as_new_class`` the k-th factor other than 1.0 makes its own classes:
+    ``label = speaker + k * num_speakers``.
+    """
+
+    def __init__(
+        self,
+        labels: SpeakerLabelEncoder,
+        crop_seconds: float = 2.0,
+        sample_rate: int = 16000,
+        speed_factors: Sequence[float] = (1.0,),
+        speed_as_new_class: bool = True,
+    ):
+        if not speed_factors or any(f <= 0 for f in speed_factors):
+            raise ValueError(f"speed factors must be positive, got {speed_factors}")
+        self.labels = labels
+        self.crop_length = int(round(crop_seconds * sample_rate))
+        self.sample_rate = sample_rate
+        self.speed_factors = tuple(float(f) for f in speed_factors)
+        perturbed = [f for f in self.speed_factors if f != 1.0]
+        self.speed_class = {1.0: 0} | {f: k + 1 if speed_as_new_class else 0 for k, f in enumerate(perturbed)}
+        self.num_classes = len(labels) * (1 + (len(perturbed) if speed_as_new_class else 0))
+
+    def make(
+        self, read_segment: Callable[[int, int | None], torch.Tensor], duration: float, speaker: int,
+        rng: np.random.Generator,
+    ) -> tuple[torch.Tensor, int]:
+        """``(crop [crop_length], label)``; ``read_segment(start, num_samples)`` reads the utterance.
+
+        Draws the speed factor, then the start; ``num_samples`` is None when the whole
+        utterance is shorter than needed (it is then tiled).
+        """
+        factor = self.speed_factors[rng.integers(len(self.speed_factors))]
+        needed = math.ceil(self.crop_length * factor)
+        available = int(round(duration * self.sample_rate))
+        start = int(rng.integers(0, available - needed + 1)) if available > needed else 0
+        wav = read_segment(start, needed if available > needed else None)
+        if factor != 1.0:
+            wav = torchaudio.functional.resample(wav, int(round(self.sample_rate * factor)), self.sample_rate)
+        return repeat_pad(wav, self.crop_length), speaker + self.speed_class[factor] * len(self.labels)
+
+
 class CropDataset(torch.utils.data.Dataset):
     """Items ``(utterance id, crop [T], label)`` with ``T = crop_seconds * sample_rate``.
 
-    With ``speed_factors`` such as ``(0.9, 1.0, 1.1)`` each item is played at a random
-    factor (> 1 is faster and higher-pitched). With ``speed_as_new_class`` the k-th
-    factor other than 1.0 makes its own classes: ``label = speaker + k * num_speakers``.
+    Crops and labels follow :class:`CropMaker` (speed perturbation, speed as new classes).
     An unreadable file is skipped with a warning and another utterance drawn.
     """
 
@@ -95,16 +139,10 @@ class CropDataset(torch.utils.data.Dataset):
         self.rows = list(manifest) if isinstance(manifest, (list, tuple)) else read_manifest(manifest)
         if not self.rows:
             raise ValueError("empty manifest")
-        if not speed_factors or any(f <= 0 for f in speed_factors):
-            raise ValueError(f"speed factors must be positive, got {speed_factors}")
+        self.crops = CropMaker(labels, crop_seconds, sample_rate, speed_factors, speed_as_new_class)
         self.labels = labels
         self.speaker_index = [labels.encode(row.spk_id) for row in self.rows]
-        self.crop_length = int(round(crop_seconds * sample_rate))
-        self.sample_rate = sample_rate
-        self.speed_factors = tuple(float(f) for f in speed_factors)
-        perturbed = [f for f in self.speed_factors if f != 1.0]
-        self.speed_class = {1.0: 0} | {f: k + 1 if speed_as_new_class else 0 for k, f in enumerate(perturbed)}
-        self.num_classes = len(labels) * (1 + (len(perturbed) if speed_as_new_class else 0))
+        self.num_classes = self.crops.num_classes
         self.seed = seed
         self.epoch = 0
         self.max_retries = max_retries
@@ -115,28 +153,22 @@ class CropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _read_crop(self, row: ManifestRow, factor: float, rng: np.random.Generator) -> torch.Tensor:
-        """A random crop of ``row`` that lasts ``crop_length`` samples after playing it at ``factor``."""
-        needed = math.ceil(self.crop_length * factor)
-        available = int(round(row.duration * self.sample_rate))
-        start = int(rng.integers(0, available - needed + 1)) if available > needed else 0
-        wav = load_audio(row.wav, self.sample_rate, start=start, num_samples=needed if available > needed else None)
-        if factor != 1.0:
-            wav = torchaudio.functional.resample(wav, int(round(self.sample_rate * factor)), self.sample_rate)
-        return repeat_pad(wav, self.crop_length)
-
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor, int]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
+        sample_rate = self.crops.sample_rate
         for _ in range(self.max_retries + 1):
             row = self.rows[index]
-            factor = self.speed_factors[rng.integers(len(self.speed_factors))]
+
+            def read_segment(start: int, num_samples: int | None) -> torch.Tensor:
+                return load_audio(row.wav, sample_rate, start=start, num_samples=num_samples)
+
             try:
-                wav = self._read_crop(row, factor, rng)
+                wav, label = self.crops.make(read_segment, row.duration, self.speaker_index[index], rng)
             except AudioError as err:
                 warnings.warn(f"skipping unreadable training file: {err}", RuntimeWarning)
                 index = int(rng.integers(len(self.rows)))
                 continue
-            return row.id, wav, self.speaker_index[index] + self.speed_class[factor] * len(self.labels)
+            return row.id, wav, label
         raise RuntimeError(f"{self.max_retries + 1} unreadable files in a row; is the data still there?")
 
 
