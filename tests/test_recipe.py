@@ -284,3 +284,14 @@ def test_two_torchrun_nodes_train_like_one_node_with_two_processes(corpus, tmp_p
     for key, value in saved[0].items():
         if value.is_floating_point() and "running" not in key:  # BatchNorm statistics stay per process on CPU
             torch.testing.assert_close(value, saved[1][key], rtol=0, atol=0)
+
+
+def test_training_from_tar_shards_through_run_sh(corpus, tmp_path):
+    exp = tmp_path / "exp"
+    output = run_recipe(corpus, exp, "--data_format", "shards", "--stop_stage", "2")
+    index = json.loads((exp / "data" / "shards" / "shards.json").read_text())
+    assert index["num_utterances"] == 48 and index["complete"]
+    log = (exp / "train_log.txt").read_text().splitlines()
+    assert [line.split(" - ")[0] for line in log] == ["epoch: 1"]
+    assert "48 training utterances" in output and "only 6 optimiser steps" in output  # 48 // 8, from the shards
+    assert len(list((exp / "save").glob("CKPT+*"))) == 1

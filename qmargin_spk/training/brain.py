@@ -113,6 +113,8 @@ class SpeakerBrain(sb.Brain):
         if self.step == 0:  # a fresh epoch, not one resumed from an intra-epoch checkpoint
             self.epoch_stats.reset()
         self.train_set.set_epoch(epoch)
+        if self.step > 0 and hasattr(self.train_set, "resume_after"):  # a stream: skip what this epoch consumed
+            self.train_set.resume_after(self.step, self.hparams.batch_size)
         self.shuffle_generator.manual_seed(int(self.hparams.seed) * 1_000_003 + int(epoch))
         self._head().margin = self.hparams.margin_schedule(epoch)
 

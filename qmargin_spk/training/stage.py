@@ -41,9 +41,12 @@ def check_numeric_hparams(hparams: dict) -> None:
             raise StageError(f"hparams key {key!r} must be {expected} >= {smallest}, got {value!r}")
 
 
-def steps_per_epoch(num_utterances: int, batch_size: int, processes: int) -> int:
-    """Optimiser steps in one epoch (incomplete batches are dropped); :class:`StageError` when there are none."""
-    steps = num_utterances // (batch_size * processes)
+def steps_per_epoch(num_utterances: int, batch_size: int, processes: int, steps: int | None = None) -> int:
+    """Optimiser steps in one epoch (incomplete batches are dropped); :class:`StageError` when there are none.
+
+    ``steps``, when the data set knows its own count (shards split per rank and worker), replaces the estimate.
+    """
+    steps = num_utterances // (batch_size * processes) if steps is None else steps
     if steps == 0:
         raise StageError(f"batch_size {batch_size} x {processes} processes exceeds the {num_utterances} training "
                          "utterances: an epoch would have no step (lower batch_size or use fewer processes)")
@@ -131,7 +134,14 @@ def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Path
     rows = read_manifest(hparams["train_manifest"])
     run_on_main(SpeakerLabelEncoder.load_or_create, args=[hparams["label_encoder_file"], rows])
     labels = SpeakerLabelEncoder.load_or_create(hparams["label_encoder_file"], rows)
-    train_data = hparams["train_data"](manifest=rows, labels=labels)
+    if hparams["data_format"] == "shards":
+        train_data = hparams["shard_train_data"](labels=labels)
+        loader_kwargs = {key: value for key, value in hparams["train_loader_kwargs"].items() if key != "shuffle"}
+    elif hparams["data_format"] == "files":
+        train_data = hparams["train_data"](manifest=rows, labels=labels)
+        loader_kwargs = hparams["train_loader_kwargs"]
+    else:
+        raise StageError(f"hparams key 'data_format' must be 'files' or 'shards', got {hparams['data_format']!r}")
     head = hparams["classifier"](num_classes=train_data.num_classes, embedding_dim=hparams["embedding_dim"])
     hparams["modules"]["classifier"] = head
     hparams["checkpointer"].add_recoverable("classifier", head)
@@ -139,7 +149,11 @@ def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Path
         _initialise_from(hparams, head, Path(init_from))
 
     global_batch = hparams["batch_size"] * world_size()
-    steps = steps_per_epoch(len(train_data), hparams["batch_size"], world_size())
+    known_steps = None
+    if hasattr(train_data, "num_batches"):
+        known_steps = train_data.num_batches(hparams["batch_size"], hparams["num_workers"])
+    steps = steps_per_epoch(len(train_data) * (world_size() if known_steps is not None else 1), hparams["batch_size"],
+                            world_size(), known_steps)
     hparams["lr_scheduler"].configure(global_batch=global_batch, steps_per_epoch=steps)
     if if_main_process():
         logger.info("loss %s (%s); embedding model: %d parameters; %d classes; %d training utterances; "
@@ -148,5 +162,5 @@ def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Path
                     train_data.num_classes, len(train_data), hparams["lr_scheduler"].peak_lr, global_batch, threads)
     brain = SpeakerBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                          run_opts=run_opts, checkpointer=hparams["checkpointer"])
-    brain.fit(hparams["epoch_counter"], train_data, train_loader_kwargs=hparams["train_loader_kwargs"])
+    brain.fit(hparams["epoch_counter"], train_data, train_loader_kwargs=loader_kwargs)
     return brain

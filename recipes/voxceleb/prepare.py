@@ -13,8 +13,11 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
+from qmargin_spk.data.manifest import read_manifest
 from qmargin_spk.data.prepare import PrepareError, prepare
+from qmargin_spk.data.shards import write_shards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow_overlap", action="store_true", help="only warn when train and test share speakers")
     parser.add_argument("--min_duration", type=float, default=0.5, help="shortest training utterance kept, seconds")
     parser.add_argument("--num_workers", type=int, default=4, help="parallel header reads and ffmpeg processes")
+    parser.add_argument("--data_format", choices=("files", "shards"), default="files",
+                        help="shards: also write the training set as tar shards under OUT/shards")
+    parser.add_argument("--utts_per_shard", type=int, default=1000, help="utterances per tar shard")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the speaker mixing across shards")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -41,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except PrepareError as err:
         print(f"prepare failed: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(result.to_json(), indent=1))
+    summary = result.to_json()
+    if args.data_format == "shards":
+        index = write_shards(read_manifest(result.train_manifest), Path(args.out) / "shards",
+                             utts_per_shard=args.utts_per_shard, seed=args.seed, num_workers=args.num_workers)
+        summary["shards"] = {"folder": str(Path(args.out) / "shards"), "count": len(index.shards),
+                             "utterances": index.num_utterances}
+    print(json.dumps(summary, indent=1))
     return 0
 
 

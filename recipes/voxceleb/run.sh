@@ -3,7 +3,7 @@
 #
 #   bash recipes/voxceleb/run.sh --train_root DIR [--train_root DIR2 ...] --test_root DIR \
 #       --trials FILE [--trials FILE2 ...] --exp DIR --hparams hparams/<file>.yaml \
-#       [--stage N] [--stop_stage M] [--lm_exp DIR] [--nproc N] \
+#       [--stage N] [--stop_stage M] [--lm_exp DIR] [--data_format files|shards] [--nproc N] \
 #       [--nnodes N --node_rank K --rdzv_endpoint HOST:PORT] [--key=value ...]
 #
 # Stages: 1 prepare (decode m4a, manifests, checks), 2 train, 3 extract + score, 4 package (<exp>/model),
@@ -12,6 +12,7 @@
 # (prepare is skipped, training resumes from its last checkpoint, embeddings come from the cache).
 # Paths (--exp, --lm_exp, --train_root, --test_root, --trials) reach Python as data, whatever characters
 # they hold. --key=value pairs override hparams keys (e.g. --number_of_epochs=2).
+# --data_format shards writes the training set as tar shards at stage 1 and trains from them.
 # --nproc N trains with torchrun on N processes per node (nccl with GPUs, gloo otherwise); on several
 # machines run the same command on each with --nnodes, its own --node_rank and one --rdzv_endpoint
 # (torchrun's c10d rendezvous); the default is one node (--standalone). PYTHON picks the interpreter.
@@ -22,6 +23,7 @@ python="${PYTHON:-python3}"
 stage=1
 stop_stage=4
 nproc=1
+data_format=files
 nnodes=1
 node_rank=0
 rdzv_endpoint=""
@@ -46,6 +48,7 @@ while [[ $# -gt 0 ]]; do
     --stage) stage="$2"; shift 2 ;;
     --stop_stage) stop_stage="$2"; shift 2 ;;
     --nproc) nproc="$2"; shift 2 ;;
+    --data_format) data_format="$2"; shift 2 ;;
     --nnodes) nnodes="$2"; shift 2 ;;
     --node_rank) node_rank="$2"; shift 2 ;;
     --rdzv_endpoint) rdzv_endpoint="$2"; shift 2 ;;
@@ -59,6 +62,7 @@ done
 [[ -n "$hparams" && -f "$hparams" ]] || { echo "run.sh: --hparams must name an existing file (got '$hparams')" >&2; exit 1; }
 [[ $nnodes -eq 1 || -n "$rdzv_endpoint" ]] || { echo "run.sh: --nnodes $nnodes needs --rdzv_endpoint HOST:PORT" >&2; exit 1; }
 lm_exp="${lm_exp:-${exp}_lm}"
+overrides+=(--data_format="$data_format")
 mkdir -p -- "$exp"
 
 trial_args=()
@@ -90,7 +94,7 @@ score() {  # score.py for experiment folder $1
 if run_stage 1; then
   echo "== stage 1: prepare"
   [[ ${#train_roots[@]} -gt 0 && -n "$test_root" ]] || { echo "run.sh: stage 1 needs --train_root and --test_root" >&2; exit 1; }
-  args=(--test_root "$test_root" --out "$exp/data")
+  args=(--test_root "$test_root" --out "$exp/data" --data_format "$data_format")
   for r in "${train_roots[@]}"; do args+=(--train_root "$r"); done
   for t in "${trials[@]+"${trials[@]}"}"; do args+=(--trials "$t"); done
   "$python" "$here/prepare.py" "${args[@]}"
