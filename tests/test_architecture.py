@@ -8,7 +8,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "qmargin_spk"
 FORBIDDEN = {"data": ("qmargin_spk.scoring", "qmargin_spk.training", "qmargin_spk.experiment"),
              "scoring": ("qmargin_spk.training",), "losses": ("qmargin_spk.training", "qmargin_spk.scoring"),
-             "metrics": ("qmargin_spk.training", "qmargin_spk.scoring", "qmargin_spk.data")}
+             "metrics": ("qmargin_spk.training", "qmargin_spk.scoring", "qmargin_spk.data", "qmargin_spk.inference"),
+             "calibration": ("qmargin_spk.training", "qmargin_spk.inference")}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -64,7 +64,7 @@ def test_issue9_item3_crafted_rng_checkpoint_cannot_run_code(tmp_path, monkeypat
     target = tmp_path / "exploited"
     monkeypatch.setenv("EXPLOIT_TARGET", str(target))
     path = tmp_path / "rng_state.ckpt"
-    torch.save({"python": _Exploit()}, path, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    torch.save({"python": _Exploit()}, path)
     with pytest.raises(pickle.UnpicklingError):
         RNGState().load(path)
     assert not target.exists()
