@@ -59,8 +59,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "exp" / "demo")
     parser.add_argument("--losses", nargs="+", default=["qmargin", "aam"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="synthetic corpus size")
     args, overrides = parser.parse_known_args()
-    corpus = ensure_corpus(args.out / "corpus", args.seed)
+    corpus = ensure_corpus(args.out / "corpus", args.seed, args.preset)
     for loss in args.losses:
         seconds = run_loss(loss, corpus, args.out / loss, overrides)
         print(f"{loss}: recipe {seconds:.0f} s")
