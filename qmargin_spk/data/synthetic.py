@@ -66,6 +66,15 @@ PRESETS: dict[str, dict] = {
         num_trials=40,
         duration_range=(1.2, 1.8),
     ),
+    # Many identities for the sharded head (x3 classes with speed perturbation): docs/data_shards.md.
+    "many": dict(
+        num_train_speakers=2000,
+        utts_per_train_speaker=3,
+        num_test_speakers=20,
+        utts_per_test_speaker=6,
+        num_trials=None,
+        duration_range=(1.0, 1.5),
+    ),
     # 40 test speakers x 12 utterances, every pair: ~1,900 target and 112,320 non-target trials, enough
     # false accepts to report TAR down to FAR = 1e-4 and speakers enough for the bootstrap intervals.
     "demo": dict(
