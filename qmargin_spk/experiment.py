@@ -6,10 +6,13 @@ checkpoints to evaluate are chosen and averaged in one place. Nothing here train
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
+import sys
 from pathlib import Path
+from typing import Callable
 
 import ruamel.yaml
 import speechbrain as sb
@@ -46,6 +49,24 @@ def stage_options(hparams_file: str, rest: list[str], values: dict) -> tuple[dic
     overrides = dict(ruamel.yaml.YAML().load(yaml_text) or {}) if yaml_text else {}
     overrides.update(values)
     return run_opts, overrides
+
+
+def stage_parser(doc: str) -> argparse.ArgumentParser:
+    """The argument parser every recipe stage script starts from: the hparams file and ``--exp``."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0], allow_abbrev=False)
+    parser.add_argument("hparams", help="hparams YAML file of the experiment")
+    parser.add_argument("--exp", required=True, help="experiment folder (the hparams' output_folder)")
+    return parser
+
+
+def stage_main(script: str, stage: Callable[[], object], user_errors: tuple[type[BaseException], ...]) -> int:
+    """Run ``stage``; a user mistake (one of ``user_errors``) ends with one line on stderr and exit status 1."""
+    try:
+        stage()
+    except user_errors as err:
+        print(f"{script}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def world_size() -> int:

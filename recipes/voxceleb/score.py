@@ -6,29 +6,22 @@
 
 ``--exp``, ``--test_root`` and ``--trials`` are taken as paths, never as YAML.
 """
-import argparse
 import sys
 
 from qmargin_spk.data.trials import MissingTrialFilesError
-from qmargin_spk.experiment import StageError, stage_options
+from qmargin_spk.experiment import StageError, stage_main, stage_options, stage_parser
 from qmargin_spk.scoring.stage import score_stage
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("hparams", help="hparams YAML file of the experiment")
-    parser.add_argument("--exp", required=True, help="experiment folder")
+    parser = stage_parser(__doc__)
     parser.add_argument("--test_root", required=True, help="VoxCeleb1-layout folder holding wav/")
     parser.add_argument("--trials", action="append", required=True, help="trial list (repeatable)")
     args, rest = parser.parse_known_args(argv)
     run_opts, overrides = stage_options(
         args.hparams, rest, {"output_folder": args.exp, "test_root": args.test_root, "trial_files": args.trials})
-    try:
-        score_stage(args.hparams, overrides, device=run_opts.get("device"))
-    except (StageError, MissingTrialFilesError, FileNotFoundError, ValueError) as err:
-        print(f"score.py: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return stage_main("score.py", lambda: score_stage(args.hparams, overrides, device=run_opts.get("device")),
+                      (StageError, MissingTrialFilesError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

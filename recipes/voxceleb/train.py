@@ -6,26 +6,18 @@
 
 ``--exp`` is taken as a path, never as YAML; ``--key=value`` overrides hparams keys.
 """
-import argparse
 import sys
 
-from qmargin_spk.experiment import StageError, stage_options
+from qmargin_spk.experiment import StageError, stage_main, stage_options, stage_parser
 from qmargin_spk.training.checkpointing import SaveFolderBusyError
 from qmargin_spk.training.stage import train_stage
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("hparams", help="hparams YAML file")
-    parser.add_argument("--exp", required=True, help="experiment folder (the hparams' output_folder)")
-    args, rest = parser.parse_known_args(argv)
+    args, rest = stage_parser(__doc__).parse_known_args(argv)
     run_opts, overrides = stage_options(args.hparams, rest, {"output_folder": args.exp})
-    try:
-        train_stage(args.hparams, run_opts, overrides)
-    except (StageError, SaveFolderBusyError, FileNotFoundError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return stage_main("train.py", lambda: train_stage(args.hparams, run_opts, overrides),
+                      (StageError, SaveFolderBusyError, FileNotFoundError))
 
 
 if __name__ == "__main__":
