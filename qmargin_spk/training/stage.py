@@ -150,16 +150,16 @@ def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Path
 
     global_batch = hparams["batch_size"] * world_size()
     known_steps = None
-    if hasattr(train_data, "num_batches"):
+    num_utterances = len(rows)
+    if hasattr(train_data, "num_batches"):  # a stream split by rank: it knows its own step count
         known_steps = train_data.num_batches(hparams["batch_size"], hparams["num_workers"])
-    steps = steps_per_epoch(len(train_data) * (world_size() if known_steps is not None else 1), hparams["batch_size"],
-                            world_size(), known_steps)
+    steps = steps_per_epoch(num_utterances, hparams["batch_size"], world_size(), known_steps)
     hparams["lr_scheduler"].configure(global_batch=global_batch, steps_per_epoch=steps)
     if if_main_process():
         logger.info("loss %s (%s); embedding model: %d parameters; %d classes; %d training utterances; "
                     "peak LR %.4g at global batch %d; %d threads per process",
                     hparams["loss_name"], experiment.loss_settings(), count_parameters(hparams["embedding_model"]),
-                    train_data.num_classes, len(train_data), hparams["lr_scheduler"].peak_lr, global_batch, threads)
+                    train_data.num_classes, num_utterances, hparams["lr_scheduler"].peak_lr, global_batch, threads)
     brain = SpeakerBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                          run_opts=run_opts, checkpointer=hparams["checkpointer"])
     brain.fit(hparams["epoch_counter"], train_data, train_loader_kwargs=loader_kwargs)
