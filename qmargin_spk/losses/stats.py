@@ -33,12 +33,10 @@ def posterior_statistics(
     values: torch.Tensor, indices: torch.Tensor, support_size: torch.Tensor, target: torch.Tensor
 ) -> PosteriorStats:
     """Statistics of a posterior stored as ``values`` at ``indices`` per row (``[B, K]``)."""
-    p_target = (values * (indices == target.unsqueeze(1))).sum(dim=1)
+    p_target = (values * (indices == target.unsqueeze(1))).sum(dim=1).to(torch.float64)
     support = support_size.to(torch.float64)
-    return PosteriorStats(
-        batch_size=int(target.shape[0]),
-        support_mean=float(support.mean()),
-        support_max=float(support.max()),
-        p_target_mean=float(p_target.mean()),
-        p_target_zero_frac=float((p_target <= 0).to(torch.float64).mean()),
-    )
+    # One read back to the host (a sync on a GPU) for all four numbers.
+    support_mean, support_max, p_target_mean, zero_frac = torch.stack(
+        [support.mean(), support.max(), p_target.mean(), (p_target <= 0).to(torch.float64).mean()]).tolist()
+    return PosteriorStats(batch_size=int(target.shape[0]), support_mean=support_mean, support_max=support_max,
+                          p_target_mean=p_target_mean, p_target_zero_frac=zero_frac)
