@@ -27,8 +27,10 @@ from qmargin_spk.losses.stats import PosteriorStats, posterior_statistics
 
 _NEWTON_MAX_ITER = 60
 # Newton steps run in blocks with one convergence test (a host sync) per block; a solve started
-# from the probe's bound converges within one block (docs/performance.md).
-_NEWTON_BLOCK = 4
+# from the probe's bound converges within one block (docs/performance.md). The probe, which only
+# needs a lower bound, takes a fixed number of steps and no sync.
+_NEWTON_BLOCK = 5
+_PROBE_STEPS = 3
 # alpha above this makes u^(1/(alpha-1)) underflow-prone and the loss's q_y^(1-alpha) overflow in
 # float32 for usual scales and margins; alpha 2 (sparsemax) is already very sparse.
 MAX_ALPHA = 10.0
@@ -148,9 +150,9 @@ def _tau_newton(
     otherwise, so Newton needs few steps; for alpha <= 2 it is convex, and Newton from a lower
     bound of tau never overshoots (docs/performance.md). ``lower``, a known lower bound of tau,
     raises the bracket's lower end (a warm start). The steps run in blocks of ``_NEWTON_BLOCK``
-    with one host sync, the convergence test, per block. ``exact=False`` runs one block and
-    returns a lower bound of tau without any sync: tau where a row has converged, the bracket's
-    lower end (``S >= 1`` there) elsewhere.
+    with one host sync, the convergence test, per block. ``exact=False`` takes ``_PROBE_STEPS``
+    steps and returns a lower bound of tau without any sync: tau where a row has converged, the
+    bracket's lower end (``S >= 1`` there) elsewhere.
     """
     lo = (theta - f_prime_inv_q(log_q, alpha)).amax(dim=1)
     if lower is not None:
@@ -160,13 +162,14 @@ def _tau_newton(
     # A step is accepted as converged below rounding of tau; the bracket bounds |tau|.
     resolution = 2.0 * torch.finfo(theta.dtype).eps * (1.0 + torch.maximum(lo.abs(), hi.abs()))
     tau = lo
+    if not exact:
+        for _ in range(_PROBE_STEPS):
+            tau, lo, hi, small = _newton_step(theta, q, tau, lo, hi, alpha, resolution)
+        return torch.where(small | (hi - lo <= resolution), tau, lo)  # S(lo) >= 1: lo is never above the root
     for _ in range(0, _NEWTON_MAX_ITER, _NEWTON_BLOCK):
         for _ in range(_NEWTON_BLOCK):
             tau, lo, hi, small = _newton_step(theta, q, tau, lo, hi, alpha, resolution)
-        done = small | (hi - lo <= resolution)
-        if not exact:
-            return torch.where(done, tau, lo)  # S(lo) >= 1: lo never lies above the root
-        if bool(done.all()):
+        if bool((small | (hi - lo <= resolution)).all()):
             break
     return tau
 
@@ -178,22 +181,23 @@ def _newton_step(
     """One safeguarded step: new ``tau``, the bracket ``lo, hi`` updated by the sign of S - 1, and rows whose step was rounding."""
     am1 = alpha - 1.0
     u = (theta - tau.unsqueeze(1)).mul_(am1).add_(1.0).clamp_min_(0.0)
-    # p_j = q_j u_j^(1/(alpha-1)), dS/dtau = -sum_j q_j u_j^(1/(alpha-1) - 1). An inactive class
-    # (u = 0) has p = 0, so its 1/u may be any finite number.
-    mass = q * u.pow(1.0 / am1)
-    slope = mass * u.clamp_min_(torch.finfo(u.dtype).tiny).reciprocal_()
-    total, slope = mass.sum(dim=1), slope.sum(dim=1)
+    # -dp_j/dtau = q_j u_j^(1/(alpha-1) - 1) and p_j = that times u_j. For alpha > 2 the power is inf
+    # at an inactive class (u = 0), which has neither mass nor slope: set to 0.
+    slope = q * u.pow(1.0 / am1 - 1.0)
+    if alpha > 2.0:
+        slope = slope.nan_to_num_(nan=0.0, posinf=0.0)
+    total, slope = (slope * u).sum(dim=1), slope.sum(dim=1)
     # S is non-increasing: S >= 1 means the root lies at or above tau.
     above = total >= 1.0
     lo = torch.where(above, tau, lo)
     hi = torch.where(above, hi, tau)
-    # Newton on S^(alpha-1) - 1: tau + (S - S^(2-alpha)) / ((alpha-1) S'), written as tau - step. No
-    # mass gives 0/0 or x/0, which fails both tests below and falls back to bisection.
-    step = (total.pow(2.0 - alpha) - total) / (slope * am1)
-    proposal = tau - step
+    # Newton on S^(alpha-1) - 1: tau + (S - S^(2-alpha)) / ((alpha-1) |S'|). No mass gives 0/0, a
+    # NaN that fails both tests below and falls back to bisection, like a step out of the bracket.
+    proposal = torch.addcdiv(tau, total - total.pow(2.0 - alpha), slope, value=1.0 / am1)
     # A step of rounding size is kept (Newton converges quadratically near the root), never replaced
     # by a bisection that would throw the converged tau away.
-    small = step.abs() <= resolution
+    small = (proposal - tau).abs() <= resolution
+    # Strictly inside: a proposal on an end of the bracket may be a 2-cycle of Newton between them.
     take = small | ((proposal > lo) & (proposal < hi))
     tau = torch.where(take, proposal.clamp(lo, hi), torch.lerp(lo, hi, 0.5))
     return tau, lo, hi, small
@@ -285,7 +289,9 @@ def _dense_candidates(
     rows, cols = (x > cut.unsqueeze(1)).nonzero(as_tuple=True)
     theta = x[rows, cols].to(floor.dtype)
     theta = theta if scale == 1.0 else theta * scale
-    return (*candidates_from_pairs(rows, cols, theta, target, log_q_target, floor), lower)
+    # Only the closed forms walk sorted prefixes.
+    sort = alpha in (1.5, 2.0)
+    return (*candidates_from_pairs(rows, cols, theta, target, log_q_target, floor, sort=sort), lower)
 
 
 def candidates_from_pairs(
@@ -296,13 +302,15 @@ def candidates_from_pairs(
     log_q_target: torch.Tensor,
     floor: torch.Tensor,
     limit: int | None = None,
+    sort: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad candidate ``(row, class, logit)`` triples (``rows`` non-decreasing) into sorted ``[B, K]`` rows.
 
     Returns logits sorted by decreasing value, their class indices and ``log q`` (``log_q_target``
     at the target, 0 elsewhere), K the largest candidate count of the batch, or at most ``limit``
     (the ``limit`` largest logits of each row). Padding gets the finite logit ``floor`` of its row
-    (any value no candidate lies below) and ``log q = -inf``.
+    (any value no candidate lies below) and ``log q = -inf``. ``sort=False`` (no ``limit``) keeps
+    each row's candidates in the given order, padding last: the Newton solve needs no order.
     """
     batch = target.shape[0]
     # A scatter, not bincount: on a GPU bincount reads its input's range back to the host.
@@ -316,9 +324,10 @@ def candidates_from_pairs(
     cand_idx[rows, slot] = cols
     if limit is not None and limit < k:
         cand_theta, order = torch.topk(cand_theta, limit, dim=1)
-    else:
+        cand_idx = cand_idx.gather(1, order)
+    elif sort:
         cand_theta, order = torch.sort(cand_theta, dim=1, descending=True, stable=True)
-    cand_idx = cand_idx.gather(1, order)
+        cand_idx = cand_idx.gather(1, order)
     live = torch.isfinite(cand_theta)
     log_q = torch.where(cand_idx == target.unsqueeze(1), log_q_target.unsqueeze(1), torch.zeros_like(cand_theta))
     log_q = torch.where(live, log_q, torch.full_like(log_q, float("-inf")))
