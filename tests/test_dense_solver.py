@@ -76,7 +76,7 @@ def test_group_maxima_bound_lies_below_tau(alpha, log_q_target):
         theta = 10.0 * cos
         tau = solve_sparse_posterior(theta, target, log_q_target, alpha).tau
         log_q = torch.full((len(target),), log_q_target, dtype=theta.dtype)
-        bound = solver._group_maxima_tau(cos, cos.gather(1, target.unsqueeze(1)), log_q, alpha, 10.0)
+        bound = solver.group_maxima_tau(cos, cos.gather(1, target.unsqueeze(1)), log_q, alpha, 10.0, solver.DENSE_PROBE_GROUPS)
         assert (bound <= tau).all()
         if name == "mid_training" and log_q_target <= 0 and alpha <= 2:  # the training case: close to tau
             assert (bound > tau - 0.1 / (alpha - 1.0)).all()

@@ -232,34 +232,20 @@ def tau_rounding_slack(tau: torch.Tensor) -> torch.Tensor:
     return torch.finfo(tau.dtype).eps ** 0.5 * (1.0 + tau.abs())
 
 
-def probe_tau(
-    theta: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor, alpha: float, probe_classes: int,
-    col_offset: int = 0,
+def group_maxima_tau(
+    x: torch.Tensor, target_x: torch.Tensor, log_q_target: torch.Tensor, alpha: float, scale: float, groups: int
 ) -> torch.Tensor:
-    """tau of each row's ``probe_classes`` largest logits of ``theta`` (columns ``col_offset + j``).
+    """A lower bound of each row's tau (logits ``scale * x``) from the maxima of ``groups`` groups of its classes.
 
-    Any subset of a row's classes has less mass at a given tau, so its tau is a lower bound of the
-    row's tau: classes below ``tau_probe - 1/(alpha - 1)`` can never be active (docs/loss.md).
-    """
-    probe_theta, probe_cols = torch.topk(theta, min(probe_classes, theta.shape[1]), dim=1, sorted=True)
-    probe_cols = probe_cols + col_offset
-    log_q = torch.where(probe_cols == target.unsqueeze(1), log_q_target.unsqueeze(1), torch.zeros_like(probe_theta))
-    return solve_on_candidates(probe_theta, probe_cols, log_q, alpha).tau
-
-
-def _group_maxima_tau(
-    x: torch.Tensor, target_x: torch.Tensor, log_q_target: torch.Tensor, alpha: float, scale: float
-) -> torch.Tensor:
-    """A lower bound of each row's tau (logits ``scale * x``) from the maxima of ``DENSE_PROBE_GROUPS`` groups.
-
-    Class j is in group ``j mod G``; the columns past the last whole stride join as their own
+    Class j is in group ``j mod groups``; the columns past the last whole stride join as their own
     entries. Each maximum stands for a class of its group, so the entries are a subset of the
-    row's classes and their tau a lower bound of the row's (docs/loss.md, "Candidates"). An entry
-    equal to the target's logit may be the target: it gets ``min(q_y, 1)``, less mass than
-    either class it can be, which keeps the bound valid. No host sync.
+    row's classes and their tau a lower bound of the row's (docs/loss.md, "Candidates"), less a
+    rounding slack. ``target_x [B, 1]`` is the target's ``x`` (NaN where the target is not among
+    the columns): an entry equal to it may be the target and gets ``min(q_y, 1)``, less mass than
+    either class it can be, which keeps the bound valid. One max over the row, no sort, no sync.
     """
     batch, classes = x.shape
-    groups = min(DENSE_PROBE_GROUPS, classes)
+    groups = min(groups, classes)
     whole = classes // groups * groups
     maxima = x[:, :whole].reshape(batch, classes // groups, groups).amax(dim=1)
     if whole < classes:
@@ -283,7 +269,7 @@ def _dense_candidates(
     bound of tau. The floor is compared with ``x`` itself (``x_j > floor / scale``, the quotient
     rounded down), so the scaled ``B x C`` logits are never formed.
     """
-    lower = _group_maxima_tau(x, target_x, log_q_target, alpha, scale)
+    lower = group_maxima_tau(x, target_x, log_q_target, alpha, scale, DENSE_PROBE_GROUPS)
     floor = lower - 1.0 / (alpha - 1.0)
     cut = floor if scale == 1.0 else torch.nextafter(floor / scale, floor.new_tensor(float("-inf")))
     rows, cols = (x > cut.unsqueeze(1)).nonzero(as_tuple=True)
@@ -343,14 +329,14 @@ def solve_on_candidates(
     Exact for the full rows as long as every class left out lies at or below ``tau_lo - 1/(alpha - 1)``
     for some lower bound ``tau_lo`` of tau: such classes carry exactly zero mass.
     """
-    return _posterior_on_candidates(cand_theta, cand_idx, log_q, alpha)
+    return posterior_on_candidates(cand_theta, cand_idx, log_q, alpha)
 
 
-def _posterior_on_candidates(
+def posterior_on_candidates(
     cand_theta: torch.Tensor, cand_idx: torch.Tensor, log_q: torch.Tensor, alpha: float,
     lower: torch.Tensor | None = None,
 ) -> SparsePosterior:
-    """:func:`solve_on_candidates`, the Newton solve started from ``lower``, a known lower bound of tau."""
+    """:func:`solve_on_candidates`, the Newton solve started from ``lower``, a known lower bound of tau (or None)."""
     tau = _tau(cand_theta, log_q, alpha, lower)
     values = _mass(cand_theta, log_q, tau, alpha)
     values = values / values.sum(dim=1, keepdim=True)
@@ -372,7 +358,7 @@ def _dense_sparse_posterior(
     """The posterior (alpha > 1) of the logits ``scale * x``, with the candidates' logits and the target logits."""
     target_x = x.gather(1, target.unsqueeze(1))
     cand_theta, cand_idx, log_q, lower = _dense_candidates(x, scale, target, target_x, log_q_target, alpha)
-    sparse = _posterior_on_candidates(cand_theta, cand_idx, log_q, alpha, lower)
+    sparse = posterior_on_candidates(cand_theta, cand_idx, log_q, alpha, lower)
     target_theta = target_x.squeeze(1).to(cand_theta.dtype)
     return sparse, cand_theta, target_theta if scale == 1.0 else target_theta * scale
 
