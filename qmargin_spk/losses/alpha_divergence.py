@@ -237,8 +237,7 @@ def group_maxima_tau(
 ) -> torch.Tensor:
     """A lower bound of each row's tau (logits ``scale * x``) from the maxima of ``groups`` groups of its classes.
 
-    Class j is in group ``j mod groups``; the columns past the last whole stride join as their own
-    entries. Each maximum stands for a class of its group, so the entries are a subset of the
+    Class j is in group ``j mod groups``. Each maximum stands for a class of its group, so the entries are a subset of the
     row's classes and their tau a lower bound of the row's (docs/loss.md, "Candidates"), less a
     rounding slack. ``target_x [B, 1]`` is the target's ``x`` (NaN where the target is not among
     the columns): an entry equal to it may be the target and gets ``min(q_y, 1)``, less mass than
@@ -248,8 +247,9 @@ def group_maxima_tau(
     groups = min(groups, classes)
     whole = classes // groups * groups
     maxima = x[:, :whole].reshape(batch, classes // groups, groups).amax(dim=1)
-    if whole < classes:
-        maxima = torch.cat([maxima, x[:, whole:]], dim=1)
+    if whole < classes:  # the columns past the last whole stride join the first groups
+        tail = classes - whole
+        maxima[:, :tail] = torch.maximum(maxima[:, :tail], x[:, whole:])
     log_q = torch.where(maxima == target_x, log_q_target.clamp_max(0.0).unsqueeze(1), 0.0)
     theta = maxima.to(log_q.dtype) * scale
     if alpha <= 2.0:  # the closed forms walk prefixes sorted by logit
