@@ -217,7 +217,7 @@ def _tau_lower_bound(theta: torch.Tensor, log_q: torch.Tensor, alpha: float) -> 
 
     tau does not increase with alpha (``(1 + a x)^(1/a)`` decreases in ``a``, so every class has less
     mass at a given tau; docs/performance.md), so tau at alpha 1.5 or 2, the nearest closed form
-    above, bounds tau from below for 1 < alpha < 2; one block of Newton steps from there tightens it.
+    above, bounds tau from below for 1 < alpha < 2; ``_PROBE_STEPS`` Newton steps from there tighten it.
     """
     if alpha in (1.5, 2.0):
         return _tau_sorted_closed_form(theta, torch.exp(log_q), alpha)
@@ -237,11 +237,12 @@ def group_maxima_tau(
 ) -> torch.Tensor:
     """A lower bound of each row's tau (logits ``scale * x``) from the maxima of ``groups`` groups of its classes.
 
-    Class j is in group ``j mod groups``. Each maximum stands for a class of its group, so the entries are a subset of the
-    row's classes and their tau a lower bound of the row's (docs/loss.md, "Candidates"), less a
-    rounding slack. ``target_x [B, 1]`` is the target's ``x`` (NaN where the target is not among
-    the columns): an entry equal to it may be the target and gets ``min(q_y, 1)``, less mass than
-    either class it can be, which keeps the bound valid. One max over the row, no sort, no sync.
+    Class j is in group ``j mod groups``. Each maximum stands for a class of its group, so the
+    maxima are a subset of the row's classes and their tau, less a rounding slack, a lower bound
+    of the row's (docs/loss.md, "Candidates"). ``target_x [B, 1]`` is the target's ``x`` (NaN
+    where the target is not among the columns): a maximum equal to it may be the target and gets
+    ``min(q_y, 1)``, less mass than either class it can be, which keeps the bound valid. One
+    strided max over the row instead of a top-k; no host sync.
     """
     batch, classes = x.shape
     groups = min(groups, classes)
