@@ -9,8 +9,13 @@ at the target, and ``alpha > 1``::
 ``alpha == 1`` is the closed form ``softmax(theta + log q)`` (Q-Margin at alpha 1 is CosFace).
 
 The support of ``p`` is a prefix of the classes sorted by logit and every class below
-``tau_lo - 1/(alpha - 1)`` is inactive (``tau_lo`` the lower end of the bracket), so the solver
-only ever looks at those *candidates*: a few per row, gathered with one ``topk``.
+``tau_lo - 1/(alpha - 1)`` is inactive (``tau_lo`` any lower bound of tau), so the solver only ever
+looks at those *candidates*: a few per row, found with one comparison over the row once the maxima
+of a few groups of classes have bounded tau from below.
+
+A training step runs this once per batch on a CPU or a GPU, so the code keeps the number of tensor
+operations and host syncs (reading a value back: ``int()``, ``bool()``) small and independent of
+the data where it can (``docs/performance.md``).
 """
 from __future__ import annotations
 
@@ -20,13 +25,20 @@ import torch
 
 from qmargin_spk.losses.stats import PosteriorStats, posterior_statistics
 
-_HALLEY_MAX_ITER = 60
+_NEWTON_MAX_ITER = 60
+# Newton steps run in blocks with one convergence test (a host sync) per block; a solve started
+# from the probe's bound converges within one block (docs/performance.md). The probe, which only
+# needs a lower bound, takes a fixed number of steps and no sync.
+_NEWTON_BLOCK = 5
+_PROBE_STEPS = 3
 # alpha above this makes u^(1/(alpha-1)) underflow-prone and the loss's q_y^(1-alpha) overflow in
 # float32 for usual scales and margins; alpha 2 (sparsemax) is already very sparse.
 MAX_ALPHA = 10.0
-# Probe sizes for the lower bound of tau (docs/loss.md, "Candidates"). The dense path has the
-# whole row: 32 largest logits already put the floor within a few classes of the support.
-DENSE_PROBE_CLASSES = 32
+# Probe of the dense path (docs/loss.md, "Candidates"): the maxima of this many interleaved groups
+# of classes (class j in group j mod G) bound tau from below almost as tightly as the G largest
+# logits, since the few largest logits rarely share a group, at the cost of one vectorised max
+# over the row instead of a top-k.
+DENSE_PROBE_GROUPS = 64
 
 
 @dataclass
@@ -49,8 +61,14 @@ def validate_inputs(logits: torch.Tensor, target: torch.Tensor, alpha: float) ->
     validate_alpha(alpha)
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, C], got shape {tuple(logits.shape)}")
-    validate_targets(target, logits.shape[0], logits.shape[1])
-    validate_finite(logits, "logits")
+    _validate_target_layout(target, logits.shape[0])
+    # One host sync for the value checks of a valid batch; the checks that name the fault run only if it fails.
+    suspect = ~torch.isfinite(logits.sum())
+    if target.numel():
+        suspect = suspect | (target.min() < 0) | (target.max() >= logits.shape[1])
+    if bool(suspect):
+        validate_targets(target, logits.shape[0], logits.shape[1])
+        validate_finite(logits, "logits")
 
 
 def validate_alpha(alpha: float, sparse: bool = False) -> None:
@@ -63,12 +81,17 @@ def validate_alpha(alpha: float, sparse: bool = False) -> None:
 
 def validate_targets(target: torch.Tensor, batch: int, num_classes: int) -> None:
     """Raise ``ValueError`` unless ``target`` is ``[batch]`` integer class indices in ``[0, num_classes)``."""
+    _validate_target_layout(target, batch)
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(f"targets out of range [0, {num_classes}): min {int(target.min())}, max {int(target.max())}")
+
+
+def _validate_target_layout(target: torch.Tensor, batch: int) -> None:
+    """Raise ``ValueError`` unless ``target`` is a ``[batch]`` tensor of an integer dtype (no host sync)."""
     if target.dim() != 1 or target.shape[0] != batch:
         raise ValueError(f"targets must be [B] with B = {batch}, got shape {tuple(target.shape)}")
     if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"targets must be integer class indices, got dtype {target.dtype}")
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ValueError(f"targets out of range [0, {num_classes}): min {int(target.min())}, max {int(target.max())}")
 
 
 def validate_finite(values: torch.Tensor, name: str) -> None:
@@ -93,7 +116,7 @@ def _mass(theta: torch.Tensor, log_q: torch.Tensor, tau: torch.Tensor, alpha: fl
     """Unnormalised posterior ``q_j [1 + (alpha-1)(theta_j - tau)]_+^(1/(alpha-1))`` for a row-wise ``tau``."""
     am1 = alpha - 1.0
     u = torch.clamp_min(1.0 + am1 * (theta - tau.unsqueeze(1)), 0.0)
-    return torch.where(u > 0, torch.exp(log_q + torch.log(u) / am1), torch.zeros_like(u))
+    return torch.exp(log_q + torch.log(u) / am1)  # log 0 = -inf: inactive classes get exactly 0
 
 
 def _tau_sorted_closed_form(theta: torch.Tensor, q: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -117,45 +140,91 @@ def _tau_sorted_closed_form(theta: torch.Tensor, q: torch.Tensor, alpha: float) 
     return tau_k.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
-def _tau_halley(theta: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Safeguarded Halley + bisection on ``g(tau) = sum_j p_j(tau) - 1`` within the exact bracket."""
-    am1 = alpha - 1.0
-    inv = 1.0 / am1
+def _tau_newton(
+    theta: torch.Tensor, log_q: torch.Tensor, alpha: float, lower: torch.Tensor | None = None, exact: bool = True
+) -> torch.Tensor:
+    """Safeguarded Newton + bisection on ``phi(tau) = S(tau)^(alpha-1) - 1`` within the exact bracket.
+
+    ``S(tau) = sum_j p_j(tau)`` is the mass; ``S^(alpha-1)`` is a p-norm (p = 1/(alpha-1)) of the
+    affine ``q_j^(alpha-1) u_j``, exactly linear in tau on a one-class support and nearly linear
+    otherwise, so Newton needs few steps; for alpha <= 2 it is convex, and Newton from a lower
+    bound of tau never overshoots (docs/performance.md). ``lower``, a known lower bound of tau,
+    raises the bracket's lower end (a warm start). The steps run in blocks of ``_NEWTON_BLOCK``
+    with one host sync, the convergence test, per block. ``exact=False`` takes ``_PROBE_STEPS``
+    steps and returns a lower bound of tau without any sync: tau where a row has converged, the
+    bracket's lower end (``S >= 1`` there) elsewhere.
+    """
     lo = (theta - f_prime_inv_q(log_q, alpha)).amax(dim=1)
-    total_q = torch.logsumexp(log_q, dim=1)
-    hi = theta.amax(dim=1) - f_prime_inv_q(total_q, alpha)
-    tau = lo.clone()
+    if lower is not None:
+        lo = torch.maximum(lo, lower)
+    hi = theta.amax(dim=1) - f_prime_inv_q(torch.logsumexp(log_q, dim=1), alpha)
     q = torch.exp(log_q)
-    eps = torch.finfo(theta.dtype).eps
-    for _ in range(_HALLEY_MAX_ITER):
-        u = torch.clamp_min(1.0 + am1 * (theta - tau.unsqueeze(1)), 0.0)
-        pos = u > 0
-        log_u = torch.log(torch.where(pos, u, torch.ones_like(u)))
-        w0 = torch.where(pos, q * torch.exp(inv * log_u), torch.zeros_like(u))
-        w1 = torch.where(pos, q * torch.exp((inv - 1.0) * log_u), torch.zeros_like(u))
-        w2 = torch.where(pos, q * torch.exp((inv - 2.0) * log_u), torch.zeros_like(u))
-        g = w0.sum(dim=1) - 1.0
-        g1 = -w1.sum(dim=1)
-        g2 = (2.0 - alpha) * w2.sum(dim=1)
-        # Keep the bracket: g is non-increasing, so g >= 0 means the root lies above.
-        lo = torch.where(g >= 0, tau, lo)
-        hi = torch.where(g < 0, tau, hi)
-        denom = 2.0 * g1 * g1 - g * g2
-        step = torch.where(denom != 0, 2.0 * g * g1 / torch.where(denom != 0, denom, torch.ones_like(denom)),
-                           torch.zeros_like(g))
-        proposal = tau - step
-        inside = (proposal > lo) & (proposal < hi) & torch.isfinite(proposal)
-        resolution = 2.0 * eps * (1.0 + tau.abs())
-        # A row is done once its bracket has collapsed or a Halley step (cubically convergent
-        # near the root) moves tau by no more than rounding; such a step is kept, never
-        # replaced by a bisection that would throw the converged tau away.
-        small = step.abs() <= resolution
-        done = small | (hi - lo <= resolution)
-        tau = torch.where(small, torch.minimum(torch.maximum(proposal, lo), hi),
-                          torch.where(inside, proposal, 0.5 * (lo + hi)))
-        if bool(done.all()):
+    # A step is accepted as converged below rounding of tau; the bracket bounds |tau|.
+    resolution = 2.0 * torch.finfo(theta.dtype).eps * (1.0 + torch.maximum(lo.abs(), hi.abs()))
+    tau = lo
+    if not exact:
+        for _ in range(_PROBE_STEPS):
+            tau, lo, hi, small = _newton_step(theta, q, tau, lo, hi, alpha, resolution)
+        return torch.where(small | (hi - lo <= resolution), tau, lo)  # S(lo) >= 1: lo is never above the root
+    for _ in range(0, _NEWTON_MAX_ITER, _NEWTON_BLOCK):
+        for _ in range(_NEWTON_BLOCK):
+            tau, lo, hi, small = _newton_step(theta, q, tau, lo, hi, alpha, resolution)
+        if bool((small | (hi - lo <= resolution)).all()):
             break
     return tau
+
+
+def _newton_step(
+    theta: torch.Tensor, q: torch.Tensor, tau: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, alpha: float,
+    resolution: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One safeguarded step: new ``tau``, the bracket ``lo, hi`` updated by the sign of S - 1, and rows whose step was rounding."""
+    am1 = alpha - 1.0
+    u = (theta - tau.unsqueeze(1)).mul_(am1).add_(1.0).clamp_min_(0.0)
+    # -dp_j/dtau = q_j u_j^(1/(alpha-1) - 1) and p_j = that times u_j. For alpha > 2 the power is inf
+    # at an inactive class (u = 0), which has neither mass nor slope: set to 0.
+    slope = q * u.pow(1.0 / am1 - 1.0)
+    if alpha > 2.0:
+        slope = slope.nan_to_num_(nan=0.0, posinf=0.0)
+    total, slope = (slope * u).sum(dim=1), slope.sum(dim=1)
+    # S is non-increasing: S >= 1 means the root lies at or above tau.
+    above = total >= 1.0
+    lo = torch.where(above, tau, lo)
+    hi = torch.where(above, hi, tau)
+    # Newton on S^(alpha-1) - 1: tau + (S - S^(2-alpha)) / ((alpha-1) |S'|). No mass gives 0/0, a
+    # NaN that fails both tests below and falls back to bisection, like a step out of the bracket.
+    proposal = torch.addcdiv(tau, total - total.pow(2.0 - alpha), slope, value=1.0 / am1)
+    # A step of rounding size is kept (Newton converges quadratically near the root), never replaced
+    # by a bisection that would throw the converged tau away.
+    small = (proposal - tau).abs() <= resolution
+    # Strictly inside: a proposal on an end of the bracket may be a 2-cycle of Newton between them.
+    take = small | ((proposal > lo) & (proposal < hi))
+    tau = torch.where(take, proposal.clamp(lo, hi), torch.lerp(lo, hi, 0.5))
+    return tau, lo, hi, small
+
+
+def _tau(
+    theta: torch.Tensor, log_q: torch.Tensor, alpha: float, lower: torch.Tensor | None = None, exact: bool = True
+) -> torch.Tensor:
+    """tau of candidates: closed form for alpha 1.5 and 2 (``theta`` sorted by decreasing logit), Newton otherwise."""
+    if alpha in (1.5, 2.0):
+        return _tau_sorted_closed_form(theta, torch.exp(log_q), alpha)
+    return _tau_newton(theta, log_q, alpha, lower, exact)
+
+
+def _tau_lower_bound(theta: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A lower bound of tau of candidates sorted by decreasing logit, without a host sync.
+
+    tau does not increase with alpha (``(1 + a x)^(1/a)`` decreases in ``a``, so every class has less
+    mass at a given tau; docs/performance.md), so tau at alpha 1.5 or 2, the nearest closed form
+    above, bounds tau from below for 1 < alpha < 2; ``_PROBE_STEPS`` Newton steps from there tighten it.
+    """
+    if alpha in (1.5, 2.0):
+        return _tau_sorted_closed_form(theta, torch.exp(log_q), alpha)
+    lower = None
+    if alpha < 2.0:
+        lower = _tau_sorted_closed_form(theta, torch.exp(log_q), 1.5 if alpha < 1.5 else 2.0)
+    return _tau_newton(theta, log_q, alpha, lower, exact=False)
 
 
 def tau_rounding_slack(tau: torch.Tensor) -> torch.Tensor:
@@ -163,31 +232,53 @@ def tau_rounding_slack(tau: torch.Tensor) -> torch.Tensor:
     return torch.finfo(tau.dtype).eps ** 0.5 * (1.0 + tau.abs())
 
 
-def probe_tau(
-    theta: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor, alpha: float, probe_classes: int,
-    col_offset: int = 0,
+def group_maxima_tau(
+    x: torch.Tensor, target_x: torch.Tensor, log_q_target: torch.Tensor, alpha: float, scale: float, groups: int
 ) -> torch.Tensor:
-    """tau of each row's ``probe_classes`` largest logits of ``theta`` (columns ``col_offset + j``).
+    """A lower bound of each row's tau (logits ``scale * x``) from the maxima of ``groups`` groups of its classes.
 
-    Any subset of a row's classes has less mass at a given tau, so its tau is a lower bound of the
-    row's tau: classes below ``tau_probe - 1/(alpha - 1)`` can never be active (docs/loss.md).
+    Class j is in group ``j mod groups``. Each maximum stands for a class of its group, so the
+    maxima are a subset of the row's classes and their tau, less a rounding slack, a lower bound
+    of the row's (docs/loss.md, "Candidates"). ``target_x [B, 1]`` is the target's ``x`` (NaN
+    where the target is not among the columns): a maximum equal to it may be the target and gets
+    ``min(q_y, 1)``, less mass than either class it can be, which keeps the bound valid. One
+    strided max over the row instead of a top-k; no host sync.
     """
-    probe_theta, probe_cols = torch.topk(theta, min(probe_classes, theta.shape[1]), dim=1, sorted=True)
-    probe_cols = probe_cols + col_offset
-    log_q = torch.where(probe_cols == target.unsqueeze(1), log_q_target.unsqueeze(1), torch.zeros_like(probe_theta))
-    return solve_on_candidates(probe_theta, probe_cols, log_q, alpha).tau
+    batch, classes = x.shape
+    groups = min(groups, classes)
+    whole = classes // groups * groups
+    maxima = x[:, :whole].reshape(batch, classes // groups, groups).amax(dim=1)
+    if whole < classes:  # the columns past the last whole stride join the first groups
+        tail = classes - whole
+        maxima[:, :tail] = torch.maximum(maxima[:, :tail], x[:, whole:])
+    log_q = torch.where(maxima == target_x, log_q_target.clamp_max(0.0).unsqueeze(1), 0.0)
+    theta = maxima.to(log_q.dtype) * scale
+    if alpha <= 2.0:  # the closed forms walk prefixes sorted by logit
+        theta, order = torch.sort(theta, dim=1, descending=True)
+        log_q = log_q.gather(1, order)
+    tau = _tau_lower_bound(theta, log_q, alpha)
+    return tau - tau_rounding_slack(tau)
 
 
-def _candidates(theta: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor, alpha: float):
-    """Every class of a dense row that can be in the support, in the layout of :func:`candidates_from_pairs`.
+def _dense_candidates(
+    x: torch.Tensor, scale: float, target: torch.Tensor, target_x: torch.Tensor, log_q_target: torch.Tensor,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every class of the dense rows of logits ``scale * x`` that can be in the support.
 
-    The floor is the probe's tau (``DENSE_PROBE_CLASSES`` largest logits) less the support gap; the
-    probe holds the largest non-target logit, so it is never looser than the bracket's lower end.
+    Returns the candidates in the layout of :func:`candidates_from_pairs` and the probe's lower
+    bound of tau. The floor is compared with ``x`` itself (``x_j > floor / scale``, the quotient
+    rounded down), so the scaled ``B x C`` logits are never formed.
     """
-    tau_probe = probe_tau(theta, target, log_q_target, alpha, DENSE_PROBE_CLASSES)
-    floor = tau_probe - tau_rounding_slack(tau_probe) - 1.0 / (alpha - 1.0)
-    cand_row, cand_col = (theta > floor.unsqueeze(1)).nonzero(as_tuple=True)
-    return candidates_from_pairs(cand_row, cand_col, theta[cand_row, cand_col], target, log_q_target, floor)
+    lower = group_maxima_tau(x, target_x, log_q_target, alpha, scale, DENSE_PROBE_GROUPS)
+    floor = lower - 1.0 / (alpha - 1.0)
+    cut = floor if scale == 1.0 else torch.nextafter(floor / scale, floor.new_tensor(float("-inf")))
+    rows, cols = (x > cut.unsqueeze(1)).nonzero(as_tuple=True)
+    theta = x[rows, cols].to(floor.dtype)
+    theta = theta if scale == 1.0 else theta * scale
+    # Only the closed forms walk sorted prefixes.
+    sort = alpha in (1.5, 2.0)
+    return (*candidates_from_pairs(rows, cols, theta, target, log_q_target, floor, sort=sort), lower)
 
 
 def candidates_from_pairs(
@@ -198,28 +289,32 @@ def candidates_from_pairs(
     log_q_target: torch.Tensor,
     floor: torch.Tensor,
     limit: int | None = None,
+    sort: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad candidate ``(row, class, logit)`` triples (``rows`` non-decreasing) into sorted ``[B, K]`` rows.
 
     Returns logits sorted by decreasing value, their class indices and ``log q`` (``log_q_target``
     at the target, 0 elsewhere), K the largest candidate count of the batch, or at most ``limit``
     (the ``limit`` largest logits of each row). Padding gets the finite logit ``floor`` of its row
-    (any value no candidate lies below) and ``log q = -inf``.
+    (any value no candidate lies below) and ``log q = -inf``. ``sort=False`` (no ``limit``) keeps
+    each row's candidates in the given order, padding last: the Newton solve needs no order.
     """
     batch = target.shape[0]
-    counts = torch.bincount(rows, minlength=batch)
+    # A scatter, not bincount: on a GPU bincount reads its input's range back to the host.
+    counts = rows.new_zeros(batch).scatter_add_(0, rows, torch.ones_like(rows))
+    k = int(counts.max())
     starts = torch.cumsum(counts, dim=0) - counts
     slot = torch.arange(rows.shape[0], device=rows.device) - starts[rows]
-    k = int(counts.max())
     cand_theta = theta.new_full((batch, k), float("-inf"))
     cand_theta[rows, slot] = theta
     cand_idx = torch.zeros(batch, k, dtype=torch.long, device=rows.device)
     cand_idx[rows, slot] = cols
     if limit is not None and limit < k:
         cand_theta, order = torch.topk(cand_theta, limit, dim=1)
-    else:
+        cand_idx = cand_idx.gather(1, order)
+    elif sort:
         cand_theta, order = torch.sort(cand_theta, dim=1, descending=True, stable=True)
-    cand_idx = cand_idx.gather(1, order)
+        cand_idx = cand_idx.gather(1, order)
     live = torch.isfinite(cand_theta)
     log_q = torch.where(cand_idx == target.unsqueeze(1), log_q_target.unsqueeze(1), torch.zeros_like(cand_theta))
     log_q = torch.where(live, log_q, torch.full_like(log_q, float("-inf")))
@@ -235,13 +330,38 @@ def solve_on_candidates(
     Exact for the full rows as long as every class left out lies at or below ``tau_lo - 1/(alpha - 1)``
     for some lower bound ``tau_lo`` of tau: such classes carry exactly zero mass.
     """
-    if alpha in (1.5, 2.0):
-        tau = _tau_sorted_closed_form(cand_theta, torch.exp(log_q), alpha)
-    else:
-        tau = _tau_halley(cand_theta, log_q, alpha)
+    return posterior_on_candidates(cand_theta, cand_idx, log_q, alpha)
+
+
+def posterior_on_candidates(
+    cand_theta: torch.Tensor, cand_idx: torch.Tensor, log_q: torch.Tensor, alpha: float,
+    lower: torch.Tensor | None = None,
+) -> SparsePosterior:
+    """:func:`solve_on_candidates`, the Newton solve started from ``lower``, a known lower bound of tau (or None)."""
+    tau = _tau(cand_theta, log_q, alpha, lower)
     values = _mass(cand_theta, log_q, tau, alpha)
     values = values / values.sum(dim=1, keepdim=True)
     return SparsePosterior(cand_idx, values, tau, (values > 0).sum(dim=1))
+
+
+def _softmax_posterior(theta: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor) -> SparsePosterior:
+    """alpha = 1: ``softmax(theta + log q)`` over every class (no threshold)."""
+    shifted = theta.scatter_add(1, target.unsqueeze(1), log_q_target.unsqueeze(1))
+    values = torch.softmax(shifted, dim=1)
+    indices = torch.arange(theta.shape[1], device=theta.device).expand_as(theta)
+    nan = torch.full((theta.shape[0],), float("nan"), dtype=theta.dtype, device=theta.device)
+    return SparsePosterior(indices, values, nan, (values > 0).sum(dim=1))
+
+
+def _dense_sparse_posterior(
+    x: torch.Tensor, scale: float, target: torch.Tensor, log_q_target: torch.Tensor, alpha: float
+) -> tuple[SparsePosterior, torch.Tensor, torch.Tensor]:
+    """The posterior (alpha > 1) of the logits ``scale * x``, with the candidates' logits and the target logits."""
+    target_x = x.gather(1, target.unsqueeze(1))
+    cand_theta, cand_idx, log_q, lower = _dense_candidates(x, scale, target, target_x, log_q_target, alpha)
+    sparse = posterior_on_candidates(cand_theta, cand_idx, log_q, alpha, lower)
+    target_theta = target_x.squeeze(1).to(cand_theta.dtype)
+    return sparse, cand_theta, target_theta if scale == 1.0 else target_theta * scale
 
 
 def solve_sparse_posterior(
@@ -254,16 +374,11 @@ def solve_sparse_posterior(
     """
     validate_inputs(logits, target, alpha)
     work = solver_dtype(logits.dtype)
-    theta = logits.detach().to(work)
     target = target.long()
-    log_q_target = torch.as_tensor(log_q_target, dtype=work, device=theta.device).expand(theta.shape[0])
+    log_q_target = torch.as_tensor(log_q_target, dtype=work, device=logits.device).expand(logits.shape[0])
     if alpha == 1.0:
-        shifted = theta.scatter_add(1, target.unsqueeze(1), log_q_target.unsqueeze(1))
-        values = torch.softmax(shifted, dim=1)
-        indices = torch.arange(theta.shape[1], device=theta.device).expand_as(theta)
-        nan = torch.full((theta.shape[0],), float("nan"), dtype=work, device=theta.device)
-        return SparsePosterior(indices, values, nan, (values > 0).sum(dim=1))
-    return solve_on_candidates(*_candidates(theta, target, log_q_target, alpha), alpha)
+        return _softmax_posterior(logits.detach().to(work), target, log_q_target)
+    return _dense_sparse_posterior(logits.detach(), 1.0, target, log_q_target, alpha)[0]
 
 
 def alpha_divergence_posterior(
@@ -310,26 +425,28 @@ def fy_loss_on_candidates(
 
 
 class _FenchelYoungLoss(torch.autograd.Function):
-    """Mean loss on ``scale * inputs`` for a solved posterior; backward is ``scale (p - e_y) / B``.
+    """A mean loss solved beforehand, as a function of ``inputs``; backward is ``scale (p - e_y) / B``.
 
-    The posterior is solved before the call (no gradient flows through the solver).
+    No gradient flows through the solver. ``sparse`` holds ``p`` as (index, value) pairs, or
+    every class in order when ``dense`` (alpha 1), whose gradient needs no scatter.
     """
 
     @staticmethod
-    def forward(ctx, inputs, target, scale, log_q_target, alpha, sparse):  # noqa: D102
-        logits = inputs * scale if scale != 1.0 else inputs
-        per_row = fy_loss_from_posterior(logits, target, log_q_target, sparse, alpha)
-        ctx.save_for_backward(sparse.indices, sparse.values, target)
+    def forward(ctx, inputs, mean_loss, sparse, target, scale, dense):  # noqa: D102
+        ctx.save_for_backward(sparse.values, target, None if dense else sparse.indices)
         ctx.shape, ctx.dtype, ctx.scale = inputs.shape, inputs.dtype, scale
-        return per_row.mean().to(inputs.dtype)
+        return mean_loss.to(inputs.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        indices, values, target = ctx.saved_tensors
+        values, target, indices = ctx.saved_tensors
         batch = values.shape[0]
         factor = grad_out.to(values.dtype) * (ctx.scale / batch)
-        grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=values.device)
-        grad.scatter_add_(1, indices, (values * factor).to(ctx.dtype))
+        if indices is None:
+            grad = (values * factor).to(ctx.dtype)
+        else:
+            grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=values.device)
+            grad.scatter_add_(1, indices, (values * factor).to(ctx.dtype))
         grad.scatter_add_(1, target.unsqueeze(1), (-factor).to(ctx.dtype).expand(batch, 1))
         return grad, None, None, None, None, None
 
@@ -343,11 +460,19 @@ def fenchel_young_loss_and_stats(
 ) -> tuple[torch.Tensor, PosteriorStats]:
     """:func:`fenchel_young_loss` and the :class:`PosteriorStats` of the batch."""
     with torch.no_grad():
-        scaled = logits.detach() * scale if scale != 1.0 else logits.detach()
-        sparse = solve_sparse_posterior(scaled, target, log_q_target, alpha)
-    target = target.long()
-    log_q = torch.as_tensor(log_q_target, dtype=sparse.values.dtype, device=logits.device)
-    loss = _FenchelYoungLoss.apply(logits, target, float(scale), log_q, float(alpha), sparse)
+        validate_inputs(logits, target, alpha)
+        work = solver_dtype(logits.dtype)
+        target = target.long()
+        log_q = torch.as_tensor(log_q_target, dtype=work, device=logits.device).expand(logits.shape[0])
+        if alpha == 1.0:
+            theta = logits.detach().to(work)
+            theta = theta if scale == 1.0 else theta * scale
+            sparse = _softmax_posterior(theta, target, log_q)
+            per_row = fy_loss_from_posterior(theta, target, log_q, sparse, alpha)
+        else:
+            sparse, cand_theta, target_theta = _dense_sparse_posterior(logits.detach(), scale, target, log_q, alpha)
+            per_row = fy_loss_on_candidates(cand_theta, target_theta, target, log_q, sparse, alpha)
+    loss = _FenchelYoungLoss.apply(logits, per_row.mean(), sparse, target, float(scale), alpha == 1.0)
     return loss, posterior_statistics(sparse.values, sparse.indices, sparse.support_size, target)
 
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from qmargin_spk.losses.alpha_divergence import (
     candidates_from_pairs,
     f_prime_inv_q,
-    probe_tau,
-    solve_on_candidates,
+    group_maxima_tau,
+    posterior_on_candidates,
     tau_rounding_slack,
 )
 
@@ -84,9 +84,10 @@ def chunk_logits(x_n: torch.Tensor, weight: torch.Tensor, start: int, stop: int,
     return torch.mm(x_n, prototypes.T).mul_(scale)
 
 
-# Probe of the first chunk (docs/loss.md, "Candidates"): every later chunk is filtered by the bound it
-# sets before the buffers are first tightened, so it is larger than the dense path's probe.
-STREAM_PROBE_CLASSES = 128
+# Probe of the first chunk (docs/loss.md, "Candidates"): the maxima of this many groups of its
+# classes. Every later chunk is filtered by the bound it sets before the buffers are first
+# tightened, so it is larger than the dense path's probe.
+STREAM_PROBE_GROUPS = 128
 _FIRST_TIGHTEN = 256  # buffer size that triggers the first pass of _tighten
 
 
@@ -118,8 +119,10 @@ class CandidateStream:
         target = theta[rows, cols]
         self.target_theta[rows] = target
         if start == 0:  # a tight bound from the start keeps the first chunk's candidates few
-            subset_tau = probe_tau(theta, self.labels, self.log_q_target, self.settings.alpha, STREAM_PROBE_CLASSES, offset)
-            self._raise_lo(subset_tau)
+            target_x = theta.new_full((theta.shape[0], 1), float("nan"))
+            target_x[rows, 0] = target
+            bound = group_maxima_tau(theta, target_x, self.log_q_target, self.settings.alpha, 1.0, STREAM_PROBE_GROUPS)
+            self.lo = torch.fmax(self.lo, bound)
         # tau >= theta_j - f'(1/q_j): the target enters the bound with its own prior.
         theta[rows, cols] = target - self.target_bound_shift[rows]
         self.lo = torch.maximum(self.lo, theta.amax(dim=1))
@@ -127,7 +130,7 @@ class CandidateStream:
         new_rows, new_cols = (theta > (self.lo - self.gap).unsqueeze(1)).nonzero(as_tuple=True)
         new = CandidatePairs(new_rows, new_cols + offset, theta[new_rows, new_cols])
         self.pairs = CandidatePairs.cat([self.pairs, new])
-        self.counts += torch.bincount(new_rows, minlength=self.counts.shape[0])
+        self.counts.scatter_add_(0, new_rows, torch.ones_like(new_rows))
         if int(self.counts.max()) > self.tighten_above:
             self._tighten()
 
@@ -144,9 +147,9 @@ class CandidateStream:
 
     def _tighten(self) -> None:
         """Raise ``lo`` to tau of every candidate seen so far, prune, and cap the buffers."""
-        self._raise_lo(solve_on_candidates(*self._padded(), self.settings.alpha).tau)
+        self._raise_lo(posterior_on_candidates(*self._padded(), self.settings.alpha, self.lo).tau)
         self.pairs = self.pairs.select(self.pairs.theta > (self.lo - self.gap)[self.pairs.rows])
-        self.counts = torch.bincount(self.pairs.rows, minlength=self.counts.shape[0])
+        self.counts = torch.zeros_like(self.counts).scatter_add_(0, self.pairs.rows, torch.ones_like(self.pairs.rows))
         if int(self.counts.max()) > self.settings.capacity:
             self._cap()
         # Large supports stay large: let the buffers double before the next pass.
