@@ -29,7 +29,7 @@ from qmargin_spk.metrics import (
     plot_det_curves,
 )
 from qmargin_spk.metrics.bootstrap import DEFAULT_RESAMPLES, DESIGN, INTERVAL
-from qmargin_spk.scoring.report import read_score_file
+from qmargin_spk.scoring.report import format_interval, read_score_file
 from qmargin_spk.utils.atomic import atomic_write_text
 
 # Published names of the VoxCeleb1 lists (cleaned "2" versions and originals), in table order.
@@ -374,11 +374,8 @@ def _identity_cells(experiment: dict) -> list[str]:
 
 def _interval(entry: dict, percent: bool) -> str:
     """``1.07 [0.95, 1.21]`` (percent) or ``0.123 [0.110, 0.140]``; ``n/a`` when not reported."""
-    if entry["value"] is None:
-        return "n/a"
     scale, digits = (100, 2) if percent else (1, 3)
-    value, low, high = (scale * entry[key] for key in ("value", "low", "high"))
-    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return format_interval(entry["value"], entry["low"], entry["high"], scale, digits)
 
 
 def _difference(entry: dict, percent: bool) -> str:

@@ -117,11 +117,18 @@ def _merge(stored: dict | None, run: dict, json_path: str | os.PathLike) -> dict
     return {**run, "results": results + list(fresh.values())}
 
 
-def _with_interval(value: float | None, interval: dict | None, factor: float, digits: int) -> str:
-    """``value`` (times ``factor``) with its ``[low, high]`` when known; ``n/a`` when the metric was not reported."""
+def format_interval(value: float | None, low: float | None, high: float | None, factor: float = 1.0,
+                    digits: int = 3) -> str:
+    """``value [low, high]`` (each times ``factor``), ``value`` alone without bounds, ``n/a`` without a value."""
     if value is None:
         return "n/a"
     text = f"{factor * value:.{digits}f}"
-    if interval and interval.get("low") is not None:
-        text += f" [{factor * interval['low']:.{digits}f}, {factor * interval['high']:.{digits}f}]"
+    if low is not None:
+        text += f" [{factor * low:.{digits}f}, {factor * high:.{digits}f}]"
     return text
+
+
+def _with_interval(value: float | None, interval: dict | None, factor: float, digits: int) -> str:
+    """A metric of ``results`` with its interval entry (if any) in the table's format."""
+    interval = interval or {}
+    return format_interval(value, interval.get("low"), interval.get("high"), factor, digits)
