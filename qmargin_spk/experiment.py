@@ -97,6 +97,16 @@ def record_finetune(folder: str | Path, init_from: str | Path, overrides: dict) 
     atomic_write_text(folder / FINETUNE_RECORD, json.dumps({"init_from": str(init_from), "overrides": overrides}, indent=1))
 
 
+def load_averaged_embedding_model(hparams: dict, checkpointer: Checkpointer) -> list[Checkpoint]:
+    """Load the average of ``checkpointer``'s last ``average_checkpoints`` checkpoints into ``hparams["embedding_model"]``.
+
+    Returns the averaged checkpoints, oldest first. Evaluation and fine-tuning both start from this.
+    """
+    checkpoints = last_checkpoints(checkpointer, int(hparams.get("average_checkpoints", 1)))
+    hparams["embedding_model"].load_state_dict(average_checkpoints(checkpoints, "embedding_model"))
+    return checkpoints
+
+
 class Experiment:
     """An experiment folder with its hparams (``output_folder`` is the folder).
 
@@ -131,17 +141,12 @@ class Experiment:
         return {"name": self.folder.name, "folder": str(self.folder), "hparams_file": str(self.hparams_file),
                 **self.loss_settings(), "finetuned_from": self.finetuned_from}
 
-    def evaluation_checkpoints(self) -> list[Checkpoint]:
-        """The last ``average_checkpoints`` end-of-epoch checkpoints, oldest first."""
-        return last_checkpoints(self.hparams["checkpointer"], int(self.hparams.get("average_checkpoints", 1)))
-
     def averaged_embedder(self, device: str = "cpu") -> tuple[torch.nn.Module, str]:
-        """The embedder holding the average of :meth:`evaluation_checkpoints`, in eval mode, and its model id.
+        """The embedder holding the average of the last ``average_checkpoints`` checkpoints, in eval mode, and its model id.
 
         The model id names the averaged checkpoints, so cached embeddings are reused only for the same weights.
         """
-        checkpoints = self.evaluation_checkpoints()
-        self.hparams["embedding_model"].load_state_dict(average_checkpoints(checkpoints, "embedding_model"))
+        checkpoints = load_averaged_embedding_model(self.hparams, self.hparams["checkpointer"])
         used = [ckpt.path.name for ckpt in checkpoints]
         folder = str(self.hparams["checkpointer"].checkpoints_dir)
         model_id = hashlib.sha1("|".join([folder, *used]).encode()).hexdigest()[:16]

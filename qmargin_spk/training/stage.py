@@ -8,12 +8,19 @@ from pathlib import Path
 
 import speechbrain as sb
 import torch
-from speechbrain.utils.checkpoints import Checkpointer, average_checkpoints
+from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.distributed import ddp_init_group, if_main_process, run_on_main
 
 from qmargin_spk.data.dataset import SpeakerLabelEncoder
 from qmargin_spk.data.manifest import read_manifest
-from qmargin_spk.experiment import Experiment, Overrides, StageError, last_checkpoints, record_finetune, world_size
+from qmargin_spk.experiment import (
+    Experiment,
+    Overrides,
+    StageError,
+    load_averaged_embedding_model,
+    record_finetune,
+    world_size,
+)
 from qmargin_spk.models import count_parameters
 from qmargin_spk.training.brain import SpeakerBrain
 
@@ -112,8 +119,7 @@ def _initialise_from(hparams: dict, head: torch.nn.Module, init_from: Path) -> N
     after them), so the rows a run without speed classes keeps are the first ones. Every head's
     checkpoint holds the full ``[C, D]`` prototype matrix.
     """
-    checkpoints = last_checkpoints(Checkpointer(init_from / "save"), int(hparams.get("average_checkpoints", 1)))
-    hparams["embedding_model"].load_state_dict(average_checkpoints(checkpoints, "embedding_model"))
+    checkpoints = load_averaged_embedding_model(hparams, Checkpointer(init_from / "save"))
     saved = torch.load(checkpoints[-1].paramfiles["classifier"], map_location="cpu", weights_only=True)
     prototypes = saved["classifier.weight"] if "classifier.weight" in saved else saved["weight"]  # dense or fused heads
     if prototypes.shape[0] < head.num_classes:
