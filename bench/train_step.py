@@ -137,7 +137,26 @@ def time_methods(methods: list[str], classes: int, initial_embedder: torch.nn.Mo
         shift = round_number % len(methods)
         for method in methods[shift:] + methods[:shift]:
             runs[method].step(wavs, labels, timed=round_number >= args.warmup)
-    return {method: run.summary(wavs.shape[0]) for method, run in runs.items()}
+    summaries = {method: run.summary(wavs.shape[0]) for method, run in runs.items()}
+    if "aam" in runs:
+        for method, run in runs.items():
+            summaries[method]["paired_ratio_to_aam"] = paired_ratios(runs["aam"].step_times, run.step_times)
+    return summaries
+
+
+def paired_ratios(aam_times: list[float], method_times: list[float]) -> dict:
+    """AAM's step time over the method's, round by round (each round ran both back to back under the same load).
+
+    The spread of these ratios is the run's own uncertainty; ``rounds_faster`` counts rounds where the
+    method's step was the quicker one, and ``sign_test_p`` is the two-sided sign-test p-value of that count
+    (tied rounds left out).
+    """
+    ratios = [aam / own for aam, own in zip(aam_times, method_times)]
+    faster = sum(r > 1.0 for r in ratios)
+    untied = faster + sum(r < 1.0 for r in ratios)
+    tail = sum(math.comb(untied, k) for k in range(min(faster, untied - faster) + 1)) / 2 ** untied
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3),
+            "rounds_faster": faster, "rounds": len(ratios), "sign_test_p": round(min(1.0, 2 * tail), 4)}
 
 
 def main() -> None:
@@ -189,6 +208,8 @@ def main() -> None:
                     "SGD momentum 0.9 nesterov wd 1e-4",
         "ratio_to_aam": "samples/s of the method / samples/s of AAM, same run, steps interleaved (> 1 is faster); "
                         "from median step times, and from the fastest step (_best: least disturbed by load)",
+        "paired_ratio_to_aam": "AAM step time / method step time within each round (median, min, max over rounds), "
+                               "rounds where the method was faster, and the two-sided sign-test p-value",
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpus": os.cpu_count(),
         "note": "shared machine: other engineers' jobs run at the same time (see load average)",
         "torch": torch.__version__, "machine": platform.machine(),
