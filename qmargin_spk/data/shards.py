@@ -294,7 +294,9 @@ class ShardCropDataset(torch.utils.data.IterableDataset):
     e.g. ``"pipe:curl -sf https://host/data/{name}"``, makes the URL of each shard from its
     ``name`` and the index folder ``root`` (default: ``{root}/{name}``, the file next to the
     index). ``rank`` / ``world_size`` default to torch.distributed's (0 / 1 when it is not
-    initialised); workers come from the DataLoader.
+    initialised), read in the main process at construction and at :meth:`set_epoch`, because a
+    DataLoader worker started with ``spawn`` or ``forkserver`` has no process group and would
+    otherwise read the whole epoch on every rank; workers come from the DataLoader.
     ``shuffle_buffer`` crops are held per worker (``T * 4`` bytes each). ``batch_size``, when
     given, aligns the worker split to whole batches. A damaged sample is skipped with a
     warning naming shard and member, and replaced by one more crop (with its own random
@@ -333,6 +335,7 @@ class ShardCropDataset(torch.utils.data.IterableDataset):
         self.max_retries = max_retries
         self.epoch = 0
         self._resume = (0, 1)  # (batches already trained on in this epoch, their size)
+        self._distributed = _distributed_rank_and_size()  # the main process's view, carried into workers
 
     # -- the plan --
 
@@ -340,6 +343,7 @@ class ShardCropDataset(torch.utils.data.IterableDataset):
         """Select the epoch (shard order, crops, shuffle); also ends any :meth:`resume_after`."""
         self.epoch = epoch
         self._resume = (0, 1)
+        self._distributed = _distributed_rank_and_size()
 
     def resume_after(self, batches_done: int, batch_size: int) -> None:
         """Make the coming pass over this epoch continue after the first ``batches_done`` batches of this rank.
@@ -359,7 +363,12 @@ class ShardCropDataset(torch.utils.data.IterableDataset):
         self._resume = (int(batches_done), int(batch_size))
 
     def rank_and_world_size(self) -> tuple[int, int]:
-        rank, size = _distributed_rank_and_size()
+        """This process's rank and the world size: the explicit ones, else torch.distributed's.
+
+        In a DataLoader worker, torch.distributed's as the main process saw them (see the class docstring).
+        """
+        in_worker = torch.utils.data.get_worker_info() is not None
+        rank, size = self._distributed if in_worker else _distributed_rank_and_size()
         return (rank if self.rank is None else self.rank), (size if self.world_size is None else self.world_size)
 
     def __len__(self) -> int:
