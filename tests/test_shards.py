@@ -299,8 +299,10 @@ def _gloo_worker(rank: int, world_size: int, index_path: str, speakers: list, po
         dataset = ShardCropDataset(index_path, SpeakerLabelEncoder(speakers), crop_seconds=0.1, shuffle_buffer=4)
         dataset.set_epoch(1)
         ids = _loader_ids(dataset, num_workers=2)
+        in_process = _ids(dataset)  # no loader workers: the live process group
         gathered = [None] * world_size
-        dist.all_gather_object(gathered, {"rank": dist.get_rank(), "len": len(dataset), "ids": ids})
+        dist.all_gather_object(gathered, {"rank": dist.get_rank(), "len": len(dataset), "ids": ids,
+                                          "in_process": in_process})
         if rank == 0:
             Path(out).write_text(json.dumps(gathered))
     finally:
@@ -327,6 +329,7 @@ def test_two_gloo_processes_with_two_workers_each_see_each_utterance_once(corpus
         dataset.set_epoch(1)
     assert [g["ids"] for g in gathered] == [_loader_ids(d, num_workers=2) for d in simulated], \
         "torch.distributed rank = explicit rank"
+    assert [g["in_process"] for g in gathered] == [_ids(d) for d in simulated]
 
 
 def _wav_bytes(samples: np.ndarray, rate: int, **options) -> bytes:
