@@ -1,10 +1,11 @@
 # Two entry points on a fresh machine: `make demo` (main job end to end) and `make test`.
+# While working: `make test-quick` (the tests not marked e2e: no training, no recipe stages) and `make lint`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-quick lint bench clean
 
 $(STAMP): setup.py requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e" tests
+
+# Settings in pyproject.toml; `ruff format .` and `ruff check --fix .` repair most of what this reports.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
 	$(PY) bench/loss_step.py

@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="qmargin_spk",
-    version="0.1.0",
+    version="0.2.0",
     description="Speaker-verification recipes with the Q-Margin family of sparse alpha-divergence losses",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -18,7 +18,8 @@ setup(
         "scikit-learn>=1.3",
     ],
     extras_require={
-        "dev": ["pytest>=7", "matplotlib>=3.7", "tensorboard>=2.14"],
+        # ruff is pinned: what `make lint` accepts (its rules and its formatting) changes between versions.
+        "dev": ["pytest>=7", "matplotlib>=3.7", "tensorboard>=2.14", "ruff==0.17.5"],
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.14"],
         "export": ["onnx>=1.15", "onnxruntime>=1.17"],

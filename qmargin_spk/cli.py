@@ -3,8 +3,11 @@
     qmargin-spk embed --model DIR (FILE... | --list wav.scp) --out emb.npz
     qmargin-spk verify --model DIR A.wav B.wav [--p_target 0.01]
     qmargin-spk score --model DIR --trials LIST [--trials LIST2] --root DIR --out DIR
+                      [--backend cosine|asnorm --cohort train.csv [--cohort_per_speaker 20] [--top_n 300]]
     qmargin-spk calibrate --model DIR --scores SCOREFILE [--quality --root DIR --cohort LIST]
     qmargin-spk export --model DIR --format onnx|torchscript [--quantize int8]
+    qmargin-spk compare EXP [EXP ...] --out DIR [--baseline EXP] [--backend cosine] [--n_resamples N]
+    qmargin-spk --version
 
 A mistake in the input (missing or malformed file, bad audio, a folder that is not a
 model) ends with one line on stderr and exit status 1; usage errors exit with 2.
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from qmargin_spk import __version__
 
 PROG = "qmargin-spk"
 
@@ -44,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Speaker verification with a packaged qmargin_spk model.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     embed = commands.add_parser("embed", help="L2-normalised embeddings of audio files into an .npz",
@@ -65,14 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=run_verify)
 
     score = commands.add_parser("score", help="score trial lists as the recipe's stage 3 does",
-                                description="Embed, score (cosine) and measure trial lists with the scoring "
-                                            "pipeline of stage 3; with a calibrated model, also LLR score files "
-                                            "and results.cosine.calibrated.json (Cllr, actual DCF).")
+                                description="Embed, score (cosine or AS-norm) and measure trial lists with the "
+                                            "scoring pipeline of stage 3; with a calibrated model, also LLR score "
+                                            "files and results.<backend>.calibrated.json (Cllr, actual DCF).")
     _model_options(score)
     score.add_argument("--trials", type=Path, action="append", required=True,
                        help="trial list '<label> <enrol> <test>' (repeatable)")
     score.add_argument("--root", type=Path, required=True, help="folder the lists' paths are relative to")
     score.add_argument("--out", type=Path, required=True, help="output folder")
+    score.add_argument("--backend", choices=("cosine", "asnorm"), default="cosine",
+                       help="scoring back-end (cosine); asnorm needs --cohort")
+    score.add_argument("--cohort", type=Path,
+                       help="training manifest CSV (ID,wav,duration,spk_id, as prepare writes it): its speakers "
+                            "form the AS-norm cohort and its mean embedding is subtracted, as in stage 3")
+    score.add_argument("--cohort_per_speaker", type=_positive_int, default=20,
+                       help="cohort utterances per speaker, the first by id (20, cohort_utts_per_speaker)")
+    score.add_argument("--top_n", type=int, default=300, help="top cohort scores per utterance in AS-norm (300)")
     _embedding_options(score)
     score.set_defaults(run=run_score)
 
@@ -98,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quantize", choices=("int8",), help="dynamic int8 weights (onnx only)")
     export.add_argument("--out", type=Path, help="output file (default: inside the model folder)")
     export.set_defaults(run=run_export)
+
+    compare = commands.add_parser("compare", help="compare scored experiments: intervals, paired differences, DET",
+                                  description="Compare experiment folders on their cached stage-3 scores "
+                                              "(speaker-bootstrap intervals, paired differences to --baseline, "
+                                              "DET overlays); trial lists are labelled by their names.")
+    add_compare_options(compare)
+    compare.set_defaults(run=run_compare)
     return parser
 
 
@@ -134,12 +155,23 @@ def run_verify(args: argparse.Namespace) -> None:
 
 
 def run_score(args: argparse.Namespace) -> None:
-    from qmargin_spk.calibration.apply import calibrate_run
+    from qmargin_spk.calibration import calibrate_run
     from qmargin_spk.scoring.pipeline import score_trial_lists
+
+    from qmargin_spk.scoring.cohort import cohort_utterances
 
     missing = [str(path) for path in args.trials if not path.is_file()]
     if missing:
         raise UserError(f"no such trial list: {', '.join(missing)}")
+    if args.backend == "asnorm" and args.cohort is None:
+        raise UserError("--backend asnorm needs --cohort (a training manifest CSV)")
+    if args.cohort is not None and not args.cohort.is_file():
+        raise UserError(f"{args.cohort}: no such cohort manifest")
+    if args.top_n < 2:
+        raise UserError(f"--top_n must be at least 2, got {args.top_n}")
+    cohort_paths = cohort_speakers = None
+    if args.cohort is not None:
+        cohort_paths, cohort_speakers = cohort_utterances(args.cohort, args.cohort_per_speaker)
     model = _load_model(args)
     model_id = model.info["checkpoint_sha256"][:16]
     bar = _progress_bar("embedding")
@@ -148,8 +180,10 @@ def run_score(args: argparse.Namespace) -> None:
         bar.update(int(wavs.shape[0]))
         return model.embed_batch(wavs, rel_lens)
 
-    try:
+    try:  # the arguments of stage 3 (qmargin_spk.stages.score): one pipeline
         run = score_trial_lists(embed_fn, model_id, args.root, [str(path) for path in args.trials], args.out,
+                                backend=args.backend, cohort_paths=cohort_paths, cohort_speakers=cohort_speakers,
+                                top_n=args.top_n, subtract_mean=None if cohort_paths is not None else False,
                                 batch_size=args.batch_size, chunk_seconds=args.chunk_seconds,
                                 sample_rate=model.sample_rate)
     finally:
@@ -171,9 +205,8 @@ def run_score(args: argparse.Namespace) -> None:
 def run_calibrate(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from qmargin_spk.calibration import fit_calibration
+    from qmargin_spk.calibration import cllr, fit_calibration, min_cllr
     from qmargin_spk.inference.package import CALIBRATION_FILE, COHORT_FILE
-    from qmargin_spk.metrics import cllr, min_cllr
     from qmargin_spk.scoring.report import read_score_file
     from qmargin_spk.utils.atomic import atomic_open
 
@@ -223,7 +256,40 @@ def run_export(args: argparse.Namespace) -> None:
         print(f"TorchScript written to {out}")
 
 
+def run_compare(args: argparse.Namespace, list_labels: dict[str, str] | None = None,
+                list_order: Sequence[str] = ()) -> None:
+    """Compare the experiments of ``args`` (see :func:`add_compare_options`); print the summary table.
+
+    ``list_labels`` / ``list_order`` name and order the trial lists (a recipe supplies its corpus's names).
+    """
+    from qmargin_spk.scoring.compare import CompareError, compare_experiments
+
+    try:
+        summary = compare_experiments(
+            args.experiments, args.out, baseline=args.baseline, backend=args.backend, n_resamples=args.n_resamples,
+            seed=args.seed, confidence=args.confidence, list_labels=list_labels, list_order=list_order,
+        )
+    except CompareError as error:
+        raise UserError(str(error)) from None
+    print(summary["table"], end="")
+    print(f"\nwritten to {args.out}: summary.md, comparison.json, " + ", ".join(
+        f"{entry['list']}.md" + (f" + {entry['list']}.det.png" if entry["det_plot"] else "")
+        for entry in summary["lists"]
+    ))
+
+
 # ---------------------------------------------------------------- helpers
+
+
+def add_compare_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``compare`` (shared with ``recipes/voxceleb/compare.py``)."""
+    parser.add_argument("experiments", nargs="+", metavar="EXP", help="experiment folders (the --exp of run.sh)")
+    parser.add_argument("--baseline", help="experiment the others are compared with (paired differences)")
+    parser.add_argument("--out", required=True, help="output folder for the tables, plots and JSON")
+    parser.add_argument("--backend", default="cosine", help="which stage-3 scores to read (cosine or asnorm)")
+    parser.add_argument("--n_resamples", type=int, default=1000, help="speaker-bootstrap resamples (1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resamples (0)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (0.95)")
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:

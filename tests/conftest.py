@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-weight model built from the demo hparams' model section, packaged once."""
+"""Shared fixtures: a tiny random-weight model composed like the demo experiment, packaged once."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,19 +7,35 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from hyperpyyaml import load_hyperpyyaml
-
 DEMO_HPARAMS = Path(__file__).resolve().parents[1] / "hparams" / "demo_cpu_qmargin.yaml"
 TINY = {"channels": 32, "embedding_dim": 16}
 SR = 16000
 
 
+def recipe_hparams(overrides: dict = TINY, tmp_folder: str = "/nonexistent/qmargin_spk_tests") -> dict:
+    """The demo experiment's hparams, composed and loaded exactly as the training stage does it."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    from qmargin_spk.stages.compose import compose
+
+    return load_hyperpyyaml(compose(DEMO_HPARAMS, overrides={"output_folder": tmp_folder, **overrides}).text)
+
+
 def recipe_embedder(overrides: dict = TINY):
-    """``embedder`` and ``embedding_model`` exactly as the recipe's demo hparams build them (model section only)."""
-    text = DEMO_HPARAMS.read_text()
-    section = text[text.index("# ---- model ----") : text.index("# ---- optimisation")]
-    hparams = load_hyperpyyaml("sample_rate: 16000\n" + section, overrides)
+    """``embedder`` and ``embedding_model`` exactly as the composed demo experiment builds them."""
+    hparams = recipe_hparams(overrides)
     return hparams["embedder"].eval(), hparams["embedding_model"]
+
+
+def package_recipe_model(out_dir, overrides: dict = TINY, meta: dict | None = None):
+    """``(model folder, embedder)``: a random-weight model of the composed demo experiment, packaged."""
+    from qmargin_spk.inference import package_model
+
+    hparams = recipe_hparams(overrides)
+    embedder = hparams["embedder"].eval()
+    folder = package_model(out_dir, hparams["frontend_description"], hparams["backbone_description"],
+                           hparams["embedding_model"].state_dict(), meta or {})
+    return folder, embedder
 
 
 def write_wav(path, seconds, rate=SR, seed=0, channels=1):
@@ -37,15 +53,10 @@ def write_wav(path, seconds, rate=SR, seed=0, channels=1):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """``(model folder, recipe embedder with the same weights)`` for a random-weight ECAPA (C=32, D=16)."""
-    from qmargin_spk.inference import ecapa_settings, package_model
-
     torch.manual_seed(0)
-    embedder, embedding_model = recipe_embedder()
-    meta = {"loss": "qmargin", "loss_hparams": {"alpha": 1.5, "scale": 10.0, "margin": 0.2},
+    meta = {"loss": "qmargin", "loss_settings": {"alpha": 1.5, "scale": 10.0, "margin": 0.2},
             "n_training_speakers": 3, "code_version": "test"}
-    folder = package_model(tmp_path_factory.mktemp("models") / "tiny", ecapa_settings(embedding_model, SR),
-                           embedding_model.state_dict(), meta)
-    return folder, embedder
+    return package_recipe_model(tmp_path_factory.mktemp("models") / "tiny", TINY, meta)
 
 
 @pytest.fixture(scope="session")

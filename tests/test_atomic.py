@@ -43,7 +43,7 @@ def _temporaries(folder):
     return sorted(name for name in os.listdir(folder) if name.endswith(".tmp"))
 
 
-def test_issue9_item10_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+def test_temp_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
     target = tmp_path / "results.json"
     writer = (
         "import os, signal\n"
@@ -64,7 +64,7 @@ def test_issue9_item10_temp_file_of_a_killed_writer_is_removed_by_the_next_write
     assert sorted(os.listdir(tmp_path)) == ["results.json"] and target.read_text() == "complete\n"
 
 
-def test_issue9_item10_live_writers_temporaries_are_kept(tmp_path):
+def test_temporaries_of_live_writers_are_kept(tmp_path):
     from qmargin_spk.utils.atomic import temporary_prefix
 
     target = tmp_path / "scores.txt"
@@ -80,7 +80,7 @@ def test_issue9_item10_live_writers_temporaries_are_kept(tmp_path):
     assert _temporaries(tmp_path) == sorted(p.name for p in (live, other_target, foreign))
 
 
-def test_issue9_item10_file_and_folder_are_fsynced_around_the_rename(tmp_path, monkeypatch):
+def test_file_and_folder_are_fsynced_around_the_rename(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 

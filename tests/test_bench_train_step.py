@@ -35,6 +35,7 @@ def test_paired_ratios_match_scipy_sign_test(aam, own):
     assert result["sign_test_p"] == pytest.approx(binomtest(faster, untied, 0.5).pvalue, abs=1e-4)
 
 
+@pytest.mark.e2e
 def test_tiny_run_reports_every_method_against_aam():
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--classes", "50", "--channels", "16", "--batch", "2", "--crop", "0.5",

@@ -6,14 +6,15 @@ import math
 import numpy as np
 import pytest
 
-from qmargin_spk.metrics import (
+from qmargin_spk.calibration import (
     actual_dcf,
     bayes_threshold,
     calibration_metrics,
     cllr,
-    compute_metrics,
+    llr_metrics,
     min_cllr,
 )
+from qmargin_spk.metrics import compute_metrics
 
 
 def test_cllr_closed_form_on_hand_made_list():
@@ -83,9 +84,10 @@ def test_actual_dcf_is_never_below_min_dcf():
     rng = np.random.default_rng(2)
     labels = rng.random(3000) < 0.5
     llrs = rng.normal(3 * labels - 1, 1.5)
-    metrics = compute_metrics(llrs, labels, p_targets=(0.01, 0.05, 0.5), llr=True)
+    metrics = compute_metrics(llrs, labels, p_targets=(0.01, 0.05, 0.5))
+    calibration = calibration_metrics(llrs, labels, p_targets=(0.01, 0.05, 0.5))
     for p in (0.01, 0.05, 0.5):
-        assert metrics.calibration.act_dcf_at(p).value >= metrics.min_dcf_at(p).value - 1e-12
+        assert calibration.act_dcf_at(p).value >= metrics.min_dcf_at(p).value - 1e-12
 
 
 def test_bayes_threshold():
@@ -95,12 +97,12 @@ def test_bayes_threshold():
         bayes_threshold(1.0)
 
 
-def test_compute_metrics_llr_adds_keys_and_keeps_the_rest():
+def test_llr_metrics_add_calibration_keys_to_the_verification_metrics():
     rng = np.random.default_rng(3)
     labels = rng.random(400) < 0.5
     llrs = rng.normal(2 * labels - 1, 1.0)
     plain = compute_metrics(llrs, labels).to_dict()
-    with_llr = compute_metrics(llrs, labels, llr=True).to_dict()
+    with_llr = llr_metrics(llrs, labels)
     assert {k: with_llr[k] for k in plain} == plain
     assert set(with_llr) - set(plain) == {"cllr", "min_cllr", "act_dcf"}
     assert set(with_llr["act_dcf"]) == set(plain["min_dcf"])

@@ -1,6 +1,7 @@
 """The qmargin-spk command line: outputs against the library and the recipe's scoring stage; clean user errors."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import qmargin_spk
 from qmargin_spk.cli import main
 from qmargin_spk.inference import SpeakerModel
 from qmargin_spk.scoring import read_score_file, score_trial_lists
@@ -65,11 +67,19 @@ def test_embed_files_and_wav_scp(model_dir, audio_dir, tmp_path, capsys):
         (lambda d, t: ["export", "--model", d, "--format", "torchscript", "--quantize", "int8"], "onnx only"),
         (lambda d, t: ["score", "--model", d, "--trials", t / "none.txt", "--root", t, "--out", t / "o"],
          "none.txt"),
+        (lambda d, t: ["score", "--model", d, "--trials", t / "list.txt", "--root", t, "--out", t / "o",
+                       "--backend", "asnorm"], "--backend asnorm needs --cohort"),
+        (lambda d, t: ["score", "--model", d, "--trials", t / "list.txt", "--root", t, "--out", t / "o",
+                       "--backend", "asnorm", "--cohort", t / "missing.csv"], "missing.csv: no such cohort manifest"),
+        (lambda d, t: ["score", "--model", d, "--trials", t / "list.txt", "--root", t, "--out", t / "o",
+                       "--cohort", t / "bad.csv"], "bad.csv:3: expected ID,wav,duration,spk_id"),
     ],
 )
 def test_user_mistakes_end_with_one_line(model_dir, tmp_path, capsys, make_args, message):
     (tmp_path / "bad.scp").write_text("a x.wav\nb\n")
     (tmp_path / "bad.scores").write_text("a b 0.5\n")
+    (tmp_path / "list.txt").write_text("1 a.wav b.wav\n")
+    (tmp_path / "bad.csv").write_text("ID,wav,duration,spk_id\nu1,u1.wav,1.0,s1\nu2,u2.wav,long,s2\n")
     status, out, err = run_cli(capsys, *make_args(model_dir, tmp_path))
     assert status == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("qmargin-spk: error: ") and message in err
@@ -102,6 +112,50 @@ def test_score_gives_the_scoring_stage_numbers(tiny_model, model_dir, audio_dir,
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert got_labels.tolist() == labels.tolist()
     assert not (tmp_path / "cli" / "results.cosine.calibrated.json").exists()
+
+
+def write_manifest_csv(path, rows):
+    """A training manifest as prepare writes it: ``ID,wav,duration,spk_id`` with absolute paths."""
+    path.write_text("ID,wav,duration,spk_id\n" + "".join(f"{u},{w},{d:.6f},{s}\n" for u, w, d, s in rows))
+    return path
+
+
+def test_score_with_asnorm_and_a_cohort_gives_the_stage_3_numbers(model_dir, audio_dir, trials, tmp_path, capsys):
+    from conftest import write_wav
+
+    from qmargin_spk.scoring.cohort import cohort_utterances
+
+    rows = []
+    for speaker in range(4):
+        for utt in (2, 0, 1):  # unsorted: the cohort takes the first utterances by id
+            wav = write_wav(tmp_path / f"c{speaker}_{utt}.wav", 1.0 + 0.3 * utt + 0.1 * speaker, seed=200 + 10 * speaker + utt)
+            rows.append((f"id{speaker}/v/{utt}", wav, 1.0, f"id{speaker}"))
+    manifest = write_manifest_csv(tmp_path / "train.csv", rows)
+    model = SpeakerModel.from_folder(model_dir)
+    # Stage 3's call (qmargin_spk.stages.score.score_stage) with its hparams' values: asnorm_top_n 300,
+    # cohort_utts_per_speaker 2, no subtract_mean key, extraction defaults.
+    cohort_paths, cohort_speakers = cohort_utterances(manifest, 2)
+    assert sorted(cohort_paths) == [f"id{s}/v/{u}" for s in range(4) for u in (0, 1)]
+    reference = score_trial_lists(
+        model.embed_batch, "stage", audio_dir, [str(trials)], tmp_path / "stage", backend="asnorm",
+        cohort_paths=cohort_paths, cohort_speakers=cohort_speakers, top_n=300, subtract_mean=None,
+        batch_size=16, chunk_seconds=None, sample_rate=model.sample_rate, max_batch_seconds=300.0, print_table=False,
+    )
+    assert reference["settings"]["subtract_mean"] and reference["settings"]["n_cohort_speakers"] == 4
+    status, out, err = run_cli(capsys, "score", "--model", model_dir, "--trials", trials, "--root", audio_dir,
+                               "--out", tmp_path / "cli", "--backend", "asnorm", "--cohort", manifest,
+                               "--cohort_per_speaker", 2)
+    assert status == 0, err
+    assert "| mini | asnorm | 6 |" in out
+    enrol, test, expected, labels = read_score_file(reference["results"][0]["score_file"])
+    got_enrol, got_test, got, got_labels = read_score_file(tmp_path / "cli" / "mini.asnorm.scores")
+    assert (got_enrol, got_test, got_labels.tolist()) == (enrol, test, labels.tolist())
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    cli_run = json.loads((tmp_path / "cli" / "results.asnorm.json").read_text())
+    assert cli_run["settings"] == reference["settings"]
+    run_cli(capsys, "score", "--model", model_dir, "--trials", trials, "--root", audio_dir, "--out", tmp_path / "cos")
+    _, _, cosine, _ = read_score_file(tmp_path / "cos" / "mini.cosine.scores")
+    assert np.abs(got - cosine).max() > 0.1  # AS-norm was applied, not the cosine
 
 
 def test_calibrate_then_score_reports_calibrated_results(model_dir, audio_dir, trials, tmp_path, capsys):
@@ -148,11 +202,20 @@ def test_export_onnx_from_the_command_line(model_dir, capsys):
     assert float(out.rsplit(":", 1)[1]) >= 0.9999
 
 
-@pytest.mark.parametrize("command", ["embed", "verify", "score", "calibrate", "export"])
+@pytest.mark.parametrize("command", ["embed", "verify", "score", "calibrate", "export", "compare"])
 def test_help_of_each_command(command, capsys):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])
     assert done.value.code == 0 and f"usage: qmargin-spk {command}" in capsys.readouterr().out
+
+
+def test_version_prints_the_installed_package_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"qmargin-spk {importlib.metadata.version('qmargin_spk')}\n"
+    assert qmargin_spk.__version__ == importlib.metadata.version("qmargin_spk")
+    assert qmargin_spk.installed_version("no-such-distribution-qmargin") == "unknown"
 
 
 def test_a_user_mistake_in_a_process_has_no_traceback(model_dir, tmp_path):

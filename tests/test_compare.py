@@ -8,11 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qmargin_spk.cli import main as cli_main
 from qmargin_spk.metrics import SpeakerBootstrap, compute_metrics, det_available
 from qmargin_spk.scoring import CompareError, compare_experiments, write_score_file
+from qmargin_spk.scoring.compare_tables import format_settings
+from qmargin_spk.scoring.scored_system import system_identity
 
 REPO = Path(__file__).resolve().parents[1]
 N_RESAMPLES = 200
+# Hand-made list labels, as a recipe supplies them (the library knows no corpus).
+LABELS, ORDER = {"veri_test2": "Vox1-O"}, ("Vox1-O",)
+# The description the experiment itself writes into its results file (current layout).
+DESCRIBED = {"name": "qmargin", "label": "qmargin_sparse", "backbone": "ecapa_tdnn", "setting": "demo_cpu",
+             "loss": "qmargin", "loss_settings": {"head": "sparse", "alpha": 1.5, "scale": 10.0, "margin": 0.2,
+                                                  "margin_ramp": [0, 0]}, "finetuned_from": None}
 
 
 def trial_list(seed, n_speakers=12, utts=4, nontargets=300):
@@ -65,12 +74,19 @@ def two_systems(tmp_path):
     return good, weak, lists_good, lists_weak
 
 
+def load_recipe(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_recipe", REPO / "recipes" / "voxceleb" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_tables_hold_point_estimates_and_intervals(two_systems, tmp_path):
     good, weak, lists_good, lists_weak = two_systems
     out = tmp_path / "cmp"
-    summary = compare_experiments([good, weak], out, n_resamples=N_RESAMPLES)
+    summary = compare_experiments([good, weak], out, n_resamples=N_RESAMPLES, list_labels=LABELS, list_order=ORDER)
     assert [e["name"] for e in summary["experiments"]] == ["qmargin", "exp_weak"]
-    assert [entry["label"] for entry in summary["lists"]] == ["Vox1-O", "mylist"]  # published lists first
+    assert [entry["label"] for entry in summary["lists"]] == ["Vox1-O", "mylist"]  # ordered labels first
 
     enrol, test, labels, scores = lists_good["veri_test2"]
     expected = compute_metrics(scores, labels)
@@ -85,9 +101,9 @@ def test_tables_hold_point_estimates_and_intervals(two_systems, tmp_path):
     cell = f"{100 * expected.eer:.2f} [{100 * reference.eer.low:.2f}, {100 * reference.eer.high:.2f}]"
     wide = (out / "summary.md").read_text()
     assert wide == summary["table"]
-    assert "| experiment | loss | alpha | scale | margin | Vox1-O EER % | Vox1-O minDCF@0.01 |" in wide
-    assert f"| qmargin | qmargin | 1.5 | 30 | 0.2 | {cell} |" in wide
-    assert "| exp_weak |  |  |  |  |" in wide  # blanks where the results JSON has no experiment entry
+    assert "| experiment | loss | loss settings | Vox1-O EER % | Vox1-O minDCF@0.01 |" in wide
+    assert f"| qmargin | qmargin | alpha 1.5, scale 30, margin 0.2 | {cell} |" in wide  # older layout, no ramp
+    assert "| exp_weak |  |  |" in wide  # folder name and blanks where the results JSON has no experiment entry
     assert "Differences" not in wide  # no baseline
     per_list = (out / "veri_test2.md").read_text()
     assert cell in per_list and "TAR@FAR=0.0001 %" in per_list
@@ -102,7 +118,8 @@ def test_tables_hold_point_estimates_and_intervals(two_systems, tmp_path):
 def test_baseline_differences_are_paired(two_systems, tmp_path):
     good, weak, lists_good, lists_weak = two_systems
     out = tmp_path / "cmp"
-    summary = compare_experiments([good], out, baseline=weak, n_resamples=N_RESAMPLES)  # baseline added
+    summary = compare_experiments([good], out, baseline=weak, n_resamples=N_RESAMPLES,
+                                  list_labels=LABELS, list_order=ORDER)  # baseline added
     assert summary["baseline"] == "exp_weak"
     assert [e["name"] for e in summary["experiments"]] == ["exp_weak", "qmargin"]
     enrol, test, labels, scores_good = lists_good["veri_test2"]
@@ -150,11 +167,96 @@ def test_missing_inputs_give_one_line_errors(two_systems, tmp_path):
         compare_experiments([good], tmp_path / "cmp")
 
 
-def test_recipe_script_exits_with_one_line(two_systems, tmp_path, capsys):
+def test_lists_keep_their_names_without_labels(two_systems, tmp_path):
     good, weak, _, _ = two_systems
-    spec = importlib.util.spec_from_file_location("compare_recipe", REPO / "recipes" / "voxceleb" / "compare.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    summary = compare_experiments([weak, good], tmp_path / "cmp", n_resamples=N_RESAMPLES)
+    assert [(entry["list"], entry["label"]) for entry in summary["lists"]] == [
+        ("mylist", "mylist"), ("veri_test2", "veri_test2")]  # sorted by name
+    assert "| mylist EER % |" in summary["table"] and "Vox1" not in summary["table"]
+
+
+def test_systems_are_labelled_by_their_own_description(two_systems, tmp_path):
+    good, weak, lists_good, _ = two_systems
+    sparse = make_experiment(tmp_path, "exp_sparse", {"mylist": lists_good["mylist"]}, DESCRIBED)
+    summary = compare_experiments([sparse, good, weak], tmp_path / "cmp", n_resamples=N_RESAMPLES)
+    described = summary["experiments"][0]
+    assert described["name"] == "qmargin_sparse" and described["loss"] == "qmargin"
+    assert described["loss_settings"] == DESCRIBED["loss_settings"] and described["description"] == DESCRIBED
+    assert summary["experiments"][1]["loss_settings"] == {
+        "alpha": 1.5, "scale": 30.0, "margin": 0.2, "margin_ramp": [None, None]}  # older layout: top-level keys
+    wide = summary["table"]
+    assert "| qmargin_sparse | qmargin | head sparse, alpha 1.5, scale 10, margin 0.2, margin_ramp [0, 0] |" in wide
+    row = next(line for line in wide.splitlines() if line.startswith("| qmargin_sparse |"))
+    assert row.endswith("| — | — | — | — |")  # not scored on veri_test2
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert saved["experiments"][0]["description"]["backbone"] == "ecapa_tdnn"
+
+
+def test_two_systems_with_one_label_are_told_apart_by_path(two_systems, tmp_path):
+    _, _, lists_good, lists_weak = two_systems
+    first = make_experiment(tmp_path, "run1", lists_good, DESCRIBED)
+    second = make_experiment(tmp_path, "run2", lists_weak, DESCRIBED)
+    summary = compare_experiments([first, second], tmp_path / "cmp", baseline=first, n_resamples=N_RESAMPLES)
+    assert [e["name"] for e in summary["experiments"]] == [str(first), str(second)]
+    assert summary["baseline"] == str(first) and list(summary["lists"][0]["differences"]) == [str(second)]
+
+
+def test_identity_of_either_description_layout():
+    assert system_identity(DESCRIBED, "folder") == ("qmargin_sparse", "qmargin", DESCRIBED["loss_settings"])
+    older = {"name": "aam", "folder": "exp/aam", "hparams_file": "h.yaml", "loss": "aam", "alpha": None,
+             "scale": 30.0, "margin": 0.2, "margin_ramp": [1, 4], "finetuned_from": None}
+    assert system_identity(older, "folder") == ("aam", "aam", {"alpha": None, "scale": 30.0, "margin": 0.2,
+                                                               "margin_ramp": [1, 4]})
+    assert system_identity(None, "folder") == ("folder", None, {})
+    assert system_identity({"loss": "aam"}, "folder") == ("folder", "aam", {})
+    with pytest.raises(ValueError, match="'loss_settings' must be a mapping"):
+        system_identity({"loss_settings": [1.5]}, "folder")
+    assert format_settings({"alpha": None, "scale": 30.0, "margin": 0.2, "margin_ramp": [1, 4]}) == (
+        "scale 30, margin 0.2, margin_ramp [1, 4]")
+    assert format_settings({"margin_ramp": [None, None], "head": "sparse", "norm": True}) == "head sparse, norm true"
+
+
+def test_malformed_description_is_a_one_line_error(two_systems, tmp_path):
+    _, _, lists_good, _ = two_systems
+    broken = make_experiment(tmp_path, "exp_broken", lists_good, {"loss": "qmargin", "loss_settings": "alpha=1.5"})
+    with pytest.raises(CompareError, match=r"results.cosine.json: not a stage-3 results file \('loss_settings'"):
+        compare_experiments([broken], tmp_path / "cmp")
+
+
+def test_compare_command_prints_the_summary_with_list_names(two_systems, tmp_path, capsys):
+    good, weak, _, _ = two_systems
+    out = tmp_path / "cmp"
+    argv = ["compare", str(good), str(weak), "--baseline", str(weak), "--out", str(out), "--n_resamples", "50",
+            "--seed", "3", "--confidence", "0.9"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = (out / "summary.md").read_text()
+    assert printed.startswith(summary) and "written to" in printed
+    assert "| veri_test2 EER % |" in summary and "Vox1-O" not in summary  # the CLI knows no corpus
+    assert "90 % percentile intervals from a 50-resample speaker bootstrap (seed 3)" in summary
+    assert "Differences to the baseline exp_weak" in summary
+    saved = json.loads((out / "comparison.json").read_text())
+    enrol, test, labels, scores = two_systems[2]["veri_test2"]
+    bootstrap = SpeakerBootstrap(labels, enrol, test, n_resamples=50, seed=3)
+    assert saved["lists"][1]["systems"]["qmargin"]["eer"] == bootstrap.intervals(
+        bootstrap.replicates(scores), 0.9).eer.to_dict()
+
+
+@pytest.mark.parametrize("make_argv, message", [
+    (lambda good, tmp: [str(good), str(tmp / "missing")], "missing: no such experiment folder"),
+    (lambda good, tmp: [str(good), "--n_resamples", "1"], "n_resamples must be at least 2, got 1"),
+    (lambda good, tmp: [str(good), "--backend", "asnorm"], "no asnorm results"),
+])
+def test_compare_command_mistakes_end_with_one_line(two_systems, tmp_path, capsys, make_argv, message):
+    good = two_systems[0]
+    assert cli_main(["compare", *make_argv(good, tmp_path), "--out", str(tmp_path / "cmp")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("qmargin-spk: error: ") and message in error
+
+
+def test_recipe_script_names_the_voxceleb_lists_and_exits_with_one_line(two_systems, tmp_path, capsys):
+    good, weak, _, _ = two_systems
+    script = load_recipe("compare")
 
     assert script.main([str(good), str(tmp_path / "missing"), "--out", str(tmp_path / "cmp")]) == 1
     error = capsys.readouterr().err
@@ -164,13 +266,13 @@ def test_recipe_script_exits_with_one_line(two_systems, tmp_path, capsys):
     assert script.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| qmargin |" in printed and "Differences to the baseline exp_weak" in printed
+    assert "| Vox1-O EER % |" in printed and printed.index("Vox1-O EER") < printed.index("mylist EER")
     assert (tmp_path / "cmp" / "mylist.md").is_file()
+    assert (tmp_path / "cmp" / "veri_test2.md").read_text().startswith("## Vox1-O (veri_test2: ")
 
 
 def test_demo_verdict_says_whether_the_difference_is_significant():
-    spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parents[1] / "recipes/voxceleb/demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_recipe("demo")
     entry = {"label": "Vox1-O", "differences": {
         "qmargin": {"eer": {"difference": -0.012, "low": -0.02, "high": -0.004, "p_value": 0.004}},
         "entmax": {"eer": {"difference": 0.003, "low": -0.006, "high": 0.011, "p_value": 0.41}}}}

@@ -1,11 +1,14 @@
-"""The dense solver's fast paths (group-maxima probe, Newton in blocks, scale folded in, bf16 input) against float64 oracles."""
+"""The dense solver's fast paths against float64 oracles.
+
+The group-maxima probe, Newton in blocks, the scale folded in, bf16 input.
+"""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qmargin_spk.losses import QMarginLoss, alpha_divergence_posterior, fenchel_young_loss, solve_sparse_posterior
-from qmargin_spk.losses import alpha_divergence as solver
+from qmargin_spk.losses import threshold as solver
 from test_losses import brute_force, hard_batch
 
 

@@ -13,7 +13,7 @@ from conftest import SR, recipe_embedder, write_wav
 
 from qmargin_spk.calibration import Calibration, fit_calibration
 from qmargin_spk.data.audio import AudioError, load_audio, pad_waveforms
-from qmargin_spk.inference import ModelFolderError, SpeakerModel, ecapa_settings, package_model, read_model_info
+from qmargin_spk.inference import ModelFolderError, SpeakerModel, model_description, package_model, read_model_info
 from qmargin_spk.inference.package import CALIBRATION_FILE, COHORT_FILE
 from qmargin_spk.metrics import compute_metrics
 from qmargin_spk.scoring import extract_embeddings
@@ -41,8 +41,10 @@ def test_folder_contents(tiny_model):
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "embedding_model.ckpt", "hyperparams.yaml",
                                                         "model.json"]
     info = read_model_info(folder)
-    assert info["model"] == {"architecture": "ECAPA_TDNN", "sample_rate": SR, "n_mels": 80, "channels": 32,
-                             "attention_channels": 64, "embedding_dim": 16}
+    assert info["frontend"] == {"name": "fbank", "normalisation": "sentence_mean", "sample_rate": SR, "n_mels": 80}
+    assert info["backbone"] == {"architecture": "ecapa_tdnn", "input_size": 80, "channels": [32, 32, 32, 32, 96],
+                                "kernel_sizes": [5, 3, 3, 3, 1], "dilations": [1, 2, 3, 4, 1],
+                                "attention_channels": 64, "lin_neurons": 16}
     assert info["loss"] == "qmargin" and info["n_training_speakers"] == 3 and info["embedding_dim"] == 16
     weights = torch.load(folder / "embedding_model.ckpt", weights_only=True)
     for key, value in embedder.embedding_model.state_dict().items():
@@ -54,34 +56,38 @@ def test_folder_contents(tiny_model):
 
 def test_package_rejects_settings_that_do_not_fit_the_weights(tmp_path, tiny_model):
     _, embedder = tiny_model
-    settings = ecapa_settings(embedder.embedding_model, SR)
-    with pytest.raises(ModelFolderError, match="does not fit the model settings"):
-        package_model(tmp_path / "m", {**settings, "channels": 64}, embedder.embedding_model.state_dict(), {})
-    with pytest.raises(ModelFolderError, match="lacks"):
-        package_model(tmp_path / "m", {"sample_rate": SR}, embedder.embedding_model.state_dict(), {})
+    frontend, backbone = model_description(read_model_info(tiny_model[0]))
+    weights = embedder.embedding_model.state_dict()
+    wider = {**backbone, "channels": [64, 64, 64, 64, 192]}
+    with pytest.raises(ModelFolderError, match="does not fit the backbone"):
+        package_model(tmp_path / "m", frontend, wider, weights, {})
+    with pytest.raises(ModelFolderError, match="needs"):
+        package_model(tmp_path / "m", frontend, {"architecture": "ecapa_tdnn", "input_size": 80}, weights, {})
+    with pytest.raises(ModelFolderError, match="unknown architecture"):
+        package_model(tmp_path / "m", frontend, {**backbone, "architecture": "resnet_999"}, weights, {})
     with pytest.raises(TypeError):
-        package_model(tmp_path / "m", settings, embedder.embedding_model.state_dict(), {"x": object()})
+        package_model(tmp_path / "m", frontend, backbone, weights, {"x": object()})
     with pytest.raises(ModelFolderError, match="must not set"):
-        package_model(tmp_path / "m", settings, embedder.embedding_model.state_dict(), {"format": 7})
+        package_model(tmp_path / "m", frontend, backbone, weights, {"format": 7})
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "data.txt").write_text("keep")
     with pytest.raises(ModelFolderError, match="not a model folder"):
-        package_model(tmp_path / "precious", settings, embedder.embedding_model.state_dict(), {})
+        package_model(tmp_path / "precious", frontend, backbone, weights, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
 
 
 def test_repackaging_keeps_a_calibration_only_for_the_same_weights(tmp_path, tiny_model):
     _, embedder = tiny_model
-    settings = ecapa_settings(embedder.embedding_model, SR)
+    settings = model_description(read_model_info(tiny_model[0]))
     weights = embedder.embedding_model.state_dict()
     calibration = Calibration(inputs=("score",), weights=(10.0,), offset=-5.0, prior=0.5)
-    folder = package_model(tmp_path / "m", settings, weights, {}, calibration=calibration)
+    folder = package_model(tmp_path / "m", *settings, weights, {}, calibration=calibration)
     assert Calibration.load(folder / CALIBRATION_FILE).fit["model_sha256"] == read_model_info(folder)[
         "checkpoint_sha256"]
-    package_model(folder, settings, weights, {"note": "again"})
+    package_model(folder, *settings, weights, {"note": "again"})
     assert (folder / CALIBRATION_FILE).is_file() and read_model_info(folder)["note"] == "again"
     changed = {key: value + 1 if value.is_floating_point() else value for key, value in weights.items()}
-    package_model(folder, settings, changed, {})
+    package_model(folder, *settings, changed, {})
     assert not (folder / CALIBRATION_FILE).exists()
 
 
@@ -213,7 +219,7 @@ def test_verify_without_calibration(tiny_model, audio_dir, tmp_path):
     metrics["min_dcf"]["0.01"]["threshold"] = plain.score + 1e-3
     results = [{"list": "asn", "backend": "asnorm", "n_trials": 4, "metrics": asnorm},
                {"list": "veri", "backend": "cosine", "n_trials": 4, "metrics": metrics}]
-    other = package_model(tmp_path / "m", ecapa_settings(embedder.embedding_model, SR),
+    other = package_model(tmp_path / "m", *model_description(read_model_info(tiny_model[0])),
                            embedder.embedding_model.state_dict(), {"results": results})
     result = SpeakerModel.from_folder(other).verify(a, b, p_target=0.01)
     assert result.score == pytest.approx(plain.score) and result.decision is False
@@ -227,7 +233,7 @@ def test_verify_with_calibration_decides_at_the_bayes_threshold(tiny_model, audi
     score = SpeakerModel.from_folder(folder).verify(a, b).score
     # An LLR of +1 at this trial's score: accepted at P = 0.5 (threshold 0), rejected at P = 0.01 (4.6).
     calibration = Calibration(inputs=("score",), weights=(20.0,), offset=1.0 - 20.0 * score, prior=0.5)
-    other = package_model(tmp_path / "m", ecapa_settings(embedder.embedding_model, SR),
+    other = package_model(tmp_path / "m", *model_description(read_model_info(tiny_model[0])),
                           embedder.embedding_model.state_dict(), {}, calibration=calibration)
     model = SpeakerModel.from_folder(other)
     high = model.verify(a, b, p_target=0.5)
@@ -246,7 +252,7 @@ def test_verify_with_quality_calibration(tiny_model, audio_dir, tmp_path):
                ("log_duration_enrol", "log_duration_test", "imposter_mean_enrol", "imposter_mean_test")}
     calibration = fit_calibration(rng.normal(labels * 1.0, 1.0), labels, quality=quality,
                                   cohort={"file": COHORT_FILE, "top_n": 5})
-    other = package_model(tmp_path / "m", ecapa_settings(embedder.embedding_model, SR),
+    other = package_model(tmp_path / "m", *model_description(read_model_info(tiny_model[0])),
                           embedder.embedding_model.state_dict(), {}, calibration=calibration)
     np.save(other / COHORT_FILE, cohort)
     model = SpeakerModel.from_folder(other)

@@ -226,7 +226,7 @@ def _float_wav(path: Path, seconds: float, bad_value: float | None) -> Path:
     return path
 
 
-def test_issue9_item6_nan_and_inf_audio_is_skipped_at_prepare(corpus, tmp_path):
+def test_nan_and_inf_audio_is_skipped_at_prepare(corpus, tmp_path):
     train, test, trials = corpus
     folder = train / "wav" / "id19999" / "floatvideo"
     nan = _float_wav(folder / "00001.wav", 1.0, np.nan)
@@ -249,7 +249,7 @@ def test_issue9_item6_nan_and_inf_audio_is_skipped_at_prepare(corpus, tmp_path):
         prepare([train], test, [with_nan], tmp_path / "out2", num_workers=2)
 
 
-def test_issue9_item7_broken_symlinks_are_skipped_with_reasons(corpus, tmp_path):
+def test_broken_symlinks_are_skipped_with_reasons(corpus, tmp_path):
     train, test, trials = corpus
     folder = train / "wav" / "id19999" / "linkvideo"
     folder.mkdir(parents=True)
@@ -268,7 +268,7 @@ def test_issue9_item7_broken_symlinks_are_skipped_with_reasons(corpus, tmp_path)
     assert prepare([train], test, [trials], tmp_path / "out", num_workers=2).reused
 
 
-def test_issue9_item7_outputs_are_written_only_after_every_check(corpus, tmp_path, monkeypatch):
+def test_prepare_outputs_are_written_only_after_every_check(corpus, tmp_path, monkeypatch):
     """A failure anywhere before the end leaves no manifest or listing behind."""
     import qmargin_spk.data.prepare as prepare_module
 
@@ -283,7 +283,7 @@ def test_issue9_item7_outputs_are_written_only_after_every_check(corpus, tmp_pat
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
-def test_issue9_item8_prepare_refuses_paths_outside_the_wav_root_with_the_shared_check(corpus, tmp_path):
+def test_prepare_refuses_paths_outside_the_wav_root_with_the_shared_check(corpus, tmp_path):
     train, test, trials = corpus
     lines = trials.read_text().splitlines()
     enrol = lines[0].split()[1]
@@ -294,7 +294,7 @@ def test_issue9_item8_prepare_refuses_paths_outside_the_wav_root_with_the_shared
             prepare([train], test, [outside], tmp_path / "out")
 
 
-def test_issue9_item12_prepare_refuses_a_list_with_one_class_only(corpus, tmp_path):
+def test_prepare_refuses_a_list_with_one_class_only(corpus, tmp_path):
     train, test, trials = corpus
     targets = tmp_path / "targets_only.txt"
     targets.write_text("".join(line + "\n" for line in trials.read_text().splitlines() if line.startswith("1 ")))

@@ -55,10 +55,10 @@ def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0).item()
 
 
-# ---------------------------------------------------------------- item 4
+# ---------------------------------------------------------------- batching does not change embeddings
 
 
-def test_issue9_item4_embedding_independent_of_batch_mates(tmp_path, ecapa):
+def test_embedding_is_independent_of_its_batch_mates(tmp_path, ecapa):
     lengths = {"clip": 0.3, "long": 20.0, "mid_a": 1.0, "mid_b": 1.0, "mid_c": 1.02, "short": 0.55}
     paths = {utt: write_noise(tmp_path / f"{utt}.wav", s, seed) for seed, (utt, s) in enumerate(lengths.items())}
     batched = extract_embeddings(paths, ecapa, None, "ecapa", batch_size=16)
@@ -70,7 +70,7 @@ def test_issue9_item4_embedding_independent_of_batch_mates(tmp_path, ecapa):
             assert cosine(table.vectors[row], alone) >= 0.9999, utt
 
 
-def test_issue9_item4_batches_are_bounded_in_padding_and_samples(tmp_path):
+def test_batches_are_bounded_in_padding_and_samples(tmp_path):
     lengths = [1.0] * 7 + [0.98, 0.9, 5.0]
     paths = {f"u{i}": write_noise(tmp_path / f"u{i}.wav", s, i) for i, s in enumerate(lengths)}
     recorder = Recorder()
@@ -88,7 +88,7 @@ def test_issue9_item4_batches_are_bounded_in_padding_and_samples(tmp_path):
         extract_embeddings(paths, recorder, None, "m", max_batch_seconds=0)
 
 
-def test_issue9_item4_batch_policy_is_in_the_cache_key(tmp_path):
+def test_batch_policy_is_in_the_cache_key(tmp_path):
     paths = {f"u{i}": write_noise(tmp_path / f"u{i}.wav", 0.5, i) for i in range(3)}
     cache = tmp_path / "cache.pt"
     extract_embeddings(paths, Recorder(), cache, "m", batch_size=16)
@@ -98,7 +98,7 @@ def test_issue9_item4_batch_policy_is_in_the_cache_key(tmp_path):
         assert recorder.batches, f"{changed} must invalidate the cache"
 
 
-# ---------------------------------------------------------------- item 6 (extraction)
+# ---------------------------------------------------------------- a bad file does not lose the work done
 
 
 def write_with_nan(path, seconds, seed):
@@ -118,7 +118,7 @@ def partial_files(cache):
     return sorted(p.name for p in cache.parent.iterdir() if p.name != cache.name)
 
 
-def test_issue9_item6_bad_file_is_named_and_the_other_embeddings_are_kept(tmp_path, five_files):
+def test_bad_file_is_named_and_the_other_embeddings_are_kept(tmp_path, five_files):
     cache = tmp_path / "emb" / "test.pt"
     fresh = extract_embeddings(five_files, Recorder(), None, "m")
     write_with_nan(five_files["c"], 0.5, 7)
@@ -147,7 +147,7 @@ def test_issue9_item6_bad_file_is_named_and_the_other_embeddings_are_kept(tmp_pa
     torch.testing.assert_close(table.vectors, fresh.vectors[[0, 1, 3, 4]], rtol=0, atol=0)
 
 
-def test_issue9_item6_failing_model_keeps_finished_batches(tmp_path, five_files):
+def test_failing_model_keeps_finished_batches(tmp_path, five_files):
     cache = tmp_path / "emb" / "test.pt"
     calls = []
 
@@ -165,7 +165,7 @@ def test_issue9_item6_failing_model_keeps_finished_batches(tmp_path, five_files)
     torch.testing.assert_close(table.vectors, extract_embeddings(five_files, Recorder(), None, "m").vectors)
 
 
-def test_issue9_item6_progress_is_saved_while_extracting(tmp_path, five_files):
+def test_progress_is_saved_while_extracting(tmp_path, five_files):
     """A kill -9 cannot run an exception handler: progress is also saved every ``save_every_seconds``."""
     cache = tmp_path / "emb" / "test.pt"
     seen = []

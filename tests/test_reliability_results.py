@@ -1,4 +1,4 @@
-"""Issue 9, item 11: scoring runs on one experiment add to ``results.<backend>.json`` list by list."""
+"""Scoring runs on one experiment add to ``results.<backend>.json`` list by list."""
 from __future__ import annotations
 
 import json
@@ -46,7 +46,7 @@ def saved_lists(out):
     return [entry["list"] for entry in json.loads((out / "results.cosine.json").read_text())["results"]]
 
 
-def test_issue9_item11_runs_on_different_lists_keep_each_others_results(tmp_path, lists):
+def test_runs_on_different_lists_keep_each_others_results(tmp_path, lists):
     root, paths = lists
     out = tmp_path / "scores"
     score_trial_lists(tone_embedder, "m1", root, {"O": paths["O"]}, out, print_table=False)
@@ -63,7 +63,7 @@ def test_issue9_item11_runs_on_different_lists_keep_each_others_results(tmp_path
     assert [r["list"] for r in results] == ["O", "E", "H"] and results[0]["n_trials"] == results[2]["n_trials"]
 
 
-def test_issue9_item11_results_of_another_model_are_not_mixed_in(tmp_path, lists, caplog):
+def test_results_of_another_model_are_not_mixed_in(tmp_path, lists, caplog):
     root, paths = lists
     out = tmp_path / "scores"
     score_trial_lists(tone_embedder, "m1", root, {"O": paths["O"]}, out, print_table=False)
@@ -81,7 +81,7 @@ def _write_one(args):
         write_results(run, json_path, json_path.with_suffix(".md"))
 
 
-def test_issue9_item11_concurrent_writers_lose_no_list(tmp_path):
+def test_concurrent_writers_lose_no_list(tmp_path):
     json_path = tmp_path / "results.cosine.json"
     names = ["L0", "L1", "L2", "L3"]
     context = multiprocessing.get_context("fork")
@@ -95,7 +95,7 @@ def test_issue9_item11_concurrent_writers_lose_no_list(tmp_path):
     assert sorted(r["list"] for r in json.loads(json_path.read_text())["results"]) == names
 
 
-def test_issue9_item11_identity_survives_the_json_round_trip(tmp_path):
+def test_run_identity_survives_the_json_round_trip(tmp_path):
     """Tuples in the run (e.g. settings) are lists once stored: still the same run."""
     metrics = compute_metrics(np.r_[0.0, 1.0, 2.0, 3.0], np.r_[0, 0, 1, 1]).to_dict()
     json_path = tmp_path / "results.cosine.json"

@@ -37,9 +37,10 @@ def overrides(data_folder, exp, **extra):
             "embedding_dim": 16, "num_workers": 0, "number_of_epochs": 2, "warmup_epochs": 1, **extra}
 
 
-# --- item 1: a run that would train nothing -----------------------------------------------------
+# --- a run that would train nothing ---------------------------------------------------------------
 
-def test_issue9_item1_batch_larger_than_the_data_is_an_error_before_training(data_folder, tmp_path):
+@pytest.mark.e2e
+def test_batch_larger_than_the_data_is_an_error_before_training(data_folder, tmp_path):
     with pytest.raises(StageError, match="batch_size 1000 x 1 processes exceeds the 48 training utterances"):
         train_stage(HPARAMS, RUN_OPTS, overrides(data_folder, tmp_path / "exp", batch_size=1000))
     assert not list((tmp_path / "exp" / "save").glob("CKPT+*"))
@@ -47,20 +48,20 @@ def test_issue9_item1_batch_larger_than_the_data_is_an_error_before_training(dat
         steps_per_epoch(48, 32, 2)
 
 
-def test_issue9_item1_few_steps_warn(caplog):
+def test_an_epoch_of_few_optimiser_steps_warns(caplog):
     with caplog.at_level("WARNING"):
         assert steps_per_epoch(48, 8, 1) == 6
     assert "only 6 optimiser steps" in caplog.text
 
 
-# --- item 3: no pickle on resume ----------------------------------------------------------------
+# --- no pickle on resume --------------------------------------------------------------------------
 
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("touch " + str(Path(os.environ["EXPLOIT_TARGET"])),))
 
 
-def test_issue9_item3_crafted_rng_checkpoint_cannot_run_code(tmp_path, monkeypatch):
+def test_crafted_rng_checkpoint_cannot_run_code(tmp_path, monkeypatch):
     target = tmp_path / "exploited"
     monkeypatch.setenv("EXPLOIT_TARGET", str(target))
     path = tmp_path / "rng_state.ckpt"
@@ -70,7 +71,7 @@ def test_issue9_item3_crafted_rng_checkpoint_cannot_run_code(tmp_path, monkeypat
     assert not target.exists()
 
 
-def test_issue9_item3_rng_state_round_trips_as_plain_tensors(tmp_path):
+def test_rng_state_round_trips_as_plain_tensors(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
     RNGState().save(tmp_path / "rng.ckpt")
@@ -82,9 +83,9 @@ def test_issue9_item3_rng_state_round_trips_as_plain_tensors(tmp_path):
     torch.load(tmp_path / "rng.ckpt", weights_only=True)  # plain tensors only
 
 
-# --- item 5: only the owner cleans the save folder ----------------------------------------------
+# --- only the owner cleans the save folder --------------------------------------------------------
 
-def test_issue9_item5_loading_an_experiment_keeps_a_save_in_progress(data_folder, tmp_path):
+def test_loading_an_experiment_keeps_a_save_in_progress(data_folder, tmp_path):
     partial = tmp_path / "exp" / "save" / ".partial-CKPT+2026"
     partial.mkdir(parents=True)
     (partial / "CKPT.yaml").write_text("end-of-epoch: true\n")
@@ -92,7 +93,7 @@ def test_issue9_item5_loading_an_experiment_keeps_a_save_in_progress(data_folder
     assert (partial / "CKPT.yaml").is_file()
 
 
-def test_issue9_item5_one_owner_cleans_and_others_are_refused(tmp_path):
+def test_one_owner_cleans_the_save_folder_and_others_are_refused(tmp_path):
     partial = tmp_path / ".partial-CKPT+x"
     partial.mkdir()
     owner, intruder = AtomicCheckpointer(tmp_path), AtomicCheckpointer(tmp_path)
@@ -105,13 +106,14 @@ def test_issue9_item5_one_owner_cleans_and_others_are_refused(tmp_path):
     intruder.release()
 
 
-# --- item 9: mid-epoch resume is the uninterrupted run ------------------------------------------
+# --- mid-epoch resume is the uninterrupted run ----------------------------------------------------
 
 class _Interrupt(Exception):
     pass
 
 
-def test_issue9_item9_interrupted_and_resumed_equals_uninterrupted(data_folder, tmp_path, monkeypatch):
+@pytest.mark.e2e
+def test_interrupted_and_resumed_training_equals_uninterrupted(data_folder, tmp_path, monkeypatch):
     run_opts = {**RUN_OPTS, "ckpt_interval_steps": 2}
     whole = train_stage(HPARAMS, run_opts, overrides(data_folder, tmp_path / "whole"))
     original = SpeakerBrain.fit_batch
@@ -133,7 +135,7 @@ def test_issue9_item9_interrupted_and_resumed_equals_uninterrupted(data_folder, 
     assert (tmp_path / "whole" / "train_log.txt").read_text() == (tmp_path / "resumed" / "train_log.txt").read_text()
 
 
-def test_issue9_item9_relogging_an_epoch_replaces_its_line(tmp_path):
+def test_relogging_an_epoch_replaces_its_line(tmp_path):
     log = EpochLog(tmp_path / "train_log.txt")
     log.log_stats({"epoch": 1}, {"loss": 2.0})
     log.log_stats({"epoch": 2}, {"loss": 1.5})
@@ -142,14 +144,15 @@ def test_issue9_item9_relogging_an_epoch_replaces_its_line(tmp_path):
     assert lines == ["epoch: 1 - train loss: 2", "epoch: 2 - train loss: 1.25"]
 
 
-# --- item 12 (training side) and threads --------------------------------------------------------
+# --- bad settings and failing writes (training side) and threads ----------------------------------
 
-def test_issue9_item12_non_numeric_hparam_names_its_key(data_folder, tmp_path):
+@pytest.mark.e2e
+def test_non_numeric_hparam_error_names_its_key(data_folder, tmp_path):
     with pytest.raises(StageError, match="'number_of_epochs' must be an integer >= 1, got 'abc'"):
         train_stage(HPARAMS, RUN_OPTS, overrides(data_folder, tmp_path / "exp", number_of_epochs="abc"))
 
 
-def test_issue9_item12_huge_alpha_is_a_clear_error():
+def test_huge_alpha_is_a_clear_error():
     for make in (lambda: QMarginLoss(alpha=50.0), lambda: SparseQMarginHead(10, 4, alpha=50.0)):
         with pytest.raises(ValueError, match=r"alpha must lie in \[1, 10.0\], got 50.0"):
             make()
@@ -158,7 +161,7 @@ def test_issue9_item12_huge_alpha_is_a_clear_error():
     assert torch.isfinite(QMarginLoss(alpha=10.0, scale=30.0, margin=0.2)(cosines, torch.arange(4)))
 
 
-def test_issue9_item12_full_disk_during_a_checkpoint_names_the_os_error(tmp_path, monkeypatch):
+def test_full_disk_during_a_checkpoint_names_the_os_error(tmp_path, monkeypatch):
     checkpointer = AtomicCheckpointer(tmp_path, recoverables={"model": torch.nn.Linear(2, 2)})
 
     def full_disk(*args, **kwargs):
@@ -182,6 +185,7 @@ def test_threads_follow_cores_processes_and_workers(monkeypatch):
     assert choose_threads(None, num_workers=0) == 8
 
 
+@pytest.mark.e2e
 def test_stage_logs_its_thread_choice(data_folder, tmp_path, capfd):
     train_stage(HPARAMS, RUN_OPTS, overrides(data_folder, tmp_path / "exp", number_of_epochs=1, num_threads=1))
     assert torch.get_num_threads() == 1

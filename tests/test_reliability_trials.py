@@ -33,14 +33,14 @@ def wav_root(tmp_path):
     return root
 
 
-# ---------------------------------------------------------------- item 8
+# ---------------------------------------------------------------- paths outside the wav root
 
 
 @pytest.mark.parametrize(
     "outside",
     ["../secret.wav", "id1/../../secret.wav", "{root}/../secret.wav", "{root}/id1/v1/00001.wav", "./id1/v1/00001.wav", "id1//v1/00001.wav"],
 )
-def test_issue9_item8_scoring_refuses_paths_outside_the_wav_root(tmp_path, wav_root, outside):
+def test_scoring_refuses_paths_outside_the_wav_root(tmp_path, wav_root, outside):
     outside = outside.format(root=wav_root)
     trials = tmp_path / "t.txt"
     trials.write_text(f"1 id1/v1/00001.wav id1/v2/00001.wav\n0 id1/v1/00001.wav {outside}\n0 id1/v2/00001.wav id2/v1/00001.wav\n")
@@ -51,24 +51,24 @@ def test_issue9_item8_scoring_refuses_paths_outside_the_wav_root(tmp_path, wav_r
     assert not (tmp_path / "out").exists()
 
 
-# ---------------------------------------------------------------- item 12 (trial lists)
+# ---------------------------------------------------------------- encoding, duplicates, one class only
 
 
-def test_issue9_item12_non_utf8_list_names_file_and_line(tmp_path):
+def test_non_utf8_list_error_names_file_and_line(tmp_path):
     trials = tmp_path / "latin1.txt"
     trials.write_bytes(b"1 id1/v1/00001.wav id1/v2/00001.wav\n0 id1/v1/caf\xe9.wav id2/v1/00001.wav\n")
     with pytest.raises(ValueError, match=rf"{trials}:2: not UTF-8 text"):
         read_trial_list(trials)
 
 
-def test_issue9_item12_utf8_bom_is_not_read_into_the_first_label(tmp_path):
+def test_utf8_bom_is_not_read_into_the_first_label(tmp_path):
     trials = tmp_path / "bom.txt"
     trials.write_bytes("1 id1/v1/00001.wav id1/v2/00001.wav\n0 id1/v1/00001.wav id2/v1/00001.wav\n".encode("utf-8-sig"))
     parsed = read_trial_list(trials)
     assert parsed.labels.tolist() == [1, 0] and parsed.enrol[0] == "id1/v1/00001.wav"
 
 
-def test_issue9_item12_duplicate_trials_are_dropped_with_a_counted_warning(tmp_path, caplog):
+def test_duplicate_trials_are_dropped_with_a_counted_warning(tmp_path, caplog):
     trials = tmp_path / "dup.txt"
     a, b, c = "id1/v1/00001.wav", "id1/v2/00001.wav", "id2/v1/00001.wav"
     trials.write_text(f"1 {a} {b}\n0 {a} {c}\n1 {a} {b}\n1 {a} {b}\n0 {c} {a}\n")
@@ -84,7 +84,7 @@ def test_issue9_item12_duplicate_trials_are_dropped_with_a_counted_warning(tmp_p
 
 
 @pytest.mark.parametrize("label", ["1", "0"])
-def test_issue9_item12_single_class_list_fails_before_anything_is_written(tmp_path, wav_root, label):
+def test_single_class_list_fails_scoring_before_anything_is_written(tmp_path, wav_root, label):
     good = tmp_path / "good.txt"
     good.write_text("1 id1/v1/00001.wav id1/v2/00001.wav\n0 id1/v1/00001.wav id2/v1/00001.wav\n")
     one_class = tmp_path / "one_class.txt"

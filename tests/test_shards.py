@@ -217,7 +217,7 @@ def test_pipe_urls_read_like_local_files(corpus):
     rows, _, folder = corpus
     local = _dataset(folder, rows)
     piped = _dataset(folder, rows, url_template="pipe:cat " + shlex.quote(str(folder)) + "/{name}")
-    assert [(u, l) for u, _, l in local] == [(u, l) for u, _, l in piped]
+    assert [(utt, label) for utt, _, label in local] == [(utt, label) for utt, _, label in piped]
     assert all(torch.equal(a[1], b[1]) for a, b in zip(local, piped))
     partial = list(read_shard(f"pipe:cat {shlex.quote(str(folder / 'shard-000000.tar'))}", first=2, stop=4))
     assert [key for key, _ in partial] == [key for key, _ in read_shard(str(folder / "shard-000000.tar"))][2:4]

@@ -51,4 +51,10 @@ def read_manifest(path: PathLike) -> list[ManifestRow]:
         missing = set(MANIFEST_FIELDS) - set(reader.fieldnames or ())
         if missing:
             raise ManifestError(f"{path}: manifest lacks columns {sorted(missing)}")
-        return [ManifestRow(r["ID"], r["wav"], float(r["duration"]), r["spk_id"]) for r in reader]
+        rows = []
+        for r in reader:
+            try:
+                rows.append(ManifestRow(r["ID"], r["wav"], float(r["duration"]), r["spk_id"]))
+            except (TypeError, ValueError):
+                raise ManifestError(f"{path}:{reader.line_num}: expected ID,wav,duration,spk_id, got {r}") from None
+        return rows

@@ -3,11 +3,11 @@
 Batching policy. An utterance's embedding must not depend on its batch-mates
 (speechbrain #1374): padding changes the filterbank frames at the end of the shorter
 signals and the convolutions near them, so a padded batch does not give the
-embeddings of its members alone. Items are therefore sorted by length and only
+embeddings of its members alone. Items are therefore planned by the scoring stage's
+batch planner (:mod:`qmargin_spk.data.batching`): sorted by length, and only
 *equal-length* items share a batch; everything else runs alone. The embeddings are
-then exactly those of the scoring stage for one utterance per batch (and for its
-batches of equal-length files), and bulk throughput comes from equal-length inputs
-(fixed-length crops, or ``chunk_seconds``).
+then exactly those of the scoring stage, and bulk throughput comes from equal-length
+inputs (fixed-length crops, or ``chunk_seconds``).
 
 Decisions. With a ``calibration.json`` the score becomes a natural-log LLR and the
 decision is ``LLR >= log((1 - p_target) / p_target)`` (Bayes). Without one there is no
@@ -21,36 +21,26 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from numpy.typing import ArrayLike
 
-from qmargin_spk.calibration import Calibration, trial_quality, utterance_quality
+from qmargin_spk.calibration import Calibration, bayes_threshold, trial_quality, utterance_quality
 from qmargin_spk.data.audio import audio_info, load_audio
+from qmargin_spk.data.batching import Piece, check_batching, embed_pieces, max_batch_samples, plan_pieces
 from qmargin_spk.inference.package import (
     CALIBRATION_FILE,
     CHECKPOINT_FILE,
-    HPARAMS_FILE,
     ModelFolderError,
+    model_description,
     read_model_info,
 )
-from qmargin_spk.metrics.calibration import bayes_threshold
 from qmargin_spk.models.embedder import SpeakerEmbedder
+from qmargin_spk.models.registry import build_backbone, build_embedder
 
 AudioItem = Union[str, os.PathLike, np.ndarray, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """Samples ``[start, start + length)`` of item ``row`` (at the model rate); ``whole``: the entire item."""
-
-    row: int
-    start: int
-    length: int
-    whole: bool
 
 
 @dataclass(frozen=True)
@@ -93,14 +83,14 @@ class SpeakerModel:
         """Load a model folder (ModelFolderError naming the folder when it is incomplete or inconsistent)."""
         folder = Path(folder)
         info = read_model_info(folder)
-        with open(folder / HPARAMS_FILE, encoding="utf-8") as handle:
-            hparams = load_hyperpyyaml(handle)
+        frontend, backbone = model_description(info)  # the registry builds the model: no YAML is evaluated
+        embedding_model = build_backbone(backbone)
         try:
             weights = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-            hparams["embedding_model"].load_state_dict(weights, strict=True)
+            embedding_model.load_state_dict(weights, strict=True)
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
             raise ModelFolderError(f"{folder / CHECKPOINT_FILE}: cannot load into the model ({err})") from err
-        embedder = SpeakerEmbedder(hparams["compute_features"], hparams["mean_var_norm"], hparams["embedding_model"])
+        embedder = build_embedder(frontend, embedding_model)
         calibration, cohort = _load_calibration(folder, info)
         return cls(embedder, info, calibration, cohort, device)
 
@@ -123,6 +113,7 @@ class SpeakerModel:
         batch_size: int = 16,
         chunk_seconds: float | None = None,
         progress: bool = False,
+        max_batch_seconds: float | None = None,
     ) -> np.ndarray:
         """L2-normalised float32 embeddings ``[N, D]`` of audio files or 1-D waveforms at the model rate.
 
@@ -130,8 +121,9 @@ class SpeakerModel:
 
         With ``chunk_seconds``, an item longer than 1.5 chunks is cut into near-equal chunks
         of about that length whose raw embeddings are averaged (as the scoring stage does).
+        ``max_batch_seconds`` caps the audio of a batch of several pieces (None: no cap).
         """
-        raw = self._raw_embeddings(_as_list(items), batch_size, chunk_seconds, progress)
+        raw = self._raw_embeddings(_as_list(items), batch_size, chunk_seconds, progress, max_batch_seconds)
         return _normalised(raw).astype(np.float32)
 
     def enroll(self, items: AudioItem | Sequence[AudioItem], batch_size: int = 16,
@@ -171,32 +163,26 @@ class SpeakerModel:
         return Verification(score, None, score >= threshold, threshold, p_target, source)
 
     def _raw_embeddings(self, items: list[AudioItem], batch_size: int, chunk_seconds: float | None,
-                        progress: bool) -> np.ndarray:
-        """Float64 raw embeddings [N, D]: cut into pieces, batch equal lengths, average the pieces of each item.
+                        progress: bool, max_batch_seconds: float | None = None) -> np.ndarray:
+        """Float64 raw embeddings [N, D], batched by :mod:`qmargin_spk.data.batching` (the scoring stage's plan).
 
         Files are read batch by batch (lengths come from their headers), so memory holds
         one batch of audio, and each piece is read exactly as the scoring stage reads it.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        check_batching(batch_size, max_batch_seconds=max_batch_seconds, chunk_seconds=chunk_seconds,
+                       sample_rate=self.sample_rate)
         lengths = [self._length(item, index) for index, item in enumerate(items)]
-        pieces = [
-            _Piece(row, start, end - start, (start, end) == (0, length))
-            for row, length in enumerate(lengths)
-            for start, end in _chunk_bounds(length, chunk_seconds, self.sample_rate)
-        ]
-        sums = np.zeros((len(items), self.embedding_dim))
-        counts = np.zeros(len(items))
-        for planned in _progress(_equal_length_batches(pieces, batch_size), len(pieces), progress):
-            loaded = [(piece.row, self._load(items[piece.row], piece)) for piece in planned]
-            # A resampled file can come out a sample off its planned length: regroup by actual length.
-            for batch in _equal_length_batches(loaded, batch_size):
-                wavs = torch.stack([wav for _, wav in batch])
-                output = self.embed_batch(wavs, torch.ones(len(batch))).double().numpy()
-                for (row, _), embedding in zip(batch, output):
-                    sums[row] += embedding
-                    counts[row] += 1
-        raw = sums / counts[:, None]
+        pieces = plan_pieces(dict(enumerate(lengths)), chunk_seconds, self.sample_rate)
+        on_batch, close = _progress_bar(progress, len(pieces))
+
+        def embed(wavs: np.ndarray) -> np.ndarray:
+            return self.embed_batch(torch.from_numpy(wavs), torch.ones(len(wavs))).double().numpy()
+
+        try:
+            raw = embed_pieces(pieces, len(items), lambda piece: self._load(items[piece.row], piece).numpy(), embed,
+                               batch_size, max_batch_samples(max_batch_seconds, self.sample_rate), on_batch)
+        finally:
+            close()
         bad = np.flatnonzero(~np.isfinite(raw).all(axis=1))
         if bad.size:
             raise ValueError(f"the model gave NaN/inf embeddings for item {bad[0]} ({_describe(items[bad[0]])})")
@@ -216,7 +202,7 @@ class SpeakerModel:
             return wav.numel()
         raise TypeError(f"item {index}: expected a path or a 1-D waveform, got {type(item).__name__}")
 
-    def _load(self, item: AudioItem, piece: "_Piece") -> torch.Tensor:
+    def _load(self, item: AudioItem, piece: Piece) -> torch.Tensor:
         """The piece's samples as float32: read from the file like the scoring stage, or sliced from the waveform."""
         if isinstance(item, (str, os.PathLike)):
             return load_audio(item, self.sample_rate, start=piece.start,
@@ -271,47 +257,14 @@ def _as_list(items: AudioItem | Sequence[AudioItem]) -> list[AudioItem]:
     return listed
 
 
-def _chunk_bounds(length: int, chunk_seconds: float | None, sample_rate: int) -> list[tuple[int, int]]:
-    """``(start, end)`` of the pieces of an item of ``length`` samples, as the scoring stage cuts them."""
-    if chunk_seconds is None:
-        return [(0, length)]
-    chunk = int(round(chunk_seconds * sample_rate))
-    if chunk < 1:
-        raise ValueError(f"chunk_seconds too small: {chunk_seconds}")
-    pieces = max(1, int(round(length / chunk)))
-    bounds = np.linspace(0, length, pieces + 1).round().astype(int)
-    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
-
-
-def _equal_length_batches(pieces: Sequence, batch_size: int) -> Iterable[list]:
-    """Batches of up to ``batch_size`` pieces of identical length, longest first.
-
-    A piece is a :class:`_Piece` or a ``(row, waveform)`` pair.
-    """
-    def length(piece) -> int:
-        return piece.length if isinstance(piece, _Piece) else piece[1].numel()
-
-    batch: list = []
-    for piece in sorted(pieces, key=lambda piece: -length(piece)):
-        if batch and (len(batch) == batch_size or length(piece) != length(batch[0])):
-            yield batch
-            batch = []
-        batch.append(piece)
-    if batch:
-        yield batch
-
-
-def _progress(batches: Iterable[list], total: int, show: bool) -> Iterable[list]:
-    """Pass batches through, with a tqdm bar counting pieces when ``show``."""
+def _progress_bar(show: bool, total: int) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
+    """``(on_batch, close)`` of a tqdm bar counting ``total`` pieces when ``show``, else no bar."""
     if not show:
-        yield from batches
-        return
+        return None, lambda: None
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="utt", desc="embedding") as bar:
-        for batch in batches:
-            yield batch
-            bar.update(len(batch))
+    bar = tqdm(total=total, unit="utt", desc="embedding")
+    return bar.update, bar.close
 
 
 def _normalised(vectors: np.ndarray) -> np.ndarray:

@@ -4,9 +4,9 @@
     model = OnnxSpeakerModel("DIR/embedding_model.onnx")
     embeddings = model.embed([wav1, wav2])          # 1-D float32 arrays at model.sample_rate
 
-Waveforms are batched like :class:`SpeakerModel` batches them: only equal lengths share
-a batch (the graph has no length input), so each embedding is that of the utterance
-alone. Reading and resampling audio files is left to the caller (e.g. soundfile).
+Waveforms are batched by the planner :class:`SpeakerModel` uses
+(:mod:`qmargin_spk.data.batching`): only equal lengths share a batch (the graph has no
+length input), so each embedding is that of the utterance alone. Reading and resampling audio files is left to the caller (e.g. soundfile).
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import os
 from typing import Sequence
 
 import numpy as np
+
+from qmargin_spk.data.batching import check_batching, embed_pieces, max_batch_samples, plan_pieces
 
 METADATA_KEY = "qmargin_spk"  # the same as qmargin_spk.inference.export.METADATA_KEY (that module needs torch)
 
@@ -41,25 +43,24 @@ class OnnxSpeakerModel:
         """Raw embeddings ``[B, D]`` of equal-length waveforms ``[B, T]``."""
         return self.session.run(None, {"wav": np.ascontiguousarray(wavs, dtype=np.float32)})[0]
 
-    def embed(self, wavs: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
-        """L2-normalised float32 embeddings ``[N, D]`` of 1-D waveforms at :attr:`sample_rate`."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+    def embed(self, wavs: Sequence[np.ndarray], batch_size: int = 16, chunk_seconds: float | None = None,
+              max_batch_seconds: float | None = None) -> np.ndarray:
+        """L2-normalised float32 embeddings ``[N, D]`` of 1-D waveforms at :attr:`sample_rate`.
+
+        Batched as :class:`SpeakerModel` batches (:mod:`qmargin_spk.data.batching`), with the
+        same ``chunk_seconds`` and ``max_batch_seconds``.
+        """
+        check_batching(batch_size, max_batch_seconds=max_batch_seconds, chunk_seconds=chunk_seconds,
+                       sample_rate=self.sample_rate)
         arrays = [np.asarray(wav, dtype=np.float32) for wav in wavs]
+        if not arrays:
+            raise ValueError("no audio given")
         for index, wav in enumerate(arrays):
             if wav.ndim != 1 or wav.size == 0:
                 raise ValueError(f"waveform {index}: expected a non-empty 1-D array (mono), got shape {wav.shape}")
-        out = np.zeros((len(arrays), self.embedding_dim), dtype=np.float64)
-        order = sorted(range(len(arrays)), key=lambda i: -arrays[i].size)
-        start = 0
-        while start < len(order):
-            length = arrays[order[start]].size
-            stop = start + 1
-            while stop < len(order) and stop - start < batch_size and arrays[order[stop]].size == length:
-                stop += 1
-            rows = order[start:stop]
-            out[rows] = self.embed_batch(np.stack([arrays[i] for i in rows]))
-            start = stop
+        pieces = plan_pieces({row: wav.size for row, wav in enumerate(arrays)}, chunk_seconds, self.sample_rate)
+        out = embed_pieces(pieces, len(arrays), lambda p: arrays[p.row][p.start : p.start + p.length], self.embed_batch,
+                           batch_size, max_batch_samples(max_batch_seconds, self.sample_rate))
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         if np.any(norms == 0) or not np.all(np.isfinite(out)):
             raise ValueError("the model gave a zero or non-finite embedding")

@@ -2,19 +2,22 @@
 
 A model folder ``DIR/`` holds
 
-``hyperparams.yaml``
-    Inference-only HyperPyYAML: ``compute_features`` (Fbank), ``mean_var_norm``
-    (per-sentence mean normalisation), ``embedding_model`` (ECAPA-TDNN), ``modules`` and a
-    SpeechBrain ``pretrainer`` whose only loadable is ``embedding_model``. The pretrainer
-    names no path: SpeechBrain then looks for ``<source>/embedding_model.ckpt``, so
-    ``EncoderClassifier.from_hparams(source=DIR, savedir=...)`` loads the folder wherever it
-    is moved, from disk only.
+``model.json``
+    The model's one description: :data:`MODEL_FORMAT`, sample rate, embedding size, the
+    ``frontend`` and ``backbone`` descriptions of the architecture registry
+    (:mod:`qmargin_spk.models.registry`: a name and plain settings), the model's identity
+    (SHA-256 of its loaded weights, :func:`~qmargin_spk.models.identity.model_identity`),
+    the SHA-256 of the checkpoint file, and the caller's metadata (training loss and its
+    settings, number of training speakers, scored lists with their metrics, code version).
+    Our loader builds the model from this file alone.
 ``embedding_model.ckpt``
     The embedding network's state dict (tensors only: loadable with ``weights_only=True``).
-``model.json``
-    :data:`MODEL_FORMAT`, sample rate, embedding size, the model settings, the SHA-256 of
-    the checkpoint, and the caller's metadata (training loss and hyperparameters, number of
-    training speakers, scored lists with their metrics, code version).
+``hyperparams.yaml``
+    Generated from ``model.json`` for SpeechBrain's ``EncoderClassifier.from_hparams(source=DIR,
+    savedir=...)``: ``compute_features``, ``mean_var_norm``, ``embedding_model``, ``modules``
+    and a ``pretrainer`` whose only loadable is ``embedding_model`` (no path: SpeechBrain reads
+    ``<source>/embedding_model.ckpt``, so the folder loads wherever it is moved). qmargin_spk
+    never reads it back.
 ``README.md``
     A model card generated from ``model.json``.
 ``calibration.json`` (optional)
@@ -39,46 +42,38 @@ from typing import Mapping
 import torch
 
 from qmargin_spk.calibration import Calibration
+from qmargin_spk.models.identity import model_identity
+from qmargin_spk.models.registry import (
+    DescriptionError,
+    build_backbone,
+    check_compatible,
+    embedding_dim,
+    speechbrain_hparams,
+    validate_backbone,
+    validate_frontend,
+)
 from qmargin_spk.scoring.report import results_table
 from qmargin_spk.utils.atomic import _umask
 
-MODEL_FORMAT = 1
+MODEL_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # format 1: ECAPA-TDNN settings under "model" (before the registry)
 HPARAMS_FILE = "hyperparams.yaml"
 CHECKPOINT_FILE = "embedding_model.ckpt"
 MODEL_JSON = "model.json"
 CARD_FILE = "README.md"
 CALIBRATION_FILE = "calibration.json"
 COHORT_FILE = "calibration_cohort.npy"
-MODEL_SETTINGS = ("sample_rate", "n_mels", "channels", "attention_channels", "embedding_dim")
-RESERVED_META = ("format", "sample_rate", "embedding_dim", "model", "checkpoint_sha256")
+RESERVED_META = ("format", "sample_rate", "embedding_dim", "frontend", "backbone", "model_identity", "checkpoint_sha256")
 
-HPARAMS_TEMPLATE = """\
-# Inference-only speaker-embedding model packaged by qmargin_spk (model folder format {format}).
-# Load it with qmargin_spk.inference.SpeakerModel.from_folder(DIR) or with SpeechBrain:
+SPEECHBRAIN_HEADER = """\
+# Generated from model.json by qmargin_spk (model folder format {format}) for SpeechBrain:
 #   EncoderClassifier.from_hparams(source=DIR, savedir=...).encode_batch(wavs, wav_lens)
-# Input: mono waveforms at {sample_rate} Hz. The pretrainer names no path, so SpeechBrain
-# reads embedding_model.ckpt from the folder given as source.
+# qmargin_spk never reads this file: it builds the model from model.json. Input: mono waveforms
+# at {sample_rate} Hz. The pretrainer names no path, so SpeechBrain reads embedding_model.ckpt
+# from the folder given as source.
 
-sample_rate: {sample_rate}
-n_mels: {n_mels}
-channels: {channels}
-attention_channels: {attention_channels}
-embedding_dim: {embedding_dim}
-
-compute_features: !new:speechbrain.lobes.features.Fbank
-    n_mels: !ref <n_mels>
-    sample_rate: !ref <sample_rate>
-mean_var_norm: !new:speechbrain.processing.features.InputNormalization
-    norm_type: sentence
-    std_norm: False
-embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
-    input_size: !ref <n_mels>
-    channels: [!ref <channels>, !ref <channels>, !ref <channels>, !ref <channels>, !ref <channels> * 3]
-    kernel_sizes: [5, 3, 3, 3, 1]
-    dilations: [1, 2, 3, 4, 1]
-    attention_channels: !ref <attention_channels>
-    lin_neurons: !ref <embedding_dim>
-
+"""
+SPEECHBRAIN_FOOTER = """
 modules:
     compute_features: !ref <compute_features>
     mean_var_norm: !ref <mean_var_norm>
@@ -94,25 +89,31 @@ class ModelFolderError(ValueError):
     """A model folder (or what is given to build one) is missing something or is inconsistent."""
 
 
-def ecapa_settings(embedding_model: torch.nn.Module, sample_rate: int) -> dict:
-    """The :data:`MODEL_SETTINGS` of a SpeechBrain ``ECAPA_TDNN`` built like the recipe's (read off its layers).
+def model_description(info: Mapping) -> tuple[dict, dict]:
+    """``(frontend, backbone)`` registry descriptions of a ``model.json`` (format 1 converted), validated."""
+    if info.get("format") == 1:
+        model = info["model"]
+        channels = int(model["channels"])
+        frontend = {"name": "fbank", "sample_rate": int(model["sample_rate"]), "n_mels": int(model["n_mels"]),
+                    "normalisation": "sentence_mean"}
+        backbone = {"architecture": "ecapa_tdnn", "input_size": int(model["n_mels"]),
+                    "channels": [channels] * 4 + [3 * channels], "kernel_sizes": [5, 3, 3, 3, 1],
+                    "dilations": [1, 2, 3, 4, 1], "attention_channels": int(model["attention_channels"]),
+                    "lin_neurons": int(model["embedding_dim"])}
+    else:
+        frontend, backbone = info["frontend"], info["backbone"]
+    try:
+        check_compatible(frontend, backbone)
+        return validate_frontend(frontend), validate_backbone(backbone)
+    except DescriptionError as err:
+        raise ModelFolderError(f"model.json: {err}") from None
 
-    The recipe's hparams files have ``n_mels``, ``channels`` and ``embedding_dim`` as keys
-    but write ``attention_channels`` inside the model block; this reads all of them from
-    the module itself.
-    """
-    return {
-        "sample_rate": int(sample_rate),
-        "n_mels": int(embedding_model.blocks[0].conv.conv.in_channels),
-        "channels": int(embedding_model.channels[0]),
-        "attention_channels": int(embedding_model.asp.conv.conv.in_channels),
-        "embedding_dim": int(embedding_model.fc.conv.out_channels),
-    }
 
-
-def hparams_text(model_settings: Mapping[str, int]) -> str:
-    """The folder's ``hyperparams.yaml`` for these settings."""
-    return HPARAMS_TEMPLATE.format(format=MODEL_FORMAT, **{key: int(model_settings[key]) for key in MODEL_SETTINGS})
+def hparams_text(frontend: Mapping, backbone: Mapping) -> str:
+    """The folder's SpeechBrain ``hyperparams.yaml``, generated through the architecture registry."""
+    sample_rate = validate_frontend(frontend)["sample_rate"]
+    return (SPEECHBRAIN_HEADER.format(format=MODEL_FORMAT, sample_rate=sample_rate)
+            + speechbrain_hparams(frontend, backbone) + SPEECHBRAIN_FOOTER)
 
 
 def code_version() -> str:
@@ -134,33 +135,37 @@ def code_version() -> str:
 
 def package_model(
     out_dir: str | os.PathLike,
-    model_settings: Mapping[str, int],
+    frontend: Mapping,
+    backbone: Mapping,
     state_dict: Mapping[str, torch.Tensor],
     meta: Mapping,
     calibration: Calibration | None = None,
 ) -> Path:
     """Write a model folder at ``out_dir`` (replacing one there) and return its path.
 
-    ``model_settings``: :data:`MODEL_SETTINGS` (see :func:`ecapa_settings`);
-    ``state_dict``: the embedding model's weights, checked by loading them strictly into
-    the model the settings describe; ``meta``: JSON-ready metadata stored in
-    ``model.json``, read by the model card and by :class:`SpeakerModel` when present:
-    ``loss`` (name), ``loss_hparams`` (dict), ``n_training_speakers``, ``results`` (the
-    entries of the scoring stage's ``results.<backend>.json``), ``code_version``
-    (:func:`code_version`), ``experiment``. A ``calibration`` is written too; without one,
-    a ``calibration.json`` of the folder being replaced is kept if it was fitted for the
-    same weights.
+    ``frontend`` and ``backbone``: registry descriptions (a run's resolved ``frontend_description``
+    and ``backbone_description``); ``state_dict``: the embedding model's weights, checked by
+    loading them strictly into the model the descriptions build; ``meta``: JSON-ready metadata
+    stored in ``model.json``, read by the model card and by :class:`SpeakerModel` when present:
+    ``loss`` (name), ``loss_settings`` (dict), ``n_training_speakers``, ``results`` (the entries
+    of the scoring stage's ``results.<backend>.json``), ``code_version`` (:func:`code_version`),
+    ``experiment``. A ``calibration`` is written too; without one, a ``calibration.json`` of the
+    folder being replaced is kept if it was fitted for the same weights.
 
     The folder is assembled in a temporary sibling and renamed into place, so a reader
     sees the old complete folder or the new one (the old one is moved aside and deleted
     just after the rename).
     """
-    settings = _validated_settings(model_settings)
+    try:
+        check_compatible(frontend, backbone)
+        frontend, backbone = validate_frontend(frontend), validate_backbone(backbone)
+    except DescriptionError as err:
+        raise ModelFolderError(str(err)) from None
     meta = dict(meta)
     clash = sorted(set(meta) & set(RESERVED_META))
     if clash:
         raise ModelFolderError(f"meta must not set {clash}: package_model writes them")
-    weights = _checked_state_dict(settings, state_dict)
+    weights = _checked_state_dict(backbone, state_dict)
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / MODEL_JSON).is_file() and any(out_dir.iterdir()):
         raise ModelFolderError(f"{out_dir} exists and is not a model folder: not replacing it")
@@ -171,9 +176,11 @@ def package_model(
     checkpoint = buffer.getvalue()
     info = {
         "format": MODEL_FORMAT,
-        "sample_rate": settings["sample_rate"],
-        "embedding_dim": settings["embedding_dim"],
-        "model": {"architecture": "ECAPA_TDNN", **settings},
+        "sample_rate": frontend["sample_rate"],
+        "embedding_dim": embedding_dim(backbone),
+        "frontend": frontend,
+        "backbone": backbone,
+        "model_identity": model_identity(weights),
         "checkpoint_sha256": hashlib.sha256(checkpoint).hexdigest(),
         **meta,
     }
@@ -181,7 +188,7 @@ def package_model(
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        (staging / HPARAMS_FILE).write_text(hparams_text(settings), encoding="utf-8")
+        (staging / HPARAMS_FILE).write_text(hparams_text(frontend, backbone), encoding="utf-8")
         (staging / CHECKPOINT_FILE).write_bytes(checkpoint)
         (staging / MODEL_JSON).write_text(info_text, encoding="utf-8")
         (staging / CARD_FILE).write_text(model_card(info), encoding="utf-8")
@@ -203,17 +210,18 @@ def read_model_info(folder: str | os.PathLike) -> dict:
     path = folder / MODEL_JSON
     if not folder.is_dir():
         raise ModelFolderError(f"{folder}: no such model folder")
-    missing = [name for name in (HPARAMS_FILE, CHECKPOINT_FILE, MODEL_JSON) if not (folder / name).is_file()]
+    missing = [name for name in (CHECKPOINT_FILE, MODEL_JSON) if not (folder / name).is_file()]
     if missing:
         raise ModelFolderError(f"{folder}: not a model folder, missing {missing}")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ModelFolderError(f"{path}: unreadable ({err})") from err
-    if not isinstance(info, dict) or info.get("format") != MODEL_FORMAT:
+    if not isinstance(info, dict) or info.get("format") not in READABLE_FORMATS:
         found = info.get("format") if isinstance(info, dict) else None
-        raise ModelFolderError(f"{path}: model folder format {found!r}, this code reads format {MODEL_FORMAT}")
-    for key in ("sample_rate", "embedding_dim", "model", "checkpoint_sha256"):
+        raise ModelFolderError(f"{path}: model folder format {found!r}, this code reads formats {READABLE_FORMATS}")
+    required = ("model",) if info["format"] == 1 else ("frontend", "backbone")
+    for key in ("sample_rate", "embedding_dim", "checkpoint_sha256", *required):
         if key not in info:
             raise ModelFolderError(f"{path}: no {key!r}")
     return info
@@ -221,9 +229,11 @@ def read_model_info(folder: str | os.PathLike) -> dict:
 
 def model_card(info: Mapping) -> str:
     """The folder's ``README.md``: what the model is, how to load it, how it scored."""
-    model = info["model"]
+    frontend, backbone = model_description(info)
+    architecture = backbone.pop("architecture")
+    features = ", ".join(f"{key} {value}" for key, value in frontend.items() if key not in ("name", "normalisation"))
     lines = [
-        f"# Speaker-embedding model ({model['architecture']}, {info['embedding_dim']}-dim)",
+        f"# Speaker-embedding model ({architecture}, {info['embedding_dim']}-dim)",
         "",
         "Packaged by qmargin_spk (model folder format "
         f"{info['format']}{', code ' + str(info['code_version']) if info.get('code_version') else ''}).",
@@ -231,18 +241,25 @@ def model_card(info: Mapping) -> str:
         "## Model",
         "",
         f"- Input: mono audio at {info['sample_rate']} Hz (other rates are resampled on load);"
-        f" {model['n_mels']} log-Mel filterbanks, per-utterance mean normalisation.",
-        f"- ECAPA-TDNN: channels {model['channels']}, attention channels {model['attention_channels']},"
-        f" embedding size {model['embedding_dim']}; cosine scoring of L2-normalised embeddings.",
+        f" front-end {frontend['name']} ({features}), normalisation {frontend['normalisation']}.",
+        f"- Backbone {architecture}: " + ", ".join(f"{key} {value}" for key, value in backbone.items())
+        + "; cosine scoring of L2-normalised embeddings.",
     ]
+    if info.get("model_identity"):
+        lines.append(f"- Model identity (SHA-256 of the weights): `{info['model_identity']}`.")
     if info.get("loss"):
-        hparams = info.get("loss_hparams") or {}
-        settings = ", ".join(f"{key} {value}" for key, value in hparams.items())
-        lines.append(f"- Trained with the {info['loss']} loss{f' ({settings})' if settings else ''}.")
+        settings = info.get("loss_settings") or info.get("loss_hparams") or {}
+        shown = ", ".join(f"{key} {value}" for key, value in settings.items())
+        lines.append(f"- Trained with the {info['loss']} loss{f' ({shown})' if shown else ''}.")
     if info.get("n_training_speakers"):
         lines.append(f"- Training speakers: {info['n_training_speakers']}.")
-    if info.get("experiment"):
-        lines.append(f"- Experiment: `{info['experiment']}`.")
+    experiment = info.get("experiment")
+    if isinstance(experiment, Mapping):
+        parts = [f"`{experiment.get('name')}`"] + [
+            f"{key} {experiment[key]}" for key in ("backbone", "loss", "setting") if experiment.get(key)]
+        if experiment.get("finetuned_from"):
+            parts.append(f"fine-tuned from `{experiment['finetuned_from']}`")
+        lines.append("- Experiment: " + ", ".join(parts) + ".")
     lines += [
         "",
         "## Use",
@@ -254,7 +271,8 @@ def model_card(info: Mapping) -> str:
         "```",
         "",
         "or `qmargin-spk verify --model DIR a.wav b.wav`, or with SpeechBrain alone:",
-        "`EncoderClassifier.from_hparams(source='DIR', savedir='...').encode_batch(wavs)`.",
+        "`EncoderClassifier.from_hparams(source='DIR', savedir='...').encode_batch(wavs)`",
+        "(SpeechBrain evaluates the folder's `hyperparams.yaml`: load folders only from sources you trust).",
         "",
     ]
     if info.get("results"):
@@ -262,29 +280,14 @@ def model_card(info: Mapping) -> str:
     return "\n".join(lines)
 
 
-def _validated_settings(model_settings: Mapping[str, int]) -> dict:
-    missing = [key for key in MODEL_SETTINGS if key not in model_settings]
-    if missing:
-        raise ModelFolderError(f"model_settings lacks {missing} (needs {list(MODEL_SETTINGS)})")
-    settings = {}
-    for key in MODEL_SETTINGS:
-        value = model_settings[key]
-        if isinstance(value, bool) or int(value) != value or int(value) < 1:
-            raise ModelFolderError(f"model_settings[{key!r}] must be a positive integer, got {value!r}")
-        settings[key] = int(value)
-    return settings
-
-
-def _checked_state_dict(settings: dict, state_dict: Mapping[str, torch.Tensor]) -> dict:
-    """CPU copies of the tensors, after loading them strictly into the model the settings describe."""
-    from hyperpyyaml import load_hyperpyyaml
-
-    model = load_hyperpyyaml(hparams_text(settings))["embedding_model"]
+def _checked_state_dict(backbone: Mapping, state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """CPU copies of the tensors, after loading them strictly into the model the description builds."""
+    model = build_backbone(backbone)
     weights = {key: value.detach().to("cpu").clone().contiguous() for key, value in state_dict.items()}
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
-        raise ModelFolderError(f"the state dict does not fit the model settings {settings}: {err}") from err
+        raise ModelFolderError(f"the state dict does not fit the backbone {dict(backbone)}: {err}") from err
     return weights
 
 

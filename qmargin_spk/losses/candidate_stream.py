@@ -16,13 +16,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from qmargin_spk.losses.alpha_divergence import (
-    candidates_from_pairs,
-    f_prime_inv_q,
-    group_maxima_tau,
-    posterior_on_candidates,
-    tau_rounding_slack,
-)
+from qmargin_spk.losses.posterior import candidates_from_pairs, posterior_on_candidates
+from qmargin_spk.losses.threshold import f_prime_inv_q, group_maxima_tau, tau_rounding_slack
 
 
 @dataclass(frozen=True)

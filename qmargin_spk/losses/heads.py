@@ -29,6 +29,9 @@ from qmargin_spk.losses.stats import PosteriorStats
 class DenseHead(torch.nn.Module):
     """SpeechBrain's cosine ``Classifier`` and a loss module on its ``[B, 1, C]`` cosines."""
 
+    kind = "dense"
+    model_parallel = False
+
     def __init__(self, num_classes: int, embedding_dim: int, loss: torch.nn.Module) -> None:
         super().__init__()
         self.classifier = Classifier(input_size=embedding_dim, out_neurons=num_classes)
@@ -65,6 +68,16 @@ class DenseHead(torch.nn.Module):
         correct = int((cosines.squeeze(1).argmax(dim=-1) == labels).sum())
         self.stats = replace(self.loss.stats, correct=correct)
         return loss
+
+    @torch.no_grad()
+    def load_full_weight(self, weight: torch.Tensor) -> None:
+        """Copy a full ``[C, D]`` prototype matrix into the classifier."""
+        self.weight.copy_(weight)
+
+    def loss_settings(self) -> dict:
+        """Loss name, head kind and the loss's hyper-parameters."""
+        settings = self.loss.loss_settings()
+        return {"loss": settings.pop("loss"), "head": self.kind, **settings}
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}"

@@ -11,9 +11,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qmargin_spk.losses.alpha_divergence import fenchel_young_loss_and_stats, validate_alpha, validate_inputs
+from qmargin_spk.losses.fenchel_young import fenchel_young_loss_and_stats
 from qmargin_spk.losses.shapes import flatten_batch
 from qmargin_spk.losses.stats import PosteriorStats
+from qmargin_spk.losses.validation import validate_alpha, validate_inputs
 
 
 class _CosineLoss(torch.nn.Module):
@@ -35,6 +36,10 @@ class _CosineLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, scale={self.scale}, margin={self.margin}"
 
+    def loss_settings(self) -> dict:
+        """The loss's name and the hyper-parameters it was built with (model.json, logs and tables show these)."""
+        return {"loss": self.name, **{key: getattr(self, key) for key in self.SETTINGS}}
+
 
 class QMarginLoss(_CosineLoss):
     """Q-Margin: the alpha-divergence Fenchel-Young loss with the margin in the target's prior.
@@ -42,6 +47,9 @@ class QMarginLoss(_CosineLoss):
     ``q_y = exp(-scale * margin)``, ``q_j = 1`` otherwise; logits ``scale * cos`` are never changed.
     ``alpha = 1`` is exactly CosFace; ``margin = 0`` is alpha-entmax.
     """
+
+    name = "qmargin"
+    SETTINGS = ("alpha", "scale", "margin")
 
     def __init__(self, alpha: float = 1.5, scale: float = 10.0, margin: float = 0.2) -> None:
         validate_alpha(alpha)
@@ -59,12 +67,18 @@ class QMarginLoss(_CosineLoss):
 class AlphaEntmaxLoss(QMarginLoss):
     """The alpha-entmax loss on ``scale * cos`` (Q-Margin with no margin; alpha 2 is SparseMax)."""
 
+    name = "entmax"
+    SETTINGS = ("alpha", "scale")
+
     def __init__(self, alpha: float = 1.5, scale: float = 10.0) -> None:
         super().__init__(alpha=alpha, scale=scale, margin=0.0)
 
 
 class CosFaceLoss(QMarginLoss):
     """CosFace / AM-softmax: cross-entropy on ``scale * (cos - margin * e_y)``; Q-Margin at alpha 1."""
+
+    name = "cosface"
+    SETTINGS = ("scale", "margin")
 
     def __init__(self, scale: float = 30.0, margin: float = 0.2) -> None:
         super().__init__(alpha=1.0, scale=scale, margin=margin)
@@ -79,6 +93,8 @@ class AAMLoss(_CosineLoss):
     """
 
     alpha = 1.0
+    name = "aam"
+    SETTINGS = ("scale", "margin")
 
     def __init__(self, scale: float = 30.0, margin: float = 0.2, easy_margin: bool = False) -> None:
         super().__init__(scale, margin)

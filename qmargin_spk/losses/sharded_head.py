@@ -1,4 +1,6 @@
-"""Model-parallel Q-Margin head: each rank owns a contiguous shard of the prototypes (``docs/loss.md``, "Heads and statistics").
+"""Model-parallel Q-Margin head: each rank owns a contiguous shard of the prototypes.
+
+The maths is in ``docs/loss.md``, "Heads and statistics".
 
 Every rank all-gathers the normalised embeddings and labels of the whole batch and streams them
 against its own shard exactly as ``SparseQMarginHead`` does. The per-rank lower bounds of tau are
@@ -38,9 +40,9 @@ import torch
 import torch.distributed as dist
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
-from qmargin_spk.losses.alpha_divergence import validate_targets
 from qmargin_spk.losses.candidate_stream import CandidatePairs, SingleProcess
 from qmargin_spk.losses.sparse_head import QMarginHeadBase, checked_batch, normalized_embeddings, without_autocast
+from qmargin_spk.losses.validation import validate_targets
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -101,6 +103,7 @@ class ProcessGroupCombiner:
 class ShardedQMarginHead(QMarginHeadBase):
     """This rank's shard of the prototypes and the exact Q-Margin loss of the global batch."""
 
+    kind = "sharded"
     model_parallel = True  # each rank holds different parameters: never wrap in DDP
 
     def __init__(

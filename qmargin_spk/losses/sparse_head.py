@@ -37,19 +37,13 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from qmargin_spk.losses.alpha_divergence import (
-    SparsePosterior,
-    candidates_from_pairs,
-    fy_loss_on_candidates,
-    solve_on_candidates,
-    solver_dtype,
-    validate_alpha,
-    validate_finite,
-    validate_targets,
-)
 from qmargin_spk.losses.candidate_stream import Combiner, HeadSettings, SingleProcess, stream_candidates
+from qmargin_spk.losses.fenchel_young import fy_loss_on_candidates
+from qmargin_spk.losses.posterior import SparsePosterior, candidates_from_pairs, solve_on_candidates
 from qmargin_spk.losses.shapes import flatten_batch
 from qmargin_spk.losses.stats import PosteriorStats, posterior_statistics
+from qmargin_spk.losses.threshold import solver_dtype
+from qmargin_spk.losses.validation import validate_alpha, validate_finite, validate_targets
 
 
 @dataclass(frozen=True)
@@ -144,6 +138,9 @@ def checked_batch(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch
 class QMarginHeadBase(torch.nn.Module):
     """Hyper-parameters, statistics and the loss call shared by the single-process and sharded heads."""
 
+    kind = "sparse"
+    model_parallel = False
+
     def __init__(
         self, alpha: float, scale: float, margin: float, chunk_size: int, capacity: int, sparse_grad: bool
     ) -> None:
@@ -165,6 +162,15 @@ class QMarginHeadBase(torch.nn.Module):
         return HeadSettings(
             self.alpha, self.scale, self.margin, self.chunk_size, self.capacity, self.sparse_grad, class_offset
         )
+
+    def loss_settings(self) -> dict:
+        """Loss name, head kind and the Q-Margin hyper-parameters (model.json, logs and tables show these)."""
+        return {"loss": "qmargin", "head": self.kind, "alpha": self.alpha, "scale": self.scale, "margin": self.margin}
+
+    @torch.no_grad()
+    def load_full_weight(self, weight: torch.Tensor) -> None:
+        """Copy a full ``[C, D]`` prototype matrix (the sharded head keeps its own rows)."""
+        self.weight.copy_(weight)
 
     def sparse_loss(
         self, x_n: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, class_offset: int, combiner: Combiner

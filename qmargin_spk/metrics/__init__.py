@@ -1,5 +1,6 @@
-"""Speaker-verification metrics: EER, minDCF, TAR at fixed FAR, DET curves, speaker-bootstrap intervals;
-Cllr and actual DCF of LLRs."""
+"""Speaker-verification metrics: EER, minDCF, TAR at fixed FAR, DET curves, speaker-bootstrap intervals.
+
+Cllr and actual DCF of calibrated LLRs are :mod:`qmargin_spk.calibration`'s."""
 from qmargin_spk.metrics.bootstrap import (
     BootstrapResult,
     ComparisonResult,
@@ -10,15 +11,6 @@ from qmargin_spk.metrics.bootstrap import (
     bootstrap_metrics,
     paired_comparison,
     utterance_speakers,
-)
-from qmargin_spk.metrics.calibration import (
-    ActDcf,
-    CalibrationMetrics,
-    actual_dcf,
-    bayes_threshold,
-    calibration_metrics,
-    cllr,
-    min_cllr,
 )
 from qmargin_spk.metrics.det import det_available, plot_det, plot_det_curves, probit
 from qmargin_spk.metrics.verification import (
@@ -35,10 +27,8 @@ from qmargin_spk.metrics.verification import (
 )
 
 __all__ = [
-    "ActDcf",
     "BootstrapResult",
     "CONVENTIONS",
-    "CalibrationMetrics",
     "ComparisonResult",
     "DEFAULT_FARS",
     "DEFAULT_P_TARGETS",
@@ -50,14 +40,9 @@ __all__ = [
     "SpeakerBootstrap",
     "TarAtFar",
     "VerificationMetrics",
-    "actual_dcf",
-    "bayes_threshold",
     "bootstrap_metrics",
-    "calibration_metrics",
-    "cllr",
     "compute_metrics",
     "det_available",
-    "min_cllr",
     "operating_points",
     "paired_comparison",
     "plot_det",

@@ -18,7 +18,8 @@ Weighted trials make the metrics of a resample those of the materialised resampl
 (each trial repeated ``weight`` times; ``tests`` check it against :func:`compute_metrics`
 on that list) while the scores are sorted only once: per resample the weighted target
 and non-target counts are cumulative sums over the sorted trials, vectorised over blocks
-of resamples. The conventions are those of ``compute_metrics(convention="default")``
+of resamples (:mod:`qmargin_spk.metrics.weighted_metrics`); the result types are in
+:mod:`qmargin_spk.metrics.bootstrap_results`. The conventions are those of ``compute_metrics(convention="default")``
 (ties grouped, interpolated EER, normalised minDCF, TAR@FAR the highest TAR with
 FPR <= FAR); the point estimate *is* ``compute_metrics`` on the list. A TAR@FAR that
 ``compute_metrics`` reports as None (``FAR x N_nontarget < 10``) has no interval.
@@ -34,22 +35,41 @@ left (possible only with very few speakers) is dropped and counted in ``n_degene
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from qmargin_spk.metrics.verification import (
-    DEFAULT_FARS,
-    DEFAULT_P_TARGETS,
-    VerificationMetrics,
-    compute_metrics,
-    validate_trials,
+from qmargin_spk.metrics.bootstrap_results import (
+    DESIGN,
+    INTERVAL,
+    BootstrapResult,
+    BootstrapSettings,
+    ComparisonResult,
+    Difference,
+    Interval,
+    Replicates,
 )
+from qmargin_spk.metrics.verification import DEFAULT_FARS, DEFAULT_P_TARGETS, compute_metrics, validate_trials
+from qmargin_spk.metrics.weighted_metrics import WeightedTrials
 
-DESIGN = "two-way speaker bootstrap (speakers drawn with replacement; target weight m_s, non-target m_s*m_t)"
-INTERVAL = "percentile"
+__all__ = [
+    "DEFAULT_RESAMPLES",
+    "DESIGN",
+    "INTERVAL",
+    "BootstrapResult",
+    "BootstrapSettings",
+    "ComparisonResult",
+    "Difference",
+    "Interval",
+    "Replicates",
+    "SpeakerBootstrap",
+    "bootstrap_metrics",
+    "paired_comparison",
+    "speaker_multiplicities",
+    "utterance_speakers",
+]
+
 DEFAULT_RESAMPLES = 1000
 # Elements of one (resamples x trials) work array; bounds the memory of a block (~10 such arrays).
 _BLOCK_ELEMENTS = 2**21
@@ -67,109 +87,6 @@ def utterance_speakers(utterances: Sequence[str], speakers: Mapping[str, str] | 
     if absent:
         raise KeyError(f"{len(absent)} utterances have no entry in the speaker mapping, e.g. {absent[:3]}")
     return np.array([speakers[utt] for utt in utterances], dtype=str)
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A metric's point estimate and its bootstrap interval (all None when the metric is not reported)."""
-
-    value: float | None
-    low: float | None
-    high: float | None
-
-    def to_dict(self) -> dict:
-        return {"value": self.value, "low": self.low, "high": self.high}
-
-
-@dataclass(frozen=True)
-class Difference:
-    """System b minus system a on one metric: point difference, its interval and two-sided p-value."""
-
-    a: float | None
-    b: float | None
-    difference: float | None
-    low: float | None
-    high: float | None
-    p_value: float | None
-
-    def to_dict(self) -> dict:
-        return {
-            "a": self.a,
-            "b": self.b,
-            "difference": self.difference,
-            "low": self.low,
-            "high": self.high,
-            "p_value": self.p_value,
-        }
-
-
-@dataclass(frozen=True)
-class BootstrapSettings:
-    """How the intervals were made (recorded with every result)."""
-
-    n_resamples: int
-    seed: int
-    confidence: float
-    n_speakers: int
-    n_degenerate: int
-
-    def to_dict(self) -> dict:
-        return {
-            "design": DESIGN,
-            "interval": INTERVAL,
-            "n_resamples": self.n_resamples,
-            "seed": self.seed,
-            "confidence": self.confidence,
-            "n_speakers": self.n_speakers,
-            "n_degenerate": self.n_degenerate,
-        }
-
-
-@dataclass(frozen=True)
-class BootstrapResult:
-    """Intervals of EER, minDCF per P_target and TAR per FAR of one system on one trial list."""
-
-    eer: Interval
-    min_dcf: dict[float, Interval]
-    tar_at_far: dict[float, Interval]
-    settings: BootstrapSettings
-
-    def to_dict(self) -> dict:
-        """JSON-ready; priors and FARs become ``%g`` keys as in :meth:`VerificationMetrics.to_dict`."""
-        return _nested(self.eer, self.min_dcf, self.tar_at_far, self.settings)
-
-
-@dataclass(frozen=True)
-class ComparisonResult:
-    """Differences ``b - a`` of every metric from the same resamples of both systems."""
-
-    eer: Difference
-    min_dcf: dict[float, Difference]
-    tar_at_far: dict[float, Difference]
-    settings: BootstrapSettings
-
-    def to_dict(self) -> dict:
-        return _nested(self.eer, self.min_dcf, self.tar_at_far, self.settings)
-
-
-@dataclass(frozen=True)
-class Replicates:
-    """One system's metrics on the list (``point``) and on every resample (``values``).
-
-    ``values`` has one row per metric, in the order EER, minDCF per P_target, TAR per
-    FAR, and one column per resample; degenerate resamples are NaN.
-    """
-
-    point: VerificationMetrics
-    values: np.ndarray
-
-    def point_values(self) -> list[float | None]:
-        """The point estimates in the row order of ``values``."""
-        return (
-            [self.point.eer]
-            + [entry.value for entry in self.point.min_dcf]
-            + [entry.tar for entry in self.point.tar_at_far]
-        )
 
 
 class SpeakerBootstrap:
@@ -229,7 +146,7 @@ class SpeakerBootstrap:
         if scores.shape != self.labels.shape:
             raise ValueError(f"expected {self.labels.size} scores (one per trial), got shape {scores.shape}")
         point = compute_metrics(scores, self.labels, p_targets=self.p_targets, fars=self.fars)
-        weighted = _WeightedList(scores, self.labels, self.enrol_index, self.test_index)
+        weighted = WeightedTrials(scores, self.labels, self.enrol_index, self.test_index)
         values = np.empty((1 + len(self.p_targets) + len(self.fars), self.n_resamples))
         block = max(1, min(256, _BLOCK_ELEMENTS // self.labels.size))
         for start in range(0, self.n_resamples, block):
@@ -327,73 +244,6 @@ def paired_comparison(
     return bootstrap.compare(bootstrap.replicates(scores_a), bootstrap.replicates(scores_b), confidence)
 
 
-class _WeightedList:
-    """One system's trials sorted once; metrics for any block of speaker multiplicities."""
-
-    def __init__(self, scores: np.ndarray, labels: np.ndarray, enrol_index: np.ndarray, test_index: np.ndarray):
-        order = np.argsort(scores, kind="stable")
-        sorted_scores, sorted_labels = scores[order], labels[order]
-        # Operating points as in verification._grouped_points: one per distinct score, plus reject-all.
-        group_starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-        trials_below = np.r_[group_starts, sorted_scores.size]
-        targets_before = np.r_[0, np.cumsum(sorted_labels, dtype=np.int64)]
-        self.targets_below = targets_before[trials_below]  # unweighted counts: where to read the cumulative sums
-        self.nontargets_below = trials_below - self.targets_below
-        target_trials, nontarget_trials = order[sorted_labels], order[~sorted_labels]
-        self.target_speaker = enrol_index[target_trials]
-        self.nontarget_enrol = enrol_index[nontarget_trials]
-        self.nontarget_test = test_index[nontarget_trials]
-
-    def metrics(self, counts: np.ndarray, p_targets: Sequence[float], fars: Sequence[float]) -> np.ndarray:
-        """``(metrics, resamples)`` values for the speaker counts ``(resamples, speakers)``."""
-        # np.take keeps rows contiguous (``a[:, index]`` would not), which the row-wise reductions need.
-        target_below = np.take(_cumulative(np.take(counts, self.target_speaker, axis=1)), self.targets_below, axis=1)
-        enrol_counts = np.take(counts, self.nontarget_enrol, axis=1)
-        nontarget_weights = enrol_counts * np.take(counts, self.nontarget_test, axis=1)
-        nontarget_below = np.take(_cumulative(nontarget_weights), self.nontargets_below, axis=1)
-        n_target, n_nontarget = target_below[:, -1:], nontarget_below[:, -1:]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            fnr = target_below / n_target
-            # -FPR, exactly (negation is exact in IEEE arithmetic): ascending, so searchsorted needs no copy.
-            neg_fpr = (nontarget_below - n_nontarget) / n_nontarget
-        values = np.vstack(
-            [_equal_error_rates(fnr, neg_fpr)]
-            + [(fnr * p - neg_fpr * (1 - p)).min(axis=1) / min(p, 1 - p) for p in p_targets]
-            + [_tar_at_far(fnr, neg_fpr, far) for far in fars]
-        )
-        degenerate = (n_target[:, 0] == 0) | (n_nontarget[:, 0] == 0)
-        values[:, degenerate] = np.nan
-        return values
-
-
-def _cumulative(weights: np.ndarray) -> np.ndarray:
-    """Row-wise cumulative sums with a leading 0: column ``k`` is the sum of the first ``k`` weights."""
-    out = np.zeros((weights.shape[0], weights.shape[1] + 1), dtype=np.int64)
-    np.cumsum(weights, axis=1, dtype=np.int64, out=out[:, 1:])
-    return out
-
-
-def _equal_error_rates(fnr: np.ndarray, neg_fpr: np.ndarray) -> np.ndarray:
-    """Row-wise ``OperatingPoints.equal_error_rate`` (same arithmetic, so the same floats)."""
-    rows = np.arange(fnr.shape[0])
-    diff = fnr + neg_fpr  # FNR - FPR
-    upper = np.argmax(diff >= 0, axis=1)
-    lower = np.maximum(upper - 1, 0)
-    fnr_upper, fnr_lower = fnr[rows, upper], fnr[rows, lower]
-    fpr_upper, fpr_lower = -neg_fpr[rows, upper], -neg_fpr[rows, lower]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        weight = diff[rows, upper] / (fpr_lower - fpr_upper - (fnr_lower - fnr_upper))
-        eer = fnr_upper + weight * (fnr_lower - fnr_upper)
-    return np.where(upper == 0, fnr[:, 0], eer)
-
-
-def _tar_at_far(fnr: np.ndarray, neg_fpr: np.ndarray, far: float) -> np.ndarray:
-    """Row-wise TAR at the first point with FPR <= ``far`` (-FPR is non-decreasing along a row)."""
-    first = np.array([np.searchsorted(row, -far, side="left") for row in neg_fpr])
-    first = np.minimum(first, fnr.shape[1] - 1)  # only NaN rows (degenerate resamples) can run past the end
-    return 1 - fnr[np.arange(fnr.shape[0]), first]
-
-
 def _check_speakers_match_labels(
     labels: np.ndarray, enrol_index: np.ndarray, test_index: np.ndarray, names: np.ndarray
 ) -> None:
@@ -428,12 +278,3 @@ def _p_value(differences: np.ndarray) -> float:
     at_most_zero = int(np.count_nonzero(differences <= 0))
     at_least_zero = int(np.count_nonzero(differences >= 0))
     return min(1.0, 2 * (min(at_most_zero, at_least_zero) + 1) / (differences.size + 1))
-
-
-def _nested(eer, min_dcf: dict, tar_at_far: dict, settings: BootstrapSettings) -> dict:
-    return {
-        "eer": eer.to_dict(),
-        "min_dcf": {f"{p:g}": entry.to_dict() for p, entry in min_dcf.items()},
-        "tar_at_far": {f"{far:g}": entry.to_dict() for far, entry in tar_at_far.items()},
-        "bootstrap": settings.to_dict(),
-    }

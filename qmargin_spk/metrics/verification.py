@@ -27,22 +27,16 @@ TAR at FAR always uses the default operating points, whatever the convention:
 (the point with the lowest such threshold). It is reported as ``None`` when
 ``FAR * N_nontarget < 10``: fewer than ten false accepts make the number meaningless.
 
-All costs use ``c_miss = c_fa = 1``.
-
-With ``llr=True`` the scores are taken as natural-log likelihood ratios and the result
-also carries Cllr, min Cllr and the actual DCF at each prior
-(:mod:`qmargin_spk.metrics.calibration`, which states those conventions).
+All costs use ``c_miss = c_fa = 1``. Measures of calibrated LLR scores (Cllr, actual DCF)
+are :mod:`qmargin_spk.calibration`'s.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
-
-if TYPE_CHECKING:
-    from qmargin_spk.metrics.calibration import CalibrationMetrics
 
 CONVENTIONS = ("default", "speechbrain", "kaldi")
 DEFAULT_P_TARGETS = (0.01, 0.05)
@@ -118,7 +112,6 @@ class VerificationMetrics:
     min_dcf: tuple[MinDcf, ...]
     min_dcf_normalised: bool
     tar_at_far: tuple[TarAtFar, ...]
-    calibration: "CalibrationMetrics | None" = None  # only when the scores are LLRs (``llr=True``)
 
     def min_dcf_at(self, p_target: float) -> MinDcf:
         """The minDCF entry computed for ``p_target``."""
@@ -129,12 +122,8 @@ class VerificationMetrics:
         return next(entry for entry in self.tar_at_far if entry.far == far)
 
     def to_dict(self) -> dict:
-        """JSON-ready dict; priors and FARs become keys formatted with ``%g``.
-
-        With calibration metrics it also has ``cllr``, ``min_cllr`` and ``act_dcf``
-        (keyed like ``min_dcf``).
-        """
-        result = {
+        """JSON-ready dict; priors and FARs become keys formatted with ``%g``."""
+        return {
             "convention": self.convention,
             "n_target": self.n_target,
             "n_nontarget": self.n_nontarget,
@@ -150,9 +139,6 @@ class VerificationMetrics:
                 for entry in self.tar_at_far
             },
         }
-        if self.calibration is not None:
-            result.update(self.calibration.to_dict())
-        return result
 
 
 def validate_trials(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -198,14 +184,11 @@ def compute_metrics(
     p_targets: Sequence[float] = DEFAULT_P_TARGETS,
     fars: Sequence[float] = DEFAULT_FARS,
     convention: str = "default",
-    llr: bool = False,
 ) -> VerificationMetrics:
     """EER, minDCF at each ``p_targets`` and TAR at each ``fars`` of one trial list.
 
     ``scores``: higher means more likely the same speaker; ``labels``: 1 (or True) for
     target trials. See the module docstring for the conventions; O(N log N), one sort.
-    ``llr=True``: the scores are calibrated log-likelihood ratios; the result's
-    ``calibration`` then holds Cllr, min Cllr and the actual DCF at each ``p_targets``.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}, expected one of {CONVENTIONS}")
@@ -232,15 +215,7 @@ def compute_metrics(
         min_dcf=min_dcf,
         min_dcf_normalised=convention != "speechbrain",
         tar_at_far=tuple(_tar_at_far(grouped, far, n_nontarget) for far in fars),
-        calibration=_calibration(scores, labels, p_targets) if llr else None,
     )
-
-
-def _calibration(llrs: np.ndarray, labels: np.ndarray, p_targets: Sequence[float]) -> "CalibrationMetrics":
-    """Calibration metrics (imported here: the calibration module builds on this one)."""
-    from qmargin_spk.metrics.calibration import calibration_metrics
-
-    return calibration_metrics(llrs, labels, p_targets)
 
 
 def _grouped_points(sorted_scores: np.ndarray, sorted_labels: np.ndarray) -> OperatingPoints:

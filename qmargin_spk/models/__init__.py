@@ -1,4 +1,23 @@
-"""Models: the speaker embedder (features + ECAPA-TDNN) shared by training and extraction."""
+"""Models: the speaker embedder and the architecture registry that builds it from a plain description."""
 from qmargin_spk.models.embedder import SpeakerEmbedder, count_parameters
+from qmargin_spk.models.registry import (
+    ARCHITECTURES,
+    DescriptionError,
+    build_backbone,
+    build_embedder,
+    build_frontend,
+    validate_backbone,
+    validate_frontend,
+)
 
-__all__ = ["SpeakerEmbedder", "count_parameters"]
+__all__ = [
+    "ARCHITECTURES",
+    "DescriptionError",
+    "SpeakerEmbedder",
+    "build_backbone",
+    "build_embedder",
+    "build_frontend",
+    "count_parameters",
+    "validate_backbone",
+    "validate_frontend",
+]

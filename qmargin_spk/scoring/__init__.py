@@ -7,7 +7,7 @@ from qmargin_spk.scoring.backends import (
     pair_scores,
     speaker_means,
 )
-from qmargin_spk.scoring.compare import CompareError, compare_experiments, load_experiment
+from qmargin_spk.scoring.compare import CompareError, compare_experiments, load_scored_system
 from qmargin_spk.scoring.embeddings import EmbeddingTable, extract_embeddings
 from qmargin_spk.scoring.pipeline import BACKENDS, score_trial_lists
 from qmargin_spk.scoring.report import read_score_file, results_table, write_results, write_score_file
@@ -33,7 +33,7 @@ __all__ = [
     "cosine_scores",
     "extract_embeddings",
     "l2_normalise",
-    "load_experiment",
+    "load_scored_system",
     "pair_scores",
     "read_score_file",
     "read_trial_list",

@@ -6,7 +6,8 @@ embedder computes near the end of a row (filterbank frames, convolution context)
 an embedding would depend on its batch-mates: by default only segments of exactly
 equal length share a batch (``max_padding=0``), and a batch never holds more than
 ``max_batch_seconds`` of padded audio, so one very long file is embedded alone and
-memory stays bounded. ``embed_fn`` gets the padded batch and each row's length as a
+memory stays bounded (the plan is :mod:`qmargin_spk.data.batching`'s, shared with
+``SpeakerModel`` and the ONNX runner). ``embed_fn`` gets the padded batch and each row's length as a
 fraction of the batch width. The cache is keyed on the model id, the utterance ->
 path mapping and every extraction setting (batch policy included), written
 atomically, and reused only when the key matches.
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from qmargin_spk.data.audio import AudioError, audio_info, load_audio, pad_waveforms
+from qmargin_spk.data.batching import Piece, batch_pieces, check_batching, max_batch_samples, plan_batches, plan_pieces
 from qmargin_spk.utils.atomic import atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -52,16 +54,6 @@ class EmbeddingTable:
             names = np.unique(wanted[absent])
             raise KeyError(f"{names.size} utterances have no embedding, e.g. {names[:5].tolist()}")
         return rows
-
-
-@dataclass(frozen=True)
-class _Segment:
-    """A stretch of one utterance, counted in samples at the extraction rate."""
-
-    row: int
-    start: int
-    length: int
-    whole: bool
 
 
 def extract_embeddings(
@@ -98,12 +90,7 @@ def extract_embeddings(
     """
     if not paths:
         raise ValueError("no utterances to embed")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if not 0.0 <= max_padding <= 1.0:
-        raise ValueError(f"max_padding must be in [0, 1], got {max_padding}")
-    if not max_batch_seconds > 0:
-        raise ValueError(f"max_batch_seconds must be positive, got {max_batch_seconds}")
+    check_batching(batch_size, max_padding, max_batch_seconds, chunk_seconds, sample_rate)
     utt_ids = sorted(paths)
     settings = {
         "chunk_seconds": chunk_seconds,
@@ -122,14 +109,16 @@ def extract_embeddings(
     progress = _Progress(files, _partial_path(cache_path), _digest({"model_id": model_id, **settings}))
     segments = _segments(files, chunk_seconds, sample_rate, skip=progress.resumed.keys())
     progress.expect(segments)
-    max_samples = int(max_batch_seconds * sample_rate)
+    max_samples = max_batch_samples(max_batch_seconds, sample_rate)
     last_save = time.monotonic()
     try:
         with torch.no_grad():
-            for batch in _batches(segments, batch_size, max_padding, max_samples):
-                batch, wavs = progress.load(batch, sample_rate)
-                if batch:
-                    progress.add(batch, _embed_batch(batch, wavs, files, embed_fn))
+            for planned in batch_pieces(segments, batch_size, max_padding, max_samples):
+                loaded, wavs = progress.load(planned, sample_rate)
+                # A resampled file can come out a sample off its planned length: regroup by actual length.
+                for rows in plan_batches([wav.numel() for wav in wavs], batch_size, max_padding, max_samples):
+                    batch = [loaded[row] for row in rows]
+                    progress.add(batch, _embed_batch(batch, [wavs[row] for row in rows], files, embed_fn))
                 if progress.path is not None and time.monotonic() - last_save >= save_every_seconds:
                     progress.save()
                     last_save = time.monotonic()
@@ -174,12 +163,12 @@ class _Progress:
         self.sums: torch.Tensor | None = None
         self.failures: dict[int, str] = {}
 
-    def expect(self, segments: list[_Segment]) -> None:
+    def expect(self, segments: list[Piece]) -> None:
         """Count the segments each utterance still needs."""
         rows = torch.tensor([s.row for s in segments], dtype=torch.long)
         self.expected.index_add_(0, rows, torch.ones(len(segments), dtype=torch.float64))
 
-    def load(self, batch: list[_Segment], sample_rate: int) -> tuple[list[_Segment], list[torch.Tensor]]:
+    def load(self, batch: list[Piece], sample_rate: int) -> tuple[list[Piece], list[torch.Tensor]]:
         """Audio of the batch's segments; a file that fails is recorded and left out, with its other segments."""
         kept, wavs = [], []
         for s in batch:
@@ -193,7 +182,7 @@ class _Progress:
             kept.append(s)
         return kept, wavs
 
-    def add(self, batch: list[_Segment], embeddings: torch.Tensor) -> None:
+    def add(self, batch: list[Piece], embeddings: torch.Tensor) -> None:
         if self.sums is None:
             self.sums = torch.zeros(len(self.files), embeddings.shape[1], dtype=torch.float64)
         rows = torch.tensor([segment.row for segment in batch], dtype=torch.long)
@@ -295,16 +284,13 @@ def _load_cache(cache_path: str | os.PathLike | None, key: str) -> EmbeddingTabl
 
 def _segments(
     files: list[str], chunk_seconds: float | None, sample_rate: int, skip: Iterable[int] = ()
-) -> list[_Segment]:
-    """Segments of every file (except rows in ``skip``), longest first, lengths from the headers.
+) -> list[Piece]:
+    """Pieces of every file (except rows in ``skip``), longest first, lengths from the headers.
 
     Every unusable header is found before anything is embedded, and all are named in one error.
     """
-    chunk = None if chunk_seconds is None else int(round(chunk_seconds * sample_rate))
-    if chunk is not None and chunk < 1:
-        raise ValueError(f"chunk_seconds too small: {chunk_seconds}")
     skip = set(skip)
-    segments, problems = [], []
+    lengths, problems = {}, []
     for row, path in enumerate(files):
         if row in skip:
             continue
@@ -313,39 +299,15 @@ def _segments(
         except AudioError as err:
             problems.append(str(err))
             continue
-        length = max(1, int(info.frames * sample_rate // info.sample_rate))
-        pieces = 1 if chunk is None else max(1, int(round(length / chunk)))
-        bounds = np.linspace(0, length, pieces + 1).round().astype(int)
-        segments.extend(_Segment(row, int(a), int(b - a), pieces == 1) for a, b in zip(bounds[:-1], bounds[1:]))
+        lengths[row] = max(1, int(info.frames * sample_rate // info.sample_rate))
     if problems:
         listed = problems[:MAX_LISTED_FAILURES]
         more = f"\n  ... and {len(problems) - len(listed)} more" if len(problems) > len(listed) else ""
         raise AudioError(f"{len(problems)} of {len(files)} files cannot be embedded:\n  " + "\n  ".join(listed) + more)
-    segments.sort(key=lambda segment: -segment.length)
-    return segments
+    return plan_pieces(lengths, chunk_seconds, sample_rate)
 
 
-def _batches(
-    segments: list[_Segment], batch_size: int, max_padding: float, max_samples: int
-) -> list[list[_Segment]]:
-    """Split longest-first ``segments`` into batches that respect the padding and size bounds."""
-    batches: list[list[_Segment]] = []
-    for segment in segments:
-        batch = batches[-1] if batches else None
-        fits = (
-            batch is not None
-            and len(batch) < batch_size
-            and batch[0].length - segment.length <= max_padding * batch[0].length
-            and (len(batch) + 1) * batch[0].length <= max_samples
-        )
-        if fits:
-            batch.append(segment)
-        else:
-            batches.append([segment])
-    return batches
-
-
-def _embed_batch(batch: list[_Segment], wavs: list[torch.Tensor], files: list[str], embed_fn: EmbedFn) -> torch.Tensor:
+def _embed_batch(batch: list[Piece], wavs: list[torch.Tensor], files: list[str], embed_fn: EmbedFn) -> torch.Tensor:
     """Pad and embed one batch of loaded segments; returns float64 CPU embeddings [B, D]."""
     output = embed_fn(*pad_waveforms(wavs))
     if output.ndim == 3 and output.shape[1] == 1:

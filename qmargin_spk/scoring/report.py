@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from qmargin_spk.utils.atomic import atomic_open, atomic_write_text, exclusive_lock
+from qmargin_spk.utils.markdown import markdown_table
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def results_table(results: Sequence[dict]) -> str:
     fars = list(results[0]["metrics"]["tar_at_far"])
     header = ["list", "back-end", "trials", "EER %"]
     header += [f"minDCF@{p}" for p in priors] + [f"TAR@FAR={far} %" for far in fars]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for result in results:
         metrics, intervals = result["metrics"], result.get("intervals") or {}
         cells = [result["list"], result["backend"], str(result["n_trials"]),
@@ -69,8 +70,8 @@ def results_table(results: Sequence[dict]) -> str:
         cells += [_with_interval(metrics["min_dcf"][p]["value"], intervals.get("min_dcf", {}).get(p), 1, 4) for p in priors]
         cells += [_with_interval(metrics["tar_at_far"][far]["tar"], intervals.get("tar_at_far", {}).get(far), 100, 2)
                   for far in fars]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return markdown_table(header, rows) + "\n"
 
 
 def write_results(run: dict, json_path: str | os.PathLike, markdown_path: str | os.PathLike) -> tuple[dict, str]:

@@ -13,11 +13,9 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-from qmargin_spk.data.manifest import read_manifest
-from qmargin_spk.data.prepare import PrepareError, prepare
-from qmargin_spk.data.shards import write_shards
+from qmargin_spk.data.prepare import PrepareError
+from qmargin_spk.stages.prepare import prepare_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,24 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = prepare(
-            args.train_root,
-            args.test_root,
-            args.trials,
-            args.out,
-            min_duration=args.min_duration,
-            allow_overlap=args.allow_overlap,
-            num_workers=args.num_workers,
-        )
+        summary = prepare_stage(args.train_root, args.test_root, args.trials, args.out, data_format=args.data_format,
+                                min_duration=args.min_duration, allow_overlap=args.allow_overlap,
+                                num_workers=args.num_workers, utts_per_shard=args.utts_per_shard, seed=args.seed)
     except PrepareError as err:
         print(f"prepare failed: {err}", file=sys.stderr)
         return 1
-    summary = result.to_json()
-    if args.data_format == "shards":
-        index = write_shards(read_manifest(result.train_manifest), Path(args.out) / "shards",
-                             utts_per_shard=args.utts_per_shard, seed=args.seed, num_workers=args.num_workers)
-        summary["shards"] = {"folder": str(Path(args.out) / "shards"), "count": len(index.shards),
-                             "utterances": index.num_utterances}
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -2,7 +2,8 @@
 # VoxCeleb speaker-verification recipe, stage by stage (WeSpeaker-style).
 #
 #   bash recipes/voxceleb/run.sh --train_root DIR [--train_root DIR2 ...] --test_root DIR \
-#       --trials FILE [--trials FILE2 ...] --exp DIR --hparams hparams/<file>.yaml \
+#       --trials FILE [--trials FILE2 ...] --exp DIR --hparams hparams/<experiment>.yaml \
+#       [--backbone NAME] [--loss NAME] [--setting NAME] \
 #       [--stage N] [--stop_stage M] [--lm_exp DIR] [--data_format files|shards] [--nproc N] \
 #       [--nnodes N --node_rank K --rdzv_endpoint HOST:PORT] [--key=value ...]
 #
@@ -11,15 +12,27 @@
 #         7 package it. The default runs stages 1-4. Each stage can run alone; re-running a finished stage does nothing new
 # (prepare is skipped, training resumes from its last checkpoint, embeddings come from the cache).
 # Paths (--exp, --lm_exp, --train_root, --test_root, --trials) reach Python as data, whatever characters
-# they hold. --key=value pairs override hparams keys (e.g. --number_of_epochs=2).
+# they hold. --backbone/--loss/--setting NAME pick fragments of hparams/backbones/, losses/, settings/
+# in place of the experiment file's; --key=value pairs override hparams keys (e.g. --number_of_epochs=2).
+# Stage 2 writes the composed experiment to <exp>/hyperparams.yaml; stages 3-7 read it (--hparams is then
+# optional, and what is given must agree with it on every key that shapes the model).
 # --data_format shards writes the training set as tar shards at stage 1 and trains from them.
 # --nproc N trains with torchrun on N processes per node (nccl with GPUs, gloo otherwise); on several
 # machines run the same command on each with --nnodes, its own --node_rank and one --rdzv_endpoint
-# (torchrun's c10d rendezvous); the default is one node (--standalone). PYTHON picks the interpreter.
+# (torchrun's c10d rendezvous); the default is one node (--standalone). The interpreter: $PYTHON if set,
+# else the project's .venv/bin/python when present (make install), else python3.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-python3}"
+repo="$(cd "$here/../.." && pwd)"
+if [[ -n "${PYTHON:-}" ]]; then
+  python="$PYTHON"; python_from="PYTHON"
+elif [[ -x "$repo/.venv/bin/python" ]]; then
+  python="$repo/.venv/bin/python"; python_from="the project's .venv"
+else
+  python=python3; python_from="no PYTHON and no .venv"
+fi
+echo "run.sh: using $python ($python_from)"
 stage=1
 stop_stage=4
 nproc=1
@@ -34,8 +47,9 @@ test_root=""
 train_roots=()
 trials=()
 overrides=()
+fragments=()
 
-usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -45,6 +59,8 @@ while [[ $# -gt 0 ]]; do
     --exp) exp="$2"; shift 2 ;;
     --lm_exp) lm_exp="$2"; shift 2 ;;
     --hparams) hparams="$2"; shift 2 ;;
+    --backbone|--loss|--setting) fragments+=("$1" "$2"); shift 2 ;;
+    --backbone=*|--loss=*|--setting=*) fragments+=("$1"); shift ;;
     --stage) stage="$2"; shift 2 ;;
     --stop_stage) stop_stage="$2"; shift 2 ;;
     --nproc) nproc="$2"; shift 2 ;;
@@ -59,7 +75,13 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ -n "$exp" ]] || { echo "run.sh: --exp is required" >&2; exit 1; }
-[[ -n "$hparams" && -f "$hparams" ]] || { echo "run.sh: --hparams must name an existing file (got '$hparams')" >&2; exit 1; }
+[[ -z "$hparams" || -f "$hparams" ]] || { echo "run.sh: --hparams must name an existing file (got '$hparams')" >&2; exit 1; }
+if [[ -z "$hparams" && $stage -le 2 && $stop_stage -ge 2 ]]; then
+  [[ -f "$exp/hyperparams.yaml" ]] || { echo "run.sh: stage 2 needs --hparams (an experiment file)" >&2; exit 1; }
+  hparams="$exp/hyperparams.yaml"  # repeat (resume) the recorded run
+fi
+hparams_args=()
+[[ -n "$hparams" ]] && hparams_args=("$hparams")
 [[ $nnodes -eq 1 || -n "$rdzv_endpoint" ]] || { echo "run.sh: --nnodes $nnodes needs --rdzv_endpoint HOST:PORT" >&2; exit 1; }
 lm_exp="${lm_exp:-${exp}_lm}"
 overrides+=(--data_format="$data_format")
@@ -87,8 +109,8 @@ launch() {
 
 score() {  # score.py for experiment folder $1
   [[ -n "$test_root" && ${#trial_args[@]} -gt 0 ]] || { echo "run.sh: scoring needs --test_root and --trials" >&2; exit 1; }
-  "$python" "$here/score.py" "$hparams" --exp "$1" --test_root "$(realpath -- "$test_root")" \
-    "${trial_args[@]}" "${overrides[@]+"${overrides[@]}"}"
+  "$python" "$here/score.py" "${hparams_args[@]+"${hparams_args[@]}"}" --exp "$1" --test_root "$(realpath -- "$test_root")" \
+    "${trial_args[@]}" "${fragments[@]+"${fragments[@]}"}" "${overrides[@]+"${overrides[@]}"}"
 }
 
 if run_stage 1; then
@@ -102,7 +124,7 @@ fi
 
 if run_stage 2; then
   echo "== stage 2: train"
-  launch "$here/train.py" "$hparams" --exp "$exp" "${overrides[@]+"${overrides[@]}"}"
+  launch "$here/train.py" "$hparams" --exp "$exp" "${fragments[@]+"${fragments[@]}"}" "${overrides[@]+"${overrides[@]}"}"
 fi
 
 if run_stage 3; then
@@ -112,12 +134,14 @@ fi
 
 if run_stage 4; then
   echo "== stage 4: package"
-  "$python" "$here/package.py" "$hparams" --exp "$exp" "${overrides[@]+"${overrides[@]}"}"
+  "$python" "$here/package.py" "${hparams_args[@]+"${hparams_args[@]}"}" --exp "$exp" "${fragments[@]+"${fragments[@]}"}" \
+    "${overrides[@]+"${overrides[@]}"}"
 fi
 
 if run_stage 5; then
   echo "== stage 5: large-margin fine-tuning into $lm_exp"
-  launch "$here/finetune_lm.py" "$hparams" --init "$exp" --exp "$lm_exp" "${overrides[@]+"${overrides[@]}"}"
+  launch "$here/finetune_lm.py" "${hparams_args[@]+"${hparams_args[@]}"}" --init "$exp" --exp "$lm_exp" \
+    "${fragments[@]+"${fragments[@]}"}" "${overrides[@]+"${overrides[@]}"}"
 fi
 
 if run_stage 6; then
@@ -127,5 +151,6 @@ fi
 
 if run_stage 7; then
   echo "== stage 7: package the fine-tuned model"
-  "$python" "$here/package.py" "$hparams" --exp "$lm_exp" "${overrides[@]+"${overrides[@]}"}"
+  "$python" "$here/package.py" "${hparams_args[@]+"${hparams_args[@]}"}" --exp "$lm_exp" \
+    "${fragments[@]+"${fragments[@]}"}" "${overrides[@]+"${overrides[@]}"}"
 fi

@@ -1,22 +1,26 @@
 #!/usr/bin/env python3
-"""Stage 2: train ECAPA-TDNN with the loss named in the hparams file.
+"""Stage 2: train the experiment composed from an experiment file (backbone + loss + setting fragments).
 
-    python recipes/voxceleb/train.py hparams/demo_cpu_qmargin.yaml --exp exp/demo [--key=value ...]
+    python recipes/voxceleb/train.py hparams/demo_cpu_qmargin.yaml --exp exp/demo [--loss aam] [--key=value ...]
+    python recipes/voxceleb/train.py exp/demo/hyperparams.yaml --exp exp/demo      # repeat a recorded run
     torchrun --nproc_per_node=2 recipes/voxceleb/train.py hparams/... --exp DIR --distributed_backend=gloo ...
 
-``--exp`` is taken as a path, never as YAML; ``--key=value`` overrides hparams keys.
+``--backbone/--loss/--setting NAME`` pick fragments (hparams/backbones/, losses/, settings/);
+``--exp`` is taken as a path, never as YAML; ``--key=value`` overrides hparams keys. The composed
+experiment is written to ``EXP/hyperparams.yaml``, which every later stage reads.
 """
 import sys
 
-from qmargin_spk.experiment import StageError, stage_main, stage_options, stage_parser
+from qmargin_spk.stages.experiment import StageError
+from qmargin_spk.stages.runner import parse_stage_arguments, stage_main, stage_parser
+from qmargin_spk.stages.train import train_stage
 from qmargin_spk.training.checkpointing import SaveFolderBusyError
-from qmargin_spk.training.stage import train_stage
 
 
 def main(argv: list[str]) -> int:
-    args, rest = stage_parser(__doc__).parse_known_args(argv)
-    run_opts, overrides = stage_options(args.hparams, rest, {"output_folder": args.exp})
-    return stage_main("train.py", lambda: train_stage(args.hparams, run_opts, overrides),
+    args = parse_stage_arguments(stage_parser(__doc__), argv, lambda args: {})
+    return stage_main("train.py", lambda: train_stage(args.exp, args.hparams, args.run_opts, args.choices,
+                                                      args.overrides),
                       (StageError, SaveFolderBusyError, FileNotFoundError))
 
 

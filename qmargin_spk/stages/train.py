@@ -1,4 +1,4 @@
-"""The training stage as a function: hparams YAML in, trained checkpoints out."""
+"""Stage 2 (train) and stage 5 (large-margin fine-tuning): a composed experiment in, checkpoints out."""
 from __future__ import annotations
 
 import logging
@@ -6,22 +6,17 @@ import numbers
 import os
 from pathlib import Path
 
-import speechbrain as sb
+from typing import Mapping
+
 import torch
-from speechbrain.utils.checkpoints import Checkpointer
 from speechbrain.utils.distributed import ddp_init_group, if_main_process, run_on_main
 
 from qmargin_spk.data.dataset import SpeakerLabelEncoder
 from qmargin_spk.data.manifest import read_manifest
-from qmargin_spk.experiment import (
-    Experiment,
-    Overrides,
-    StageError,
-    load_averaged_embedding_model,
-    record_finetune,
-    world_size,
-)
+from qmargin_spk.losses.registry import HeadSettingsError
 from qmargin_spk.models import count_parameters
+from qmargin_spk.stages.experiment import RECORD_FILE, Experiment, StageError, read_record
+from qmargin_spk.stages.runner import world_size
 from qmargin_spk.training.brain import SpeakerBrain
 
 logger = logging.getLogger(__name__)
@@ -76,67 +71,76 @@ def choose_threads(requested: int | None, num_workers: int) -> int:
     return max(1, cores // local_processes - num_workers)
 
 
-def train_stage(hparams_file: str, run_opts: dict, overrides: Overrides = "", init_from: str | Path | None = None
-                ) -> SpeakerBrain:
-    """Train (or resume) the experiment described by ``hparams_file``; returns the fitted Brain.
+def train_stage(folder: str | Path, hparams_file: str | Path, run_opts: dict, choices: Mapping[str, str] | None = None,
+                overrides: Mapping | None = None) -> SpeakerBrain:
+    """Train (or resume) the experiment composed from ``hparams_file`` in ``folder``; returns the fitted Brain.
 
-    The stage builds what only training needs from the experiment's hparams: the training set
-    from the manifest, the speaker label file, and the head (``classifier``) for its number of classes.
-    ``init_from`` (another experiment folder) starts a new run from that experiment's averaged
-    embedding model and its prototypes of the classes this run keeps.
+    The composed experiment is written to ``EXP/hyperparams.yaml`` (the run's record) when training
+    starts; resuming with settings that shape another model is refused before anything is written.
     """
     ddp_init_group(run_opts)
-    experiment = Experiment(hparams_file, overrides)
+    return _run(Experiment.for_training(folder, hparams_file, choices, overrides), run_opts)
+
+
+def finetune_stage(init_folder: str | Path, folder: str | Path, run_opts: dict, hparams_file: str | Path | None = None,
+                   choices: Mapping[str, str] | None = None, overrides: Mapping | None = None) -> SpeakerBrain:
+    """Large-margin fine-tuning: a new run in ``folder`` from the trained experiment ``init_folder``.
+
+    The initial experiment's record with its ``lm_overrides`` (longer crops, ``lm_margin``, small LR,
+    no warm-up, no speed classes) applied over this stage's overrides is the new run's experiment;
+    its training manifest is the initial experiment's. A run already under way resumes.
+    """
+    ddp_init_group(run_opts)
+    init_folder = Path(init_folder).resolve()
+    initial = Experiment.from_record(init_folder, hparams_file, choices, overrides)
+    lm = {**_plain_values(initial.hparams["lm_overrides"]), "data_folder": str(init_folder / "data")}
+    experiment = Experiment.for_training(folder, init_folder / RECORD_FILE, None, {**(overrides or {}), **lm})
+    if if_main_process():
+        experiment.record_finetune(init_folder, lm)
+    return _run(experiment, run_opts, init_from=initial)
+
+
+def _run(experiment: Experiment, run_opts: dict, init_from: Experiment | None = None) -> SpeakerBrain:
+    """Check the settings, write the record, claim the save folder and train."""
     hparams = experiment.hparams
     check_numeric_hparams(hparams)
     threads = choose_threads(hparams.get("num_threads"), hparams["num_workers"])
     torch.set_num_threads(threads)
     hparams["checkpointer"].claim()
     try:
+        if if_main_process():
+            experiment.write_record()
         return _train(experiment, run_opts, threads, init_from)
     finally:
         hparams["checkpointer"].release()
 
 
-def finetune_stage(hparams_file: str, run_opts: dict, init_from: str | Path, overrides: dict) -> SpeakerBrain:
-    """Large-margin fine-tuning: a new run in ``overrides["output_folder"]`` from the experiment ``init_from``.
-
-    The hparams' ``lm_overrides`` (longer crops, ``lm_margin``, small LR, no warm-up, no speed
-    classes) are applied over the file and the user's overrides; the training manifest is the
-    initial experiment's. A run already under way resumes from its own checkpoints.
-    """
-    init_from = Path(init_from).resolve()
-    lm = {**Experiment(hparams_file, overrides).hparams["lm_overrides"], "data_folder": str(init_from / "data")}
-    if if_main_process():
-        record_finetune(overrides["output_folder"], init_from, lm)
-    return train_stage(hparams_file, run_opts, {**overrides, **lm}, init_from=init_from)
-
-
-def _initialise_from(hparams: dict, head: torch.nn.Module, init_from: Path) -> None:
-    """Load the averaged embedding model of ``init_from`` and the first ``C`` rows of its prototypes.
+def _initialise_from(experiment: Experiment, head: torch.nn.Module, initial: Experiment) -> None:
+    """Load the averaged embedding model of ``initial`` and the first ``C`` rows of its prototypes.
 
     Classes ``0 .. num_speakers - 1`` are the unperturbed speakers in every run (speed classes come
     after them), so the rows a run without speed classes keeps are the first ones. Every head's
     checkpoint holds the full ``[C, D]`` prototype matrix.
     """
-    checkpoints = load_averaged_embedding_model(hparams, Checkpointer(init_from / "save"))
+    checkpoints = initial.load_averaged_model()
+    experiment.hparams["embedding_model"].load_state_dict(initial.hparams["embedding_model"].state_dict())
     saved = torch.load(checkpoints[-1].paramfiles["classifier"], map_location="cpu", weights_only=True)
     prototypes = saved["classifier.weight"] if "classifier.weight" in saved else saved["weight"]  # dense or fused heads
     if prototypes.shape[0] < head.num_classes:
-        raise StageError(f"{init_from} has {prototypes.shape[0]} classes, fewer than this run's {head.num_classes}")
-    rows = prototypes[: head.num_classes]
-    with torch.no_grad():
-        if hasattr(head, "load_full_weight"):  # a sharded head takes its own rows
-            head.load_full_weight(rows)
-        else:
-            head.weight.copy_(rows)
-    logger.info("initialised from %s (embedding model: average of %s)", init_from, [c.path.name for c in checkpoints])
+        raise StageError(f"{initial.folder} has {prototypes.shape[0]} classes, fewer than this run's {head.num_classes}")
+    head.load_full_weight(prototypes[: head.num_classes])
+    logger.info("initialised from %s (embedding model: average of %s)", initial.folder,
+                [c.path.name for c in checkpoints])
 
 
-def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Path | None) -> SpeakerBrain:
+def _plain_values(mapping: Mapping) -> dict:
+    """A loaded YAML mapping as plain Python values (for the fine-tuning record)."""
+    return {key: list(value) if isinstance(value, (list, tuple)) else value for key, value in mapping.items()}
+
+
+def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Experiment | None) -> SpeakerBrain:
     """The stage's work once the save folder is ours."""
-    hparams, hparams_file, overrides = experiment.hparams, experiment.hparams_file, experiment.overrides
-    sb.create_experiment_directory(hparams["output_folder"], hyperparams_to_save=hparams_file, overrides=overrides)
+    hparams = experiment.hparams
     rows = read_manifest(hparams["train_manifest"])
     run_on_main(SpeakerLabelEncoder.load_or_create, args=[hparams["label_encoder_file"], rows])
     labels = SpeakerLabelEncoder.load_or_create(hparams["label_encoder_file"], rows)
@@ -148,11 +152,14 @@ def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Path
         loader_kwargs = hparams["train_loader_kwargs"]
     else:
         raise StageError(f"hparams key 'data_format' must be 'files' or 'shards', got {hparams['data_format']!r}")
-    head = hparams["classifier"](num_classes=train_data.num_classes, embedding_dim=hparams["embedding_dim"])
+    try:
+        head = hparams["classifier"](num_classes=train_data.num_classes, embedding_dim=hparams["embedding_dim"])
+    except HeadSettingsError as err:
+        raise StageError(f"{experiment.record_path}: {err}") from None
     hparams["modules"]["classifier"] = head
     hparams["checkpointer"].add_recoverable("classifier", head)
     if init_from is not None and not hparams["checkpointer"].find_checkpoints(max_num_checkpoints=1):
-        _initialise_from(hparams, head, Path(init_from))
+        _initialise_from(experiment, head, init_from)
 
     global_batch = hparams["batch_size"] * world_size()
     known_steps = None
@@ -162,9 +169,9 @@ def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Path
     steps = steps_per_epoch(num_utterances, hparams["batch_size"], world_size(), known_steps)
     hparams["lr_scheduler"].configure(global_batch=global_batch, steps_per_epoch=steps)
     if if_main_process():
-        logger.info("loss %s (%s); embedding model: %d parameters; %d classes; %d training utterances; "
+        logger.info("%s; embedding model: %d parameters; %d classes; %d training utterances; "
                     "peak LR %.4g at global batch %d; %d threads per process",
-                    hparams["loss_name"], experiment.loss_settings(), count_parameters(hparams["embedding_model"]),
+                    head.loss_settings(), count_parameters(hparams["embedding_model"]),
                     train_data.num_classes, num_utterances, hparams["lr_scheduler"].peak_lr, global_batch, threads)
     brain = SpeakerBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                          run_opts=run_opts, checkpointer=hparams["checkpointer"])

@@ -1,223 +1,36 @@
-"""The training set as tar shards (WebDataset layout) and the crop dataset that streams them.
+"""Streaming the tar shards as training crops, in exact epochs (:class:`ShardCropDataset`).
 
-Writing (:func:`write_shards`): the manifest rows are shuffled with a seed (so every shard mixes
-speakers) and cut into ``ceil(N / utts_per_shard)`` shards of near-equal size,
-``shard-000000.tar`` ... Utterance ``i`` of the manifest is the pair of members
-``{i:09d}.json`` (``{"id", "spk_id", "duration", "index": i}``) and ``{i:09d}.wav`` (the audio
-file's bytes as stored; ``.flac`` / ``.ogg`` keep their extension). ``shards.json`` indexes them.
-Each shard is written to a temporary file and renamed; re-running keeps the shards whose
-content (a fingerprint of their rows) is unchanged and rewrites the rest.
-
-Reading (:class:`ShardCropDataset`), exact epochs: every epoch concatenates the shards in an
-order shuffled by ``(seed, epoch)``; rank ``r`` of ``W`` takes the contiguous run of
-``N // W`` utterances starting at ``r * (N // W)``, and cuts it into one contiguous run per
-DataLoader worker. Each utterance is thus read at most once per epoch, and exactly once when
-``W`` divides ``N``; the ``N mod W`` (< W) left out are the last ones of that epoch's shard
-order, so they change from epoch to epoch. Every rank yields the same number of items, split
-the same way over its workers, so every rank runs the same number of steps (what DDP needs).
-Given ``batch_size``, the worker runs are whole batches (the partial one, if any, goes to one
-worker), so a loader with ``drop_last=True`` drops fewer than ``batch_size`` items per rank.
-Items are ``(utt_id, crop [T] float32, label)`` exactly as :class:`CropDataset` makes them
-(the same :class:`CropMaker`, with the random generator seeded by ``(seed, epoch, manifest
-index)``), so a shard item equals ``CropDataset(rows)[index]`` for the same rows and epoch.
+Every epoch concatenates the shards in an order shuffled by ``(seed, epoch)``; rank ``r`` of
+``W`` takes the contiguous run of ``N // W`` utterances starting at ``r * (N // W)``, and cuts
+it into one contiguous run per DataLoader worker. Each utterance is thus read at most once per
+epoch, and exactly once when ``W`` divides ``N``; the ``N mod W`` (< W) left out are the last
+ones of that epoch's shard order, so they change from epoch to epoch. Every rank yields the same
+number of items, split the same way over its workers, so every rank runs the same number of
+steps (what DDP needs). Given ``batch_size``, the worker runs are whole batches (the partial
+one, if any, goes to one worker), so a loader with ``drop_last=True`` drops fewer than
+``batch_size`` items per rank. Items are ``(utt_id, crop [T] float32, label)`` exactly as
+:class:`CropDataset` makes them (the same :class:`CropMaker`, with the random generator seeded
+by ``(seed, epoch, manifest index)``), so a shard item equals ``CropDataset(rows)[index]`` for
+the same rows and epoch.
 """
+
 from __future__ import annotations
 
-import hashlib
-import io
 import itertools
 import json
 import math
-import os
-import tarfile
 import warnings
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from qmargin_spk.data.audio import AudioError, load_audio_bytes
 from qmargin_spk.data.dataset import CropMaker, SpeakerLabelEncoder
-from qmargin_spk.data.manifest import ManifestRow
+from qmargin_spk.data.shards.index import AUDIO_EXTENSIONS, PathLike, ShardIndex
 from qmargin_spk.data.tar_stream import DamagedShard, read_shard
-from qmargin_spk.utils.atomic import atomic_open, atomic_write_text
-
-SHARD_FORMAT = "qmargin_spk.shards/1"
-INDEX_NAME = "shards.json"
-AUDIO_EXTENSIONS = ("wav", "flac", "ogg")
-
-PathLike = str | os.PathLike
-
-
-def shard_name(number: int) -> str:
-    return f"shard-{number:06d}.tar"
-
-
-# --- the index ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard: file name (relative to the index), number of utterances, fingerprint of its rows."""
-
-    name: str
-    num_utterances: int
-    fingerprint: str
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    """``shards.json``: the shards in write order, the total, the sorted speaker ids, how they were cut."""
-
-    shards: tuple[ShardInfo, ...]
-    num_utterances: int
-    speakers: tuple[str, ...]
-    seed: int
-    utts_per_shard: int
-    complete: bool
-    root: Path | None = None  # folder of the index file, where shard names resolve (not stored)
-
-    def save(self, path: PathLike) -> None:
-        data = {"format": SHARD_FORMAT} | asdict(self)
-        del data["root"]
-        atomic_write_text(path, json.dumps(data, indent=1) + "\n")
-
-    @classmethod
-    def load(cls, path: PathLike) -> "ShardIndex":
-        """Read and check an index written by :func:`write_shards` (refuses an unfinished one)."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: cannot read the shard index ({err})") from err
-        if not isinstance(data, dict) or data.get("format") != SHARD_FORMAT:
-            raise ValueError(f"{path}: not a shard index (format {data.get('format') if isinstance(data, dict) else None!r})")
-        shards = tuple(ShardInfo(**entry) for entry in data["shards"])
-        index = cls(shards, data["num_utterances"], tuple(data["speakers"]), data["seed"], data["utts_per_shard"],
-                     data["complete"], root=path.parent)
-        if not index.complete:
-            raise ValueError(f"{path}: the shards were not all written; run write_shards again")
-        if sum(s.num_utterances for s in shards) != index.num_utterances:
-            raise ValueError(f"{path}: shard counts add up to {sum(s.num_utterances for s in shards)}, "
-                             f"not num_utterances = {index.num_utterances}")
-        return index
-
-
-# --- writing ------------------------------------------------------------------------
-
-
-def plan_shards(num_rows: int, utts_per_shard: int, seed: int) -> list[np.ndarray]:
-    """Row numbers of each shard: a seeded permutation cut into near-equal parts of at most ``utts_per_shard``."""
-    if num_rows <= 0 or utts_per_shard <= 0:
-        raise ValueError(f"need rows and a positive shard size, got {num_rows} rows, {utts_per_shard} per shard")
-    order = np.random.default_rng(seed).permutation(num_rows)
-    return np.array_split(order, math.ceil(num_rows / utts_per_shard))
-
-
-def _member_stem(row_number: int) -> str:
-    return f"{row_number:09d}"
-
-
-def _audio_extension(path: str) -> str:
-    extension = Path(path).suffix.lower().lstrip(".")
-    if extension not in AUDIO_EXTENSIONS:
-        raise ValueError(f"{path}: audio must be one of {AUDIO_EXTENSIONS} to be sharded")
-    return extension
-
-
-def _metadata(row: ManifestRow, row_number: int) -> dict:
-    return {"id": row.id, "spk_id": row.spk_id, "duration": row.duration, "index": int(row_number)}
-
-
-def _fingerprint(rows: Sequence[ManifestRow], numbers: Iterable[int]) -> str:
-    digest = hashlib.sha1(SHARD_FORMAT.encode())
-    for number in numbers:
-        digest.update(json.dumps([_metadata(rows[number], number), rows[number].wav]).encode())
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class _ShardJob:
-    path: str
-    members: tuple[tuple[str, dict, str], ...]  # (member stem, metadata, audio path)
-
-
-def _tar_member(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = size, 0o444, 0  # fixed metadata: same rows, same bytes
-    return info
-
-
-def _write_shard(job: _ShardJob) -> None:
-    with atomic_open(job.path, "wb") as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for stem, metadata, audio_path in job.members:
-            text = json.dumps(metadata).encode()
-            tar.addfile(_tar_member(f"{stem}.json", len(text)), io.BytesIO(text))
-            try:
-                audio = Path(audio_path).read_bytes()
-            except OSError as err:
-                raise FileNotFoundError(f"{audio_path}: cannot read audio for {job.path} ({err})") from err
-            tar.addfile(_tar_member(f"{stem}.{_audio_extension(audio_path)}", len(audio)), io.BytesIO(audio))
-
-
-def _previous_fingerprints(out_dir: Path) -> dict[str, str]:
-    """Fingerprints of the shards listed by an existing index, finished or not ({} if none)."""
-    try:
-        data = json.loads((out_dir / INDEX_NAME).read_text(encoding="utf-8"))
-        return {entry["name"]: entry["fingerprint"] for entry in data["shards"]} if data.get("format") == SHARD_FORMAT else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def write_shards(
-    rows: Sequence[ManifestRow],
-    out_dir: PathLike,
-    utts_per_shard: int = 1000,
-    seed: int = 0,
-    num_workers: int | None = None,
-) -> ShardIndex:
-    """Write ``rows`` as tar shards plus ``shards.json`` under ``out_dir``; returns the index.
-
-    Re-runnable: shards already there with the same rows are kept, any other ``shard-*.tar``
-    is removed or rewritten; the index says ``complete`` only once every shard is written.
-    One writer per folder at a time.
-    """
-    rows = list(rows)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        _audio_extension(row.wav)
-    plan = plan_shards(len(rows), utts_per_shard, seed)
-    shards = tuple(ShardInfo(shard_name(k), len(numbers), _fingerprint(rows, numbers)) for k, numbers in enumerate(plan))
-    previous = _previous_fingerprints(out_dir)
-    keep = {s.name for s in shards if previous.get(s.name) == s.fingerprint and (out_dir / s.name).is_file()}
-    for stale in [*out_dir.glob("shard-*.tar"), *out_dir.glob(".shard-*.tar.*.tmp")]:
-        if stale.name not in keep:
-            stale.unlink()
-    index = ShardIndex(shards, len(rows), tuple(sorted({row.spk_id for row in rows})), seed, utts_per_shard,
-                       complete=False, root=out_dir)
-    index.save(out_dir / INDEX_NAME)
-    jobs = [
-        _ShardJob(str(out_dir / info.name),
-                  tuple((_member_stem(n), _metadata(rows[n], n), rows[n].wav) for n in sorted(numbers)))
-        for info, numbers in zip(shards, plan) if info.name not in keep
-    ]
-    workers = min(len(jobs), num_workers or os.cpu_count() or 1)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_shard, jobs))
-    else:
-        for job in jobs:
-            _write_shard(job)
-    index = replace(index, complete=True)
-    index.save(out_dir / INDEX_NAME)
-    return index
-
-
-# --- the epoch plan -----------------------------------------------------------------
 
 
 class ShardSpan(NamedTuple):
@@ -323,7 +136,9 @@ class ShardCropDataset(torch.utils.data.IterableDataset):
         self.index = index if isinstance(index, ShardIndex) else ShardIndex.load(index)
         unknown = sorted(set(self.index.speakers) - set(labels.speakers))
         if unknown:
-            raise ValueError(f"{len(unknown)} speakers of the shard index are not in the label encoder, e.g. {unknown[:3]}")
+            raise ValueError(
+                f"{len(unknown)} speakers of the shard index are not in the label encoder, e.g. {unknown[:3]}"
+            )
         self.crops = CropMaker(labels, crop_seconds, sample_rate, speed_factors, speed_as_new_class)
         self.labels = labels
         self.num_classes = self.crops.num_classes
@@ -431,13 +246,18 @@ class ShardCropDataset(torch.utils.data.IterableDataset):
             except DamagedShard as err:
                 warnings.warn(f"{url}: {err}; its remaining samples are replaced", RuntimeWarning)
             if seen < span.stop - span.first:
-                warnings.warn(f"{url}: read {seen} of the {span.stop - span.first} utterances expected "
-                              f"(samples {span.first}..{span.stop - 1})", RuntimeWarning)
+                warnings.warn(
+                    f"{url}: read {seen} of the {span.stop - span.first} utterances expected "
+                    f"(samples {span.first}..{span.stop - 1})",
+                    RuntimeWarning,
+                )
                 owed += span.stop - span.first - seen
         if owed and last_good is not None:
             owed = yield from self._replacements(last_good, owed)
         if owed:
-            raise RuntimeError(f"{owed} items could not be replaced: no readable utterance in {len(spans)} shard pieces")
+            raise RuntimeError(
+                f"{owed} items could not be replaced: no readable utterance in {len(spans)} shard pieces"
+            )
 
     def _replacements(self, sample: tuple[str, str, dict[str, bytes]], owed: int):
         """Yield up to ``owed`` extra crops of ``sample`` (replacing damaged ones); returns how many are still owed."""
@@ -450,7 +270,9 @@ class ShardCropDataset(torch.utils.data.IterableDataset):
                 yield item
         return owed
 
-    def _try_item(self, url: str, key: str, members: dict[str, bytes], extra: int) -> tuple[str, torch.Tensor, int] | None:
+    def _try_item(
+        self, url: str, key: str, members: dict[str, bytes], extra: int
+    ) -> tuple[str, torch.Tensor, int] | None:
         """The crop of one sample, or None (with a warning naming shard and member) if it is damaged.
 
         ``extra`` > 0 draws a replacement crop, with a generator of its own.
@@ -461,11 +283,15 @@ class ShardCropDataset(torch.utils.data.IterableDataset):
             speaker = self.labels.encode(metadata["spk_id"])
             utt_id, duration, row_number = str(metadata["id"]), float(metadata["duration"]), int(metadata["index"])
         except (KeyError, ValueError, TypeError) as err:
-            warnings.warn(f"skipping a damaged training sample: {url}: member {key}.json: missing or malformed ({err!r})",
-                          RuntimeWarning)
+            warnings.warn(
+                f"skipping a damaged training sample: {url}: member {key}.json: missing or malformed ({err!r})",
+                RuntimeWarning,
+            )
             return None
         if extension is None:
-            warnings.warn(f"skipping a damaged training sample: {url}: sample {key} has no audio member", RuntimeWarning)
+            warnings.warn(
+                f"skipping a damaged training sample: {url}: sample {key} has no audio member", RuntimeWarning
+            )
             return None
         name = f"{url}: member {key}.{extension}"
         sample_rate = self.crops.sample_rate

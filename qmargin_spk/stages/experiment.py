@@ -1,0 +1,268 @@
+"""An experiment folder and its record: the only code that knows the folder's layout.
+
+``EXP/hyperparams.yaml`` is the run's record: the composed experiment with its overrides, written
+by the training stage when training starts (one HyperPyYAML file that loads alone, so
+``train.py EXP/hyperparams.yaml --exp EXP`` repeats the run). Every later stage (score, package,
+fine-tune) reads the record, so the choices made at training hold for all of them: a fragment
+flag, experiment file or override given to a later stage that disagrees with the record on a key
+that shapes the trained model is refused, naming both values; other keys (scoring back-end,
+cohort, test root and lists, the fine-tuning ``lm_*`` keys) may be set there.
+
+``EXP/data/`` manifests (stage 1), ``EXP/save/`` checkpoints (stage 2), ``EXP/scores/`` results
+(stage 3), ``EXP/model/`` the packaged model (stage 4).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.checkpoints import Checkpoint, Checkpointer, average_checkpoints
+
+from qmargin_spk.models.identity import model_identity
+from qmargin_spk.stages.compose import KINDS, RECORD_KEY, Composition, CompositionError, compose, load_tree
+from qmargin_spk.utils.atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+RECORD_FILE = "hyperparams.yaml"
+FINETUNE_RECORD = "finetune.json"
+# Keys outside the backbone and loss fragments that also shape the trained model: front-end,
+# features and training data. The fine-tuning stage's lm_* keys never do.
+SHAPING_KEYS = ("sample_rate", "n_mels", "frontend_description", "train_manifest", "data_folder", "speed_factors",
+                "speed_as_new_class")
+_ABSENT = object()
+
+
+class StageError(ValueError):
+    """A user mistake that stops a stage before it runs; the message says what to change."""
+
+
+class Experiment:
+    """An experiment folder with its composed hparams (``output_folder`` is the folder)."""
+
+    def __init__(self, folder: str | Path, composition: Composition) -> None:
+        self.folder = Path(folder)
+        self.composition = composition
+        self._hparams: dict | None = None
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def for_training(cls, folder: str | Path, hparams_file: str | Path, choices: Mapping[str, str] | None = None,
+                     overrides: Mapping | None = None) -> "Experiment":
+        """The experiment as composed for stage 2; refused when the folder's record shaped another model."""
+        folder = Path(folder)
+        experiment = cls(folder, _compose(hparams_file, choices, {**(overrides or {}), "output_folder": str(folder)}))
+        recorded = read_record(folder, for_training=True)
+        if recorded is not None:
+            experiment.refuse_shaping_changes(recorded, "training again")
+        return experiment
+
+    @classmethod
+    def from_record(cls, folder: str | Path, hparams_file: str | Path | None = None,
+                    choices: Mapping[str, str] | None = None, overrides: Mapping | None = None) -> "Experiment":
+        """The experiment as trained (its record), with this stage's ``overrides`` on keys that do not shape the model.
+
+        ``hparams_file`` and ``choices``, when given, must compose to the same model as the record.
+        """
+        folder = Path(folder)
+        overrides = {**(overrides or {}), "output_folder": str(folder)}
+        recorded = read_record(folder)
+        if recorded is None:
+            raise StageError(f"{folder / RECORD_FILE}: no record of a training run: run stage 2 first")
+        requested = None
+        if hparams_file is not None and Path(hparams_file).resolve() != (folder / RECORD_FILE).resolve():
+            # a fine-tuned experiment's record holds the fine-tuning overrides: the request gets them too
+            requested = cls(folder, _compose(hparams_file, choices, {**overrides, **recorded.finetune_overrides}))
+        elif choices:
+            raise StageError("--backbone/--loss/--setting pick fragments for training; this stage reads them from "
+                             f"{folder / RECORD_FILE}")
+        experiment = cls(folder, _compose(folder / RECORD_FILE, None, overrides))
+        if requested is not None:
+            requested.refuse_shaping_changes(recorded, "this stage")
+        experiment.refuse_shaping_changes(recorded, "an override")
+        return experiment
+
+    # ---------------------------------------------------------------- the record
+
+    @property
+    def record_path(self) -> Path:
+        return self.folder / RECORD_FILE
+
+    def write_record(self) -> None:
+        """Write (or atomically rewrite) ``EXP/hyperparams.yaml`` with this composition."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.record_path, self.composition.text)
+
+    def shaping_keys(self) -> list[str]:
+        """Keys whose values shape the trained model: the backbone's and loss's keys, features and training data."""
+        keys = [key for kind in ("backbone", "loss") for key in self.composition.keys_of(kind)]
+        return [key for key in dict.fromkeys([*keys, *SHAPING_KEYS]) if not key.startswith("lm_")]
+
+    def refuse_shaping_changes(self, recorded: "Experiment", who: str) -> None:
+        """:class:`StageError` naming every shaping key on which this experiment differs from ``recorded``."""
+        mine, theirs = self.hparams, recorded.hparams
+        changed = [key for key in recorded.shaping_keys()
+                   if _plain(mine.get(key, _ABSENT)) != _plain(theirs.get(key, _ABSENT))]
+        if changed:
+            differences = "; ".join(f"{key}: {_shown(theirs.get(key, _ABSENT))} in the record, "
+                                    f"{_shown(mine.get(key, _ABSENT))} from {who}" for key in changed)
+            raise StageError(f"{recorded.record_path} was trained with other settings ({differences}): keep the "
+                             "record's values, or train a new experiment in another folder")
+
+    # ---------------------------------------------------------------- contents
+
+    @property
+    def hparams(self) -> dict:
+        """The loaded HyperPyYAML (objects built once, on first use)."""
+        if self._hparams is None:
+            try:
+                self._hparams = load_hyperpyyaml(self.composition.text)
+            except (TypeError, ValueError, AttributeError, ImportError) as err:  # a constructor's error: keep its words
+                raise StageError(f"{self.composition_source}: " + " ".join(str(arg) for arg in err.args)) from err
+        return self._hparams
+
+    @property
+    def composition_source(self) -> str:
+        return str(self.composition.choices) if any(self.composition.choices.values()) else str(self.record_path)
+
+    @property
+    def data_folder(self) -> Path:
+        return Path(self.hparams["data_folder"])
+
+    @property
+    def scores_folder(self) -> Path:
+        return self.folder / "scores"
+
+    @property
+    def model_folder(self) -> Path:
+        return self.folder / "model"
+
+    @property
+    def finetuned_from(self) -> str | None:
+        """The experiment a fine-tuned experiment started from (None for one trained from scratch)."""
+        return self._finetune_record().get("init_from")
+
+    @property
+    def finetune_overrides(self) -> dict:
+        """The keys the fine-tuning stage set on the initial experiment's record (empty when not fine-tuned)."""
+        return dict(self._finetune_record().get("overrides", {}))
+
+    def record_finetune(self, init_from: str | Path, overrides: Mapping) -> None:
+        """Note where a fine-tuned experiment started and the keys that made it one."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"init_from": str(init_from), "overrides": dict(overrides)}, indent=1)
+        atomic_write_text(self.folder / FINETUNE_RECORD, text)
+
+    def _finetune_record(self) -> dict:
+        record = self.folder / FINETUNE_RECORD
+        return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+
+    def loss_settings(self) -> dict:
+        """What the head reports of itself (loss, head kind, hyper-parameters) plus the margin schedule."""
+        hparams = self.hparams
+        head = hparams["classifier"](num_classes=2, embedding_dim=int(hparams["embedding_dim"]))
+        settings = head.loss_settings()
+        schedule = hparams.get("margin_schedule")
+        if schedule is not None and "margin" in settings:
+            settings["margin_ramp"] = [schedule.start_epoch, schedule.end_epoch]
+        return settings
+
+    def describe(self) -> dict:
+        """What identifies the experiment in results, comparisons and model cards (no machine paths)."""
+        settings = self.loss_settings()
+        loss = settings.pop("loss")
+        label = loss if settings.get("head", "dense") == "dense" else f"{loss}_{settings['head']}"
+        finetuned_from = self.finetuned_from
+        return {"name": self.folder.name, "label": label, **{kind: self.composition.choices.get(kind) for kind in KINDS},
+                "loss": loss, "loss_settings": settings,
+                "finetuned_from": None if finetuned_from is None else Path(finetuned_from).name}
+
+    # ---------------------------------------------------------------- the trained model
+
+    def last_checkpoints(self, num: int | None = None) -> list[Checkpoint]:
+        """The last ``num`` (default ``average_checkpoints``) end-of-epoch checkpoints, oldest first."""
+        return last_checkpoints(self.hparams["checkpointer"], num or int(self.hparams.get("average_checkpoints", 1)))
+
+    def load_averaged_model(self) -> list[Checkpoint]:
+        """Load the average of the last ``average_checkpoints`` checkpoints into ``embedding_model``; returns them."""
+        checkpoints = self.last_checkpoints()
+        self.hparams["embedding_model"].load_state_dict(average_checkpoints(checkpoints, "embedding_model"))
+        return checkpoints
+
+    def averaged_embedder(self, device: str = "cpu") -> tuple[torch.nn.Module, str]:
+        """The embedder holding the averaged weights, in eval mode, and the model's identity (SHA-256 of its weights)."""
+        try:
+            checkpoints = self.load_averaged_model()
+        except FileNotFoundError as err:
+            raise StageError(f"{self.folder}: no trained model ({err}): run stage 2 first") from err
+        identity = model_identity(self.hparams["embedding_model"].state_dict())
+        logger.info("embedder: average of %s (model %s)", [ckpt.path.name for ckpt in checkpoints], identity[:16])
+        return self.hparams["embedder"].to(device).eval(), identity
+
+
+def read_record(folder: str | Path, for_training: bool = False) -> Experiment | None:
+    """The experiment recorded in ``folder`` (None without a record).
+
+    A record written before experiments were composed (no ``composed_from``) cannot say which keys
+    shaped the model: a later stage asks for it to be rewritten; training replaces it.
+    """
+    path = Path(folder) / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        tree = load_tree(path)
+    except CompositionError as err:
+        raise StageError(str(err)) from None
+    if RECORD_KEY not in tree:
+        if for_training:
+            logger.warning("%s predates composed experiments: replacing it with this run's record", path)
+            return None
+        raise StageError(f"{path} was written before experiments were composed: rewrite it by running stage 2 again "
+                         "with the experiment file and overrides it was trained with (e.g. run.sh --stage 2 "
+                         "--stop_stage 2 ...; a finished run does not train again)")
+    return Experiment(folder, _compose(path, None, {"output_folder": str(Path(folder))}))
+
+
+def last_checkpoints(checkpointer: Checkpointer, num: int) -> list[Checkpoint]:
+    """The ``num`` most recent end-of-epoch checkpoints, oldest first (the ones averaged for extraction)."""
+    checkpoints = checkpointer.find_checkpoints(
+        ckpt_predicate=lambda ckpt: ckpt.meta.get("end-of-epoch", True), max_num_checkpoints=None
+    )
+    checkpoints = sorted(checkpoints, key=lambda ckpt: ckpt.meta["unixtime"])[-num:]
+    if not checkpoints:
+        raise FileNotFoundError(f"no end-of-epoch checkpoint in {checkpointer.checkpoints_dir}")
+    return checkpoints
+
+
+def _compose(hparams_file: str | Path, choices: Mapping[str, str] | None, overrides: Mapping) -> Composition:
+    try:
+        return compose(hparams_file, choices, overrides)
+    except CompositionError as err:
+        raise StageError(str(err)) from None
+
+
+def _plain(value: Any) -> Any:
+    """A comparable form of an hparams value: data as it is, objects by their class, partials by function and keywords."""
+    if value is _ABSENT or isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, functools.partial):
+        return ("partial", _qualified(value.func), _plain(value.keywords))
+    return _qualified(type(value))
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _shown(value: Any) -> str:
+    return "absent" if value is _ABSENT else repr(_plain(value))
