@@ -122,13 +122,13 @@ def write_manifest_csv(path, rows):
 
 def test_score_with_asnorm_and_a_cohort_gives_the_stage_3_numbers(model_dir, audio_dir, trials, tmp_path, capsys):
     from conftest import write_wav
-
     from qmargin_spk.scoring.cohort import cohort_utterances
 
     rows = []
     for speaker in range(4):
         for utt in (2, 0, 1):  # unsorted: the cohort takes the first utterances by id
-            wav = write_wav(tmp_path / f"c{speaker}_{utt}.wav", 1.0 + 0.3 * utt + 0.1 * speaker, seed=200 + 10 * speaker + utt)
+            seconds, seed = 1.0 + 0.3 * utt + 0.1 * speaker, 200 + 10 * speaker + utt
+            wav = write_wav(tmp_path / f"c{speaker}_{utt}.wav", seconds, seed=seed)
             rows.append((f"id{speaker}/v/{utt}", wav, 1.0, f"id{speaker}"))
     manifest = write_manifest_csv(tmp_path / "train.csv", rows)
     model = SpeakerModel.from_folder(model_dir)

@@ -1,4 +1,4 @@
-"""The VoxCeleb recipe on a tiny synthetic corpus: all stages, resume, DDP, and the hparams contract."""
+"""The VoxCeleb recipe on a tiny synthetic corpus: all stages, resume, DDP, composed experiments and the record."""
 import copy
 import json
 import os
@@ -11,17 +11,18 @@ import pytest
 import torch
 from speechbrain.utils.checkpoints import average_checkpoints
 
-from qmargin_spk.data.prepare import prepare
-from qmargin_spk.data.synthetic import PRESETS, generate_corpus
+from qmargin_spk.cli import main as cli_main
 from qmargin_spk.data.dataset import SpeakerLabelEncoder
 from qmargin_spk.data.manifest import read_manifest
-from qmargin_spk.experiment import load_hparams
-from qmargin_spk.losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, DenseHead, QMarginLoss, SparseQMarginHead
-from qmargin_spk.training.brain import SpeakerBrain
-from qmargin_spk.cli import main as cli_main
-from qmargin_spk.experiment import last_checkpoints
+from qmargin_spk.data.prepare import prepare
+from qmargin_spk.data.synthetic import PRESETS, generate_corpus
 from qmargin_spk.inference import SpeakerModel
-from qmargin_spk.training.stage import finetune_stage, train_stage
+from qmargin_spk.losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, DenseHead, QMarginLoss, SparseQMarginHead
+from qmargin_spk.stages.experiment import Experiment, last_checkpoints
+from qmargin_spk.stages.train import finetune_stage, train_stage
+from qmargin_spk.training.brain import SpeakerBrain
+
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "recipes" / "voxceleb" / "run.sh"
@@ -29,6 +30,7 @@ LOSSES = {"qmargin": QMarginLoss, "aam": AAMLoss, "cosface": CosFaceLoss, "entma
           "qmargin_sparse": None, "qmargin_sharded": None}  # fused heads compute the loss themselves
 SETTINGS = ("demo_cpu", "vox2_ecapa")
 FAST = ["--number_of_epochs=1", "--warmup_epochs=1", "--batch_size=8", "--channels=32", "--embedding_dim=32"]
+RUN_OPTS = {"device": "cpu", "noprogressbar": True}
 
 
 @pytest.fixture(scope="module")
@@ -42,33 +44,23 @@ def prepared(corpus, tmp_path):
     return tmp_path
 
 
-def run_recipe(corpus, exp, *extra, hparams="hparams/demo_cpu_qmargin.yaml", trials=None):
+def run_recipe(corpus, exp, *extra, hparams="hparams/demo_cpu_qmargin.yaml", trials=None, check=True):
     command = ["bash", str(RUN_SH), "--train_root", str(corpus.train_root), "--test_root", str(corpus.test_root),
-               "--trials", str(trials or corpus.trials), "--exp", str(exp), "--hparams", hparams, *FAST, *extra]
+               "--trials", str(trials or corpus.trials), "--exp", str(exp), *(["--hparams", hparams] if hparams else []),
+               *FAST, *extra]
     env = {**os.environ, "PYTHON": sys.executable}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if not check:
+        return result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
-def strip_loss_block(text):
-    return re.sub(r"# >>> loss block.*?# <<< loss block", "", text, flags=re.S)
-
-
-@pytest.mark.parametrize("setting", SETTINGS)
-def test_hparams_of_a_setting_differ_only_in_the_loss_block(setting):
-    texts = {loss: (REPO / "hparams" / f"{setting}_{loss}.yaml").read_text() for loss in LOSSES}
-    outside = {strip_loss_block(text) for text in texts.values()}
-    assert len(outside) == 1
-    blocks = {re.search(r"# >>> loss block.*?# <<< loss block", t, flags=re.S).group(0) for t in texts.values()}
-    assert len(blocks) == len(LOSSES)
-
-
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_each_hparams_file_builds_its_loss(prepared, setting, loss):
-    hparams = load_hparams(str(REPO / "hparams" / f"{setting}_{loss}.yaml"),
-                           {"output_folder": str(prepared), "channels": 16, "num_workers": 0})
+def test_each_experiment_file_builds_its_loss(prepared, setting, loss):
+    hparams = Experiment.for_training(prepared, REPO / "hparams" / f"{setting}_{loss}.yaml", None,
+                                      {"channels": 16, "num_workers": 0}).hparams
     rows = read_manifest(prepared / "data" / "train.csv")
     train_data = hparams["train_data"](manifest=rows, labels=SpeakerLabelEncoder.from_rows(rows))
     head = hparams["classifier"](num_classes=train_data.num_classes, embedding_dim=hparams["embedding_dim"])
@@ -78,8 +70,8 @@ def test_each_hparams_file_builds_its_loss(prepared, setting, loss):
     assert head.weight.shape == (train_data.num_classes, hparams["embedding_dim"])
     assert (head.scale, head.margin) == (hparams["scale"], hparams["margin"])
     alpha = head.alpha if hasattr(head, "alpha") else head.loss.alpha
-    assert alpha == (1.0 if hparams["alpha"] is None else hparams["alpha"])  # AAM: softmax, alpha 1
-    assert hparams["loss_name"] == loss
+    assert alpha == hparams.get("alpha", 1.0)  # AAM and CosFace: softmax, alpha 1
+    assert hparams["loss_name"] == loss.split("_")[0] and hparams["head"] == head.kind
     # Loading the hparams (as the scoring stage does) creates no training files.
     assert not (prepared / "save" / "label_encoder.json").exists()
 
@@ -95,7 +87,7 @@ def test_all_stages_end_to_end(corpus, tmp_path):
     results = json.loads((exp / "scores" / "results.cosine.json").read_text())
     (entry,) = results["results"]
     assert entry["trial_file"] == str(trials) and entry["list"] == trials.stem
-    assert results["experiment"]["loss"] == "qmargin" and results["experiment"]["folder"] == str(exp)
+    assert results["experiment"]["loss"] == "qmargin" and results["experiment"]["name"] == exp.name
     assert 0.0 <= entry["metrics"]["eer"] <= 1.0
     eer = entry["intervals"]["eer"]  # speaker-bootstrap interval around the point estimate
     assert eer["value"] == entry["metrics"]["eer"] and eer["low"] <= eer["value"] <= eer["high"]
@@ -106,7 +98,7 @@ def test_all_stages_end_to_end(corpus, tmp_path):
     assert (exp / "scores" / "results.cosine.md").is_file()
     # Stage 4: the packaged model embeds like stage 3 and names its loss and results.
     info = json.loads((exp / "model" / "model.json").read_text())
-    assert info["loss"] == "qmargin" and info["loss_hparams"]["margin"] == 0.2 and info["n_training_speakers"] == 8
+    assert info["loss"] == "qmargin" and info["loss_settings"]["margin"] == 0.2 and info["n_training_speakers"] == 8
     assert info["results"][0]["metrics"]["eer"] == entry["metrics"]["eer"]
     cache = torch.load(exp / "scores" / "embeddings" / "test.pt", weights_only=True)
     model = SpeakerModel.from_folder(exp / "model")
@@ -128,8 +120,7 @@ def test_all_stages_end_to_end(corpus, tmp_path):
 def test_fused_sparse_head_trains_through_the_recipe(prepared):
     overrides = {"output_folder": str(prepared), "number_of_epochs": 2, "warmup_epochs": 1, "batch_size": 8,
                  "channels": 32, "embedding_dim": 32, "num_workers": 0}
-    brain = train_stage(str(REPO / "hparams" / "demo_cpu_qmargin_sparse.yaml"), {"device": "cpu", "noprogressbar": True},
-                         overrides)
+    brain = train_stage(prepared, REPO / "hparams" / "demo_cpu_qmargin_sparse.yaml", RUN_OPTS, None, overrides)
     log = (prepared / "train_log.txt").read_text().splitlines()
     assert len(log) == 2 and "support_mean" in log[-1] and "accuracy" not in log[-1]
     losses = [float(re.search(r"train loss: ([0-9.e+-]+)", line).group(1)) for line in log]
@@ -142,11 +133,11 @@ def test_fused_sparse_head_trains_through_the_recipe(prepared):
 def test_margin_override_reaches_the_loss(prepared):
     overrides = {"output_folder": str(prepared), "number_of_epochs": 1, "batch_size": 8, "channels": 16,
                  "embedding_dim": 16, "num_workers": 0, "margin": 0.3}
-    brain = train_stage(str(REPO / "hparams" / "demo_cpu_aam.yaml"), {"device": "cpu", "noprogressbar": True}, overrides)
+    brain = train_stage(prepared, REPO / "hparams" / "demo_cpu_aam.yaml", RUN_OPTS, None, overrides)
     # AAM ramps the margin in from epoch 1: the ramp's final value is the overridden one.
     assert brain.hparams.margin_schedule(brain.hparams.margin_ramp_end) == 0.3
-    brain = train_stage(str(REPO / "hparams" / "demo_cpu_qmargin.yaml"), {"device": "cpu", "noprogressbar": True},
-                        {**overrides, "output_folder": str(prepared / "qmargin"), "data_folder": str(prepared / "data")})
+    brain = train_stage(prepared / "qmargin", REPO / "hparams" / "demo_cpu_qmargin.yaml", RUN_OPTS, None,
+                        {**overrides, "data_folder": str(prepared / "data")})
     assert brain.modules.classifier.loss.margin == 0.3
     logged = re.search(r"train margin: ([0-9.e+-]+)", (prepared / "qmargin" / "train_log.txt").read_text()).group(1)
     assert float(logged) == 0.3
@@ -156,14 +147,14 @@ def test_large_margin_fine_tuning_starts_from_the_averaged_model(prepared):
     hparams_file = str(REPO / "hparams" / "demo_cpu_qmargin.yaml")
     base = {"output_folder": str(prepared), "number_of_epochs": 2, "warmup_epochs": 1, "batch_size": 8,
             "channels": 16, "embedding_dim": 16, "num_workers": 0, "average_checkpoints": 2}
-    train_stage(hparams_file, {"device": "cpu", "noprogressbar": True}, base)
-    checkpointer = load_hparams(hparams_file, base)["checkpointer"]
+    train_stage(prepared, hparams_file, RUN_OPTS, None, base)
+    checkpointer = Experiment.from_record(prepared).hparams["checkpointer"]
     averaged = average_checkpoints(last_checkpoints(checkpointer, 2), "embedding_model")
     prototypes = torch.load(last_checkpoints(checkpointer, 1)[0].paramfiles["classifier"], weights_only=True)
     # An LR of 1e-30 leaves float32 weights as they start: the fine-tuned run must start from the average.
-    lm = {**base, "output_folder": str(prepared / "lm"), "lm_number_of_epochs": 1, "lm_base_lr": 1e-30,
-          "lm_final_lr": 1e-30}
-    brain = finetune_stage(hparams_file, {"device": "cpu", "noprogressbar": True}, prepared, lm)
+    lm = {**base, "lm_number_of_epochs": 1, "lm_base_lr": 1e-30, "lm_final_lr": 1e-30}
+    del lm["output_folder"]
+    brain = finetune_stage(prepared, prepared / "lm", RUN_OPTS, hparams_file, None, lm)
     for key, value in brain.modules.embedder.embedding_model.named_parameters():
         torch.testing.assert_close(value.detach(), averaged[key], rtol=0, atol=0)
     torch.testing.assert_close(brain.modules.classifier.weight.detach(), prototypes["classifier.weight"], rtol=0, atol=0)
@@ -177,8 +168,8 @@ def test_large_margin_stages_through_run_sh(corpus, tmp_path):
     run_recipe(corpus, exp, "--stop_stage", "2")
     run_recipe(corpus, exp, "--stage", "5", "--stop_stage", "6", "--lm_number_of_epochs=1")
     results = json.loads((tmp_path / "exp_lm" / "scores" / "results.cosine.json").read_text())
-    assert results["experiment"]["margin"] == 0.3 and results["experiment"]["name"] == "exp_lm"
-    assert results["experiment"]["finetuned_from"] == str(exp.resolve())
+    assert results["experiment"]["loss_settings"]["margin"] == 0.3 and results["experiment"]["name"] == "exp_lm"
+    assert results["experiment"]["finetuned_from"] == exp.name
     assert len(list((tmp_path / "exp_lm" / "save").glob("CKPT+*"))) == 1
 
 
@@ -203,7 +194,7 @@ def test_resume_continues_from_the_checkpoint(prepared, monkeypatch):
 
     monkeypatch.setattr(SpeakerBrain, "fit_batch", interrupted_fit_batch)
     with pytest.raises(_Interrupt):
-        train_stage(hparams_file, run_opts, overrides)
+        train_stage(prepared, hparams_file, run_opts, None, overrides)
     monkeypatch.setattr(SpeakerBrain, "fit_batch", original_fit_batch)
     (checkpoint,) = [p for p in (prepared / "save").glob("CKPT+*")]
     saved_optimizer = torch.load(checkpoint / "optimizer.ckpt")
@@ -219,7 +210,7 @@ def test_resume_continues_from_the_checkpoint(prepared, monkeypatch):
         seen["resumed_optimizer"] = copy.deepcopy(self.optimizer.state_dict())
 
     monkeypatch.setattr(SpeakerBrain, "on_fit_start", check_on_fit_start)
-    brain = train_stage(hparams_file, run_opts, overrides)
+    brain = train_stage(prepared, hparams_file, run_opts, None, overrides)
     assert seen["resumed_epoch"] == 0  # still inside epoch 1
     assert seen["resumed_step_count"] == 2
     assert seen["resumed_lr"] == pytest.approx(brain.hparams.lr_scheduler.lr_at(2))
@@ -242,8 +233,7 @@ def test_sharded_head_trains_on_two_processes_and_resumes_on_one(corpus, tmp_pat
     assert saved["momentum_buffer"][4:].abs().sum() > 0  # rank 1's rows are there too
     overrides = {"output_folder": str(exp), "number_of_epochs": 2, "warmup_epochs": 1, "batch_size": 8,
                  "channels": 32, "embedding_dim": 32, "num_workers": 0}
-    brain = train_stage(str(REPO / "hparams" / "demo_cpu_qmargin_sharded.yaml"), {"device": "cpu", "noprogressbar": True},
-                        overrides)
+    brain = train_stage(exp, REPO / "hparams" / "demo_cpu_qmargin_sharded.yaml", RUN_OPTS, None, overrides)
     assert brain.hparams.epoch_counter.current == 2
     log = (exp / "train_log.txt").read_text().splitlines()
     assert [line.split(" - ")[0] for line in log] == ["epoch: 1", "epoch: 2"]
@@ -295,3 +285,79 @@ def test_training_from_tar_shards_through_run_sh(corpus, tmp_path):
     assert [line.split(" - ")[0] for line in log] == ["epoch: 1"]
     assert "48 training utterances" in output and "only 6 optimiser steps" in output  # 48 // 8, from the shards
     assert len(list((exp / "save").glob("CKPT+*"))) == 1
+
+
+def test_loss_flag_trains_labels_and_packages_the_other_loss_and_later_stages_hold_to_the_record(corpus, tmp_path):
+    exp = tmp_path / "exp"
+    run_recipe(corpus, exp, "--loss", "aam")  # a Q-Margin experiment file, AAM picked by the flag
+    record = (exp / "hyperparams.yaml").read_text()
+    assert "loss: aam" in record and "!name:qmargin_spk.losses.build_head" in record
+    results = json.loads((exp / "scores" / "results.cosine.json").read_text())
+    assert results["experiment"]["label"] == "aam" and results["experiment"]["loss_settings"]["scale"] == 30.0
+    info = json.loads((exp / "model" / "model.json").read_text())
+    assert info["loss"] == "aam" and "alpha" not in info["loss_settings"]
+    # Stage 3 refuses a flag or an override that would describe another model, naming both values.
+    for extra, named in ((["--loss", "qmargin"], "loss_name: 'aam' in the record, 'qmargin'"),
+                         (["--channels=64"], "channels: 32 in the record, 64")):
+        result = run_recipe(corpus, exp, "--stage", "3", "--stop_stage", "3", "--loss=aam", *extra, check=False)
+        assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+        (line,) = [line for line in result.stderr.splitlines() if "error" in line]
+        assert named in line and "Traceback" not in result.stderr
+    # Scoring keys may change at stage 3, and the record alone is enough (no --hparams).
+    run_recipe(corpus, exp, "--stage", "3", "--stop_stage", "3", "--bootstrap_resamples=0", hparams=None)
+    assert json.loads((exp / "scores" / "results.cosine.json").read_text())["results"][0]["intervals"] is None
+
+
+def test_an_override_of_no_key_is_one_line_naming_the_closest_key(corpus, tmp_path):
+    command = [sys.executable, str(REPO / "recipes" / "voxceleb" / "train.py"), "hparams/demo_cpu_qmargin.yaml",
+               "--exp", str(tmp_path / "exp"), "--margn=0.3"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("did you mean 'margin'?")
+    assert not (tmp_path / "exp" / "hyperparams.yaml").exists()
+
+
+def test_model_size_set_by_overrides_is_the_model_the_folder_rebuilds(prepared, tmp_path):
+    from speechbrain.inference.speaker import EncoderClassifier
+
+    from qmargin_spk.stages.package import package_stage
+
+    sizes = {"channels": 24, "dilations": [1, 3, 2, 2, 1], "embedding_dim": 12, "number_of_epochs": 1,
+             "batch_size": 8, "num_workers": 0}
+    brain = train_stage(prepared, REPO / "hparams" / "demo_cpu_qmargin.yaml", RUN_OPTS, None, sizes)
+    trained = brain.modules.embedder.embedding_model.state_dict()
+    folder = package_stage(prepared)
+    model = SpeakerModel.from_folder(folder)
+    rebuilt = model.embedder.embedding_model.state_dict()
+    assert {key: value.shape for key, value in rebuilt.items()} == {key: value.shape for key, value in trained.items()}
+    blocks = model.embedder.embedding_model.blocks[1:4]
+    assert [block.res2net_block.blocks[0].conv.dilation for block in blocks] == [(3,), (2,), (2,)]
+    wav = torch.randn(16000) * 0.1
+    ours = model.embed(wav.numpy())[0]
+    experiment = Experiment.from_record(prepared)
+    embedder, _ = experiment.averaged_embedder()
+    with torch.no_grad():
+        stage3 = torch.nn.functional.normalize(embedder(wav[None], torch.ones(1)), dim=-1)[0].numpy()
+    speechbrain = EncoderClassifier.from_hparams(source=str(folder), savedir=str(tmp_path / "sb"))
+    with torch.no_grad():
+        theirs = torch.nn.functional.normalize(speechbrain.encode_batch(wav[None]).squeeze(), dim=0).numpy()
+    assert ours.shape == (12,) and float(ours @ stage3) > 0.99999 and float(ours @ theirs) > 0.99999
+
+
+def test_the_record_repeats_the_run_and_an_old_record_says_how_to_migrate(corpus, tmp_path):
+    exp, again = tmp_path / "exp", tmp_path / "again"
+    run_recipe(corpus, exp, "--stop_stage", "2")
+    again.mkdir()
+    (again / "data").symlink_to(exp / "data")
+    command = [sys.executable, str(REPO / "recipes" / "voxceleb" / "train.py"), str(exp / "hyperparams.yaml"),
+               "--exp", str(again), "--device=cpu"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (again / "train_log.txt").read_text() == (exp / "train_log.txt").read_text()
+    # A record written before composition (a flat hparams copy): later stages say how to rewrite it.
+    (exp / "hyperparams.yaml").write_text("seed: 1986\noutput_folder: !PLACEHOLDER\nloss_name: qmargin\n")
+    result = run_recipe(corpus, exp, "--stage", "3", "--stop_stage", "3", check=False)
+    assert result.returncode == 1 and "running stage 2 again" in result.stderr and "Traceback" not in result.stderr
+    run_recipe(corpus, exp, "--stage", "2", "--stop_stage", "3")  # finished: the record is rewritten, no training
+    assert "composed_from" in (exp / "hyperparams.yaml").read_text()
+    assert (exp / "scores" / "results.cosine.json").is_file()

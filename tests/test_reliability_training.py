@@ -11,13 +11,13 @@ import torch
 
 from qmargin_spk.data.prepare import prepare
 from qmargin_spk.data.synthetic import PRESETS, generate_corpus
-from qmargin_spk.experiment import Experiment, StageError
+from qmargin_spk.stages.experiment import Experiment, StageError
 from qmargin_spk.losses import QMarginLoss, SparseQMarginHead
 from qmargin_spk.training import checkpointing
 from qmargin_spk.training.brain import SpeakerBrain
 from qmargin_spk.training.checkpointing import AtomicCheckpointer, RNGState, SaveFolderBusyError
 from qmargin_spk.training.epoch_log import EpochLog
-from qmargin_spk.training.stage import choose_threads, steps_per_epoch, train_stage
+from qmargin_spk.stages.train import choose_threads, steps_per_epoch, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 HPARAMS = str(REPO / "hparams" / "demo_cpu_qmargin.yaml")
@@ -42,7 +42,7 @@ def overrides(data_folder, exp, **extra):
 @pytest.mark.e2e
 def test_batch_larger_than_the_data_is_an_error_before_training(data_folder, tmp_path):
     with pytest.raises(StageError, match="batch_size 1000 x 1 processes exceeds the 48 training utterances"):
-        train_stage(HPARAMS, RUN_OPTS, overrides(data_folder, tmp_path / "exp", batch_size=1000))
+        train_stage(tmp_path / "exp", HPARAMS, RUN_OPTS, None, overrides(data_folder, tmp_path / "exp", batch_size=1000))
     assert not list((tmp_path / "exp" / "save").glob("CKPT+*"))
     with pytest.raises(StageError, match="2 processes"):
         steps_per_epoch(48, 32, 2)
@@ -89,7 +89,7 @@ def test_loading_an_experiment_keeps_a_save_in_progress(data_folder, tmp_path):
     partial = tmp_path / "exp" / "save" / ".partial-CKPT+2026"
     partial.mkdir(parents=True)
     (partial / "CKPT.yaml").write_text("end-of-epoch: true\n")
-    Experiment(HPARAMS, overrides(data_folder, tmp_path / "exp"))  # what the scoring stage does first
+    Experiment.for_training(tmp_path / "exp", HPARAMS, None, overrides(data_folder, tmp_path / "exp")).hparams  # loaded
     assert (partial / "CKPT.yaml").is_file()
 
 
@@ -115,7 +115,7 @@ class _Interrupt(Exception):
 @pytest.mark.e2e
 def test_interrupted_and_resumed_training_equals_uninterrupted(data_folder, tmp_path, monkeypatch):
     run_opts = {**RUN_OPTS, "ckpt_interval_steps": 2}
-    whole = train_stage(HPARAMS, run_opts, overrides(data_folder, tmp_path / "whole"))
+    whole = train_stage(tmp_path / "whole", HPARAMS, run_opts, None, overrides(data_folder, tmp_path / "whole"))
     original = SpeakerBrain.fit_batch
 
     def interrupted(self, batch):
@@ -125,9 +125,9 @@ def test_interrupted_and_resumed_training_equals_uninterrupted(data_folder, tmp_
 
     monkeypatch.setattr(SpeakerBrain, "fit_batch", interrupted)
     with pytest.raises(_Interrupt):
-        train_stage(HPARAMS, run_opts, overrides(data_folder, tmp_path / "resumed"))
+        train_stage(tmp_path / "resumed", HPARAMS, run_opts, None, overrides(data_folder, tmp_path / "resumed"))
     monkeypatch.setattr(SpeakerBrain, "fit_batch", original)
-    resumed = train_stage(HPARAMS, run_opts, overrides(data_folder, tmp_path / "resumed"))
+    resumed = train_stage(tmp_path / "resumed", HPARAMS, run_opts, None, overrides(data_folder, tmp_path / "resumed"))
     for name in ("embedder", "classifier"):
         for key, value in whole.modules[name].state_dict().items():
             assert torch.equal(value, resumed.modules[name].state_dict()[key]), f"{name}.{key} differs"
@@ -149,7 +149,7 @@ def test_relogging_an_epoch_replaces_its_line(tmp_path):
 @pytest.mark.e2e
 def test_non_numeric_hparam_error_names_its_key(data_folder, tmp_path):
     with pytest.raises(StageError, match="'number_of_epochs' must be an integer >= 1, got 'abc'"):
-        train_stage(HPARAMS, RUN_OPTS, overrides(data_folder, tmp_path / "exp", number_of_epochs="abc"))
+        train_stage(tmp_path / "exp", HPARAMS, RUN_OPTS, None, overrides(data_folder, tmp_path / "exp", number_of_epochs="abc"))
 
 
 def test_huge_alpha_is_a_clear_error():
@@ -187,6 +187,6 @@ def test_threads_follow_cores_processes_and_workers(monkeypatch):
 
 @pytest.mark.e2e
 def test_stage_logs_its_thread_choice(data_folder, tmp_path, capfd):
-    train_stage(HPARAMS, RUN_OPTS, overrides(data_folder, tmp_path / "exp", number_of_epochs=1, num_threads=1))
+    train_stage(tmp_path / "exp", HPARAMS, RUN_OPTS, None, overrides(data_folder, tmp_path / "exp", number_of_epochs=1, num_threads=1))
     assert torch.get_num_threads() == 1
     assert "; 1 threads per process" in "".join(capfd.readouterr())  # SpeechBrain's log handler writes to stdout

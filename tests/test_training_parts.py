@@ -7,7 +7,7 @@ import pytest
 import torch
 from speechbrain.utils.checkpoints import average_checkpoints, mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
-from qmargin_spk.experiment import last_checkpoints
+from qmargin_spk.stages.experiment import last_checkpoints
 from qmargin_spk.training.checkpointing import AtomicCheckpointer, RNGState
 from qmargin_spk.training.schedulers import MarginRamp, WarmupExponentialLR
 

@@ -36,9 +36,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -98,7 +98,7 @@ class Calibration:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Calibration":
+    def load(cls, path: str | os.PathLike) -> Calibration:
         """Read a file written by :meth:`save`; ValueError naming the file when it is not one."""
         try:
             data = json.loads(open(path, encoding="utf-8").read())
@@ -354,7 +354,8 @@ def calibrate_run(
     for result in run["results"]:
         quality = quality_of(result) if quality_of is not None else None
         llr_file = out_dir / f"{result['list']}.{backend}.llr.scores"
-        entries.append({"list": result["list"], **calibrate_score_file(calibration, result["score_file"], llr_file, quality)})
+        entry = calibrate_score_file(calibration, result["score_file"], llr_file, quality)
+        entries.append({"list": result["list"], **entry})
     calibrated = {"model_id": run["model_id"], "calibration": calibration.to_dict(), "results": entries}
     return write_calibrated_results(calibrated, out_dir / f"results.{backend}.calibrated.json",
                                     out_dir / f"results.{backend}.calibrated.md")

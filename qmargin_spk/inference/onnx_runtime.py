@@ -6,13 +6,14 @@
 
 Waveforms are batched by the planner :class:`SpeakerModel` uses
 (:mod:`qmargin_spk.data.batching`): only equal lengths share a batch (the graph has no
-length input), so each embedding is that of the utterance alone. Reading and resampling audio files is left to the caller (e.g. soundfile).
+length input), so each embedding is that of the utterance alone. Reading and resampling audio
+files is left to the caller (e.g. soundfile).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -50,7 +50,12 @@ def parse_stage_arguments(parser: argparse.ArgumentParser, argv: list[str], valu
     """Parse ``argv``; the rest goes to SpeechBrain's run options and the overrides, with ``values(args)`` on top."""
     args, rest = parser.parse_known_args(argv, namespace=StageArguments())
     _, run_opts, yaml_text = sb.parse_arguments([args.hparams or "-", *rest])
-    overrides = dict(ruamel.yaml.YAML().load(yaml_text) or {}) if yaml_text else {}
+    overrides: dict = {}
+    for line in yaml_text.splitlines():  # one "key: value" line per --key=value; a repeated key: the last wins
+        try:
+            overrides.update(ruamel.yaml.YAML().load(line) or {})
+        except ruamel.yaml.YAMLError as err:
+            parser.error(f"override '--{line.replace(': ', '=', 1)}' is not valid YAML ({getattr(err, 'problem', err)})")
     overrides.update(values(args))
     args.choices = {kind: getattr(args, kind) for kind in KINDS if getattr(args, kind) is not None}
     args.run_opts, args.overrides = run_opts, overrides

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from typing import Mapping
 
+import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import ddp_init_group, if_main_process, run_on_main
 
@@ -141,6 +142,7 @@ def _plain_values(mapping: Mapping) -> dict:
 def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Experiment | None) -> SpeakerBrain:
     """The stage's work once the save folder is ours."""
     hparams = experiment.hparams
+    sb.create_experiment_directory(hparams["output_folder"])  # SpeechBrain's logging to EXP/log.txt and stdout
     rows = read_manifest(hparams["train_manifest"])
     run_on_main(SpeakerLabelEncoder.load_or_create, args=[hparams["label_encoder_file"], rows])
     labels = SpeakerLabelEncoder.load_or_create(hparams["label_encoder_file"], rows)

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """The embedded demo: synthesise a small corpus, run the whole recipe for Q-Margin and AAM, compare.
 
-    python recipes/voxceleb/demo.py [--out exp/demo] [--losses qmargin aam] [--key=value ...]
+    python recipes/voxceleb/demo.py [--out exp/demo] [--losses qmargin aam] [--backbone ecapa_tdnn]
+        [--setting demo_cpu] [--corpus_seed 0] [--key=value ...]
 
-Extra ``--key=value`` arguments go to every run (hparams overrides, e.g. ``--number_of_epochs=4``).
+Each name of ``--losses`` is a loss fragment (hparams/losses/), optionally with a head
+(``qmargin_sparse``, ``qmargin_sharded``); every run composes it with the same backbone and
+setting, so only the loss differs. Extra ``--key=value`` arguments go to every run (hparams
+overrides, e.g. ``--number_of_epochs=4``).
 """
 from __future__ import annotations
 
@@ -15,10 +19,25 @@ import time
 from pathlib import Path
 
 from qmargin_spk.data.synthetic import PRESETS, CorpusPaths, generate_corpus
+from qmargin_spk.losses import HEADS
 from qmargin_spk.scoring.compare import compare_experiments
 from qmargin_spk.utils import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
+BASE_EXPERIMENT = REPO / "hparams" / "demo_cpu_qmargin.yaml"  # its backbone and setting, the loss replaced per run
+
+
+def loss_flags(name: str) -> list[str]:
+    """run.sh flags for a demo loss name: a loss fragment, or ``<loss>_<head>`` for another head."""
+    fragments = REPO / "hparams" / "losses"
+    if (fragments / f"{name}.yaml").is_file():
+        return ["--loss", name]
+    loss, _, head = name.rpartition("_")
+    if (fragments / f"{loss}.yaml").is_file() and head in HEADS:
+        return ["--loss", loss, f"--head={head}"]
+    known = sorted(p.stem for p in fragments.glob("*.yaml"))
+    raise SystemExit(f"demo.py: error: no loss {name!r}: a loss fragment ({', '.join(known)}) "
+                     f"or <loss>_<head> with a head of {sorted(HEADS)}")
 
 
 def ensure_corpus(root: Path, seed: int, preset: str = "demo") -> CorpusPaths:
@@ -29,11 +48,11 @@ def ensure_corpus(root: Path, seed: int, preset: str = "demo") -> CorpusPaths:
     return paths
 
 
-def run_loss(loss: str, corpus: CorpusPaths, exp: Path, overrides: list[str]) -> float:
-    """Run all stages of the recipe with ``hparams/demo_cpu_<loss>.yaml``; returns the wall time."""
+def run_loss(loss: str, corpus: CorpusPaths, exp: Path, fragments: list[str], overrides: list[str]) -> float:
+    """Run all stages of the recipe for the loss name ``loss`` on the demo experiment; returns the wall time."""
     command = ["bash", str(REPO / "recipes" / "voxceleb" / "run.sh"), "--train_root", str(corpus.train_root),
                "--test_root", str(corpus.test_root), "--trials", str(corpus.trials), "--exp", str(exp),
-               "--hparams", str(REPO / "hparams" / f"demo_cpu_{loss}.yaml"), *overrides]
+               "--hparams", str(BASE_EXPERIMENT), *fragments, *loss_flags(loss), *overrides]
     start = time.time()
     subprocess.run(command, check=True, env={**os.environ, "PYTHON": sys.executable})
     return time.time() - start
@@ -57,13 +76,21 @@ def verdict(summary: dict, baseline: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "exp" / "demo")
-    parser.add_argument("--losses", nargs="+", default=["qmargin", "aam"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--losses", nargs="+", default=["qmargin", "aam"],
+                        help="loss fragments (hparams/losses/), or <loss>_<head> such as qmargin_sparse")
+    parser.add_argument("--backbone", help="backbone fragment of every run (default: the demo experiment's)")
+    parser.add_argument("--setting", help="setting fragment of every run (default: demo_cpu)")
+    parser.add_argument("--corpus_seed", "--seed", dest="corpus_seed", type=int, default=0,
+                        help="seed of the synthetic corpus (not of training: that is the hparams' seed)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="synthetic corpus size")
     args, overrides = parser.parse_known_args()
-    corpus = ensure_corpus(args.out / "corpus", args.seed, args.preset)
+    fragments = [flag for kind in ("backbone", "setting") if getattr(args, kind)
+                 for flag in (f"--{kind}", getattr(args, kind))]
     for loss in args.losses:
-        seconds = run_loss(loss, corpus, args.out / loss, overrides)
+        loss_flags(loss)  # every name is checked before anything runs
+    corpus = ensure_corpus(args.out / "corpus", args.corpus_seed, args.preset)
+    for loss in args.losses:
+        seconds = run_loss(loss, corpus, args.out / loss, fragments, overrides)
         print(f"{loss}: recipe {seconds:.0f} s")
     baseline = "aam" if "aam" in args.losses else args.losses[0]
     summary = compare_experiments([args.out / loss for loss in args.losses], args.out / "comparison",
