@@ -28,8 +28,8 @@ import torch
 
 from qmargin_spk.inference import SpeakerModel, export_onnx, export_torchscript, package_model
 from qmargin_spk.inference.onnx_runtime import OnnxSpeakerModel
-from qmargin_spk.inference.package import hparams_text
 
+REPO = Path(__file__).resolve().parents[1]
 ARCHITECTURES = {
     "demo_cpu": {"channels": 128, "attention_channels": 64, "embedding_dim": 128},
     "vox2_ecapa_c512": {"channels": 512, "attention_channels": 128, "embedding_dim": 192},
@@ -41,13 +41,14 @@ BATCH_SECONDS = 2
 
 
 def random_model(settings: dict, folder: Path) -> SpeakerModel:
-    """Package a randomly initialised ECAPA-TDNN with these settings and load it."""
-    from hyperpyyaml import load_hyperpyyaml
+    """Package a randomly initialised ECAPA-TDNN with these sizes (composed like the vox2 experiment) and load it."""
+    from qmargin_spk.stages.experiment import composed_hparams
 
-    full = {"sample_rate": SAMPLE_RATE, "n_mels": 80, **settings}
-    torch.manual_seed(0)
-    weights = load_hyperpyyaml(hparams_text(full))["embedding_model"].state_dict()
-    return SpeakerModel.from_folder(package_model(folder / "model", full, weights, {}))
+    hparams = composed_hparams(REPO / "hparams" / "vox2_ecapa_qmargin.yaml", overrides=settings)
+    weights = hparams["embedding_model"].state_dict()
+    folder = package_model(folder / "model", hparams["frontend_description"], hparams["backbone_description"],
+                           weights, {})
+    return SpeakerModel.from_folder(folder)
 
 
 def best_time(run, repeats: int) -> float:

@@ -32,8 +32,11 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 DENSE = ("aam", "cosface", "qmargin_a1.5", "qmargin_a1.75")
 METHODS = DENSE + ("sparse",)
@@ -41,18 +44,12 @@ EMBEDDING_DIM = 192
 
 
 def build_embedder(channels: int, device: str) -> torch.nn.Module:
-    from speechbrain.lobes.features import Fbank
-    from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
-    from speechbrain.processing.features import InputNormalization
+    """The vox2 experiment's ECAPA-TDNN embedder with ``channels``, composed as the recipe composes it."""
+    from qmargin_spk.stages.experiment import composed_hparams
 
-    from qmargin_spk.models import SpeakerEmbedder
-
-    torch.manual_seed(0)
-    model = ECAPA_TDNN(input_size=80, channels=[channels] * 4 + [channels * 3], kernel_sizes=[5, 3, 3, 3, 1],
-                       dilations=[1, 2, 3, 4, 1], attention_channels=128, lin_neurons=EMBEDDING_DIM)
-    embedder = SpeakerEmbedder(Fbank(n_mels=80, sample_rate=16000), InputNormalization(norm_type="sentence", std_norm=False),
-                               model)
-    return embedder.to(device)
+    hparams = composed_hparams(REPO / "hparams" / "vox2_ecapa_qmargin.yaml",
+                               overrides={"channels": channels, "embedding_dim": EMBEDDING_DIM})
+    return hparams["embedder"].to(device)  # weights drawn after the experiment's own seed_everything
 
 
 def build_head(method: str, classes: int, device: str):

@@ -12,13 +12,11 @@ TINY = {"channels": 32, "embedding_dim": 16}
 SR = 16000
 
 
-def recipe_hparams(overrides: dict = TINY, tmp_folder: str = "/nonexistent/qmargin_spk_tests") -> dict:
+def recipe_hparams(overrides: dict = TINY) -> dict:
     """The demo experiment's hparams, composed and loaded exactly as the training stage does it."""
-    from hyperpyyaml import load_hyperpyyaml
+    from qmargin_spk.stages.experiment import composed_hparams
 
-    from qmargin_spk.stages.compose import compose
-
-    return load_hyperpyyaml(compose(DEMO_HPARAMS, overrides={"output_folder": tmp_folder, **overrides}).text)
+    return composed_hparams(DEMO_HPARAMS, overrides=overrides)
 
 
 def recipe_embedder(overrides: dict = TINY):

@@ -331,7 +331,7 @@ def test_model_size_set_by_overrides_is_the_model_the_folder_rebuilds(prepared, 
     rebuilt = model.embedder.embedding_model.state_dict()
     assert {key: value.shape for key, value in rebuilt.items()} == {key: value.shape for key, value in trained.items()}
     blocks = model.embedder.embedding_model.blocks[1:4]
-    assert [block.res2net_block.blocks[0].conv.dilation for block in blocks] == [(3,), (2,), (2,)]
+    assert [block.res2net_block.blocks[0].conv.dilation for block in blocks] == [3, 2, 2]
     wav = torch.randn(16000) * 0.1
     ours = model.embed(wav.numpy())[0]
     experiment = Experiment.from_record(prepared)

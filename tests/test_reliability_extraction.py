@@ -25,18 +25,11 @@ def write_noise(path, seconds, seed, rate=SR, subtype=None):
 
 @pytest.fixture(scope="module")
 def ecapa():
-    """A small random ECAPA-TDNN with SpeechBrain's features and sentence mean normalisation (eval mode)."""
-    from speechbrain.lobes.features import Fbank
-    from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
-    from speechbrain.processing.features import InputNormalization
+    """A small random ECAPA-TDNN composed like the demo experiment (40 mel bands; eval mode)."""
+    from conftest import recipe_embedder
 
-    torch.manual_seed(0)
-    model = ECAPA_TDNN(
-        input_size=40, channels=[32, 32, 32, 32, 96], kernel_sizes=[5, 3, 3, 3, 1], dilations=[1, 2, 3, 4, 1],
-        attention_channels=16, lin_neurons=32,
-    )
-    embedder = SpeakerEmbedder(Fbank(n_mels=40, sample_rate=SR), InputNormalization(norm_type="sentence", std_norm=False), model)
-    return embedder.eval()
+    embedder, _ = recipe_embedder({"channels": 32, "embedding_dim": 32, "attention_channels": 16, "n_mels": 40})
+    return embedder
 
 
 class Recorder:

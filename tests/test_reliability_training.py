@@ -89,7 +89,8 @@ def test_loading_an_experiment_keeps_a_save_in_progress(data_folder, tmp_path):
     partial = tmp_path / "exp" / "save" / ".partial-CKPT+2026"
     partial.mkdir(parents=True)
     (partial / "CKPT.yaml").write_text("end-of-epoch: true\n")
-    Experiment.for_training(tmp_path / "exp", HPARAMS, None, overrides(data_folder, tmp_path / "exp")).hparams  # loaded
+    hparams = Experiment.for_training(tmp_path / "exp", HPARAMS, None, overrides(data_folder, tmp_path / "exp")).hparams
+    assert "checkpointer" in hparams  # loaded, as every stage loads it
     assert (partial / "CKPT.yaml").is_file()
 
 

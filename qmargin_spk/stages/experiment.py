@@ -206,6 +206,17 @@ class Experiment:
         return self.hparams["embedder"].to(device).eval(), identity
 
 
+def composed_hparams(hparams_file: str | Path, choices: Mapping[str, str] | None = None,
+                     overrides: Mapping | None = None) -> dict:
+    """The loaded hparams of a composed experiment outside any experiment folder (tests, benchmarks).
+
+    Models are built exactly as the training stage builds them; ``output_folder`` defaults to a
+    path that is never created (loading creates no files there).
+    """
+    overrides = {"output_folder": "/nonexistent/qmargin_spk_composed", **(overrides or {})}
+    return Experiment(overrides["output_folder"], _compose(hparams_file, choices, overrides)).hparams
+
+
 def read_record(folder: str | Path, for_training: bool = False) -> Experiment | None:
     """The experiment recorded in ``folder`` (None without a record).
 
