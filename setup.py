@@ -1,4 +1,5 @@
 """Install the qmargin_spk speaker-verification toolkit."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -10,7 +11,7 @@ setup(
     packages=find_packages(include=["qmargin_spk", "qmargin_spk.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.6",               # torch.load defaults to weights_only=True
+        "torch>=2.6",  # torch.load defaults to weights_only=True
         "torchaudio>=2.1",
         "speechbrain>=1.0,<1.2",
         "soundfile>=0.12",

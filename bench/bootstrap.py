@@ -7,6 +7,7 @@ P_targets and FARs) and ``paired_comparison`` (two systems, the same 1,000 resam
 The machine's load average is printed with the timings: on a shared machine they are upper
 bounds. Run: ``.venv/bin/python bench/bootstrap.py [--sizes O E] [--n_resamples 1000]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,7 +88,9 @@ def main() -> None:
             "paired_comparison_s": round(paired_s, 2),
             "eer_percent": [round(100 * eer.value, 3), round(100 * eer.low, 3), round(100 * eer.high, 3)],
             "paired_b_is_a_plus_noise_eer_difference_percent": [
-                round(100 * paired.eer.difference, 3), round(100 * paired.eer.low, 3), round(100 * paired.eer.high, 3)
+                round(100 * paired.eer.difference, 3),
+                round(100 * paired.eer.low, 3),
+                round(100 * paired.eer.high, 3),
             ],
             "paired_eer_p_value": paired.eer.p_value,
             "load_average_1_min_after": os.getloadavg()[0],

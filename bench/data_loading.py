@@ -9,6 +9,7 @@ workers for both readers. Each reader is timed twice: **cold**, after evicting t
 needs no root; the host may still cache the virtual disk), then **warm**, right after. The
 machine is shared, so the load average is reported with the numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,9 @@ def _write_files(job: tuple[str, list[int], int, float]) -> None:
     for n in numbers:
         path = Path(root) / "wav" / f"spk{n % SPEAKERS:04d}" / f"{n:06d}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)
-        soundfile.write(path, (0.1 * rng.standard_normal(int(seconds * RATE))).astype(np.float32), RATE, subtype="PCM_16")
+        soundfile.write(
+            path, (0.1 * rng.standard_normal(int(seconds * RATE))).astype(np.float32), RATE, subtype="PCM_16"
+        )
 
 
 def make_corpus(root: Path, files: int, seconds: float, workers: int) -> list[ManifestRow]:
@@ -52,8 +55,15 @@ def make_corpus(root: Path, files: int, seconds: float, workers: int) -> list[Ma
     chunks = [list(range(start, min(files, start + 500))) for start in range(0, files, 500)]
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_write_files, [(str(root), chunk, 0, seconds) for chunk in chunks]))
-    rows = [ManifestRow(f"spk{n % SPEAKERS:04d}/v/{n:06d}", str(root / "wav" / f"spk{n % SPEAKERS:04d}" / f"{n:06d}.wav"),
-                        int(seconds * RATE) / RATE, f"spk{n % SPEAKERS:04d}") for n in range(files)]
+    rows = [
+        ManifestRow(
+            f"spk{n % SPEAKERS:04d}/v/{n:06d}",
+            str(root / "wav" / f"spk{n % SPEAKERS:04d}" / f"{n:06d}.wav"),
+            int(seconds * RATE) / RATE,
+            f"spk{n % SPEAKERS:04d}",
+        )
+        for n in range(files)
+    ]
     write_manifest(manifest, rows)
     atomic_write_text(marker, json.dumps(settings) + "\n")
     return rows
@@ -71,8 +81,9 @@ def evict(paths) -> None:
 
 
 def time_epoch(dataset, batch: int, workers: int, shuffle: bool) -> dict:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, shuffle=shuffle,
-                                         collate_fn=collate_crops, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, num_workers=workers, shuffle=shuffle, collate_fn=collate_crops, drop_last=True
+    )
     start, crops = time.perf_counter(), 0
     for _, wavs, _, _ in loader:
         crops += wavs.shape[0]
@@ -106,33 +117,52 @@ def main() -> None:
         shards = ShardCropDataset(root / "shards" / INDEX_NAME, labels, crop_seconds=args.crop, batch_size=args.batch)
         shard_paths = [root / "shards" / s.name for s in index.shards]
         results = {}
-        for name, dataset, paths, shuffle in (("files", files, [r.wav for r in rows], True),
-                                              ("shards", shards, shard_paths, False)):
+        for name, dataset, paths, shuffle in (
+            ("files", files, [r.wav for r in rows], True),
+            ("shards", shards, shard_paths, False),
+        ):
             evict(paths)
             results[name] = {"cold": time_epoch(dataset, args.batch, args.workers, shuffle)}
             dataset.set_epoch(1)
             results[name]["warm"] = time_epoch(dataset, args.batch, args.workers, shuffle)
-        print(json.dumps({
-            "what": f"random {args.crop} s crops per second, one epoch, DataLoader batch {args.batch}, "
+        print(
+            json.dumps(
+                {
+                    "what": f"random {args.crop} s crops per second, one epoch, DataLoader batch {args.batch}, "
                     f"{args.workers} workers, collate_crops",
-            "corpus": {"files": args.files, "seconds_each": args.seconds, "speakers": SPEAKERS, "format": "16 kHz PCM16 wav",
-                       "bytes": sum(os.path.getsize(r.wav) for r in rows), "generate_seconds": round(corpus_seconds, 1),
-                       "reused_from_dir": reused["corpus"]},
-            "shards": {"count": len(index.shards), "utts_per_shard": args.utts_per_shard,
-                       "bytes": sum(p.stat().st_size for p in shard_paths), "write_seconds": round(shard_seconds, 1),
-                       "index_existed": reused["shards"]},
-            "page_cache": "cold = files evicted with posix_fadvise(DONTNEED) just before (no root needed; the "
-                          "virtual disk may still be cached by the host); warm = the epoch right after",
-            "rates": results,
-            "ratio_shards_to_files": {k: round(results["shards"][k]["crops_per_second"]
-                                               / results["files"][k]["crops_per_second"], 2) for k in ("cold", "warm")},
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-            "cpus": os.cpu_count(),
-            "note": "machine shared with other engineers (see load average)",
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-        }, indent=2))
+                    "corpus": {
+                        "files": args.files,
+                        "seconds_each": args.seconds,
+                        "speakers": SPEAKERS,
+                        "format": "16 kHz PCM16 wav",
+                        "bytes": sum(os.path.getsize(r.wav) for r in rows),
+                        "generate_seconds": round(corpus_seconds, 1),
+                        "reused_from_dir": reused["corpus"],
+                    },
+                    "shards": {
+                        "count": len(index.shards),
+                        "utts_per_shard": args.utts_per_shard,
+                        "bytes": sum(p.stat().st_size for p in shard_paths),
+                        "write_seconds": round(shard_seconds, 1),
+                        "index_existed": reused["shards"],
+                    },
+                    "page_cache": "cold = files evicted with posix_fadvise(DONTNEED) just before (no root needed; the "
+                    "virtual disk may still be cached by the host); warm = the epoch right after",
+                    "rates": results,
+                    "ratio_shards_to_files": {
+                        k: round(results["shards"][k]["crops_per_second"] / results["files"][k]["crops_per_second"], 2)
+                        for k in ("cold", "warm")
+                    },
+                    "load_average_before": load_before,
+                    "load_average_after": os.getloadavg(),
+                    "cpus": os.cpu_count(),
+                    "note": "machine shared with other engineers (see load average)",
+                    "torch": torch.__version__,
+                    "machine": platform.machine(),
+                },
+                indent=2,
+            )
+        )
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)

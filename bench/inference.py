@@ -13,6 +13,7 @@ Times are the best of ``--repeats`` runs after one warm-up: the machine is share
 the minimum is the least disturbed by other load (reported as ``load_average``).
 Targets: ONNX Runtime no slower than eager PyTorch; single-thread RTF <= 0.05 for C = 512.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ def random_model(settings: dict, folder: Path) -> SpeakerModel:
 
     hparams = composed_hparams(REPO / "hparams" / "vox2_ecapa_qmargin.yaml", overrides=settings)
     weights = hparams["embedding_model"].state_dict()
-    folder = package_model(folder / "model", hparams["frontend_description"], hparams["backbone_description"],
-                           weights, {})
+    folder = package_model(
+        folder / "model", hparams["frontend_description"], hparams["backbone_description"], weights, {}
+    )
     return SpeakerModel.from_folder(folder)
 
 
@@ -76,23 +78,34 @@ def runners(model: SpeakerModel, files: dict, threads: int) -> dict:
 
     onnx_fp32 = OnnxSpeakerModel(files["onnx"], threads=threads)
     onnx_int8 = OnnxSpeakerModel(files["int8"], threads=threads)
-    return {"pytorch_eager": eager, "torchscript": torchscript,
-            "onnxruntime_fp32": onnx_fp32.embed_batch, "onnxruntime_int8": onnx_int8.embed_batch}
+    return {
+        "pytorch_eager": eager,
+        "torchscript": torchscript,
+        "onnxruntime_fp32": onnx_fp32.embed_batch,
+        "onnxruntime_int8": onnx_int8.embed_batch,
+    }
 
 
 def bench_architecture(name: str, settings: dict, args: argparse.Namespace, scratch: Path) -> dict:
     model = random_model(settings, scratch / name)
     start = time.perf_counter()
-    files = {"onnx": export_onnx(model, scratch / name / "m.onnx"),
-             "int8": export_onnx(model, scratch / name / "m.int8.onnx", quantize="int8"),
-             "torchscript": export_torchscript(model, scratch / name / "m.pt")}
+    files = {
+        "onnx": export_onnx(model, scratch / name / "m.onnx"),
+        "int8": export_onnx(model, scratch / name / "m.int8.onnx", quantize="int8"),
+        "torchscript": export_torchscript(model, scratch / name / "m.pt"),
+    }
     export_seconds = time.perf_counter() - start
     rng = np.random.default_rng(0)
     single = (0.1 * rng.normal(size=(1, int(args.seconds * SAMPLE_RATE)))).astype(np.float32)
     batch = (0.1 * rng.normal(size=(args.batch, BATCH_SECONDS * SAMPLE_RATE))).astype(np.float32)
-    result = {"settings": settings, "parameters": sum(p.numel() for p in model.embedder.parameters()),
-              "export_seconds": round(export_seconds, 1), "rtf": {}, "embeddings_per_second": {},
-              "int8_cosine_to_fp32_min": None}
+    result = {
+        "settings": settings,
+        "parameters": sum(p.numel() for p in model.embedder.parameters()),
+        "export_seconds": round(export_seconds, 1),
+        "rtf": {},
+        "embeddings_per_second": {},
+        "int8_cosine_to_fp32_min": None,
+    }
     for threads in THREADS:
         for runtime, run in runners(model, files, threads).items():
             rtf = best_time(lambda: run(single), args.repeats) / args.seconds
@@ -130,24 +143,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         results = {name: bench_architecture(name, ARCHITECTURES[name], args, Path(scratch)) for name in args.models}
     c512 = results.get("vox2_ecapa_c512")
-    print(json.dumps({
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
-        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        "note": "best of repeats after a warm-up; the machine was loaded by other users, so absolute numbers "
+    print(
+        json.dumps(
+            {
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs)",
+                "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+                "note": "best of repeats after a warm-up; the machine was loaded by other users, so absolute numbers "
                 "are pessimistic and ratios between runtimes are the meaningful part",
-        "torch": torch.__version__,
-        "onnxruntime": __import__("onnxruntime").__version__,
-        "seconds_per_rtf_utterance": args.seconds,
-        "batch": f"{args.batch} x {BATCH_SECONDS} s",
-        "targets": {
-            "onnx_rtf_not_above_eager": all(all(r["onnx_not_slower_than_eager"].values()) for r in results.values()),
-            "c512_single_thread_rtf_onnx": None if c512 is None else c512["rtf"]["onnxruntime_fp32"]["1_thread"],
-            "c512_single_thread_rtf_eager": None if c512 is None else c512["rtf"]["pytorch_eager"]["1_thread"],
-            "c512_single_thread_rtf_target": 0.05,
-        },
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "results": results,
-    }, indent=2))
+                "torch": torch.__version__,
+                "onnxruntime": __import__("onnxruntime").__version__,
+                "seconds_per_rtf_utterance": args.seconds,
+                "batch": f"{args.batch} x {BATCH_SECONDS} s",
+                "targets": {
+                    "onnx_rtf_not_above_eager": all(
+                        all(r["onnx_not_slower_than_eager"].values()) for r in results.values()
+                    ),
+                    "c512_single_thread_rtf_onnx": None
+                    if c512 is None
+                    else c512["rtf"]["onnxruntime_fp32"]["1_thread"],
+                    "c512_single_thread_rtf_eager": None if c512 is None else c512["rtf"]["pytorch_eager"]["1_thread"],
+                    "c512_single_thread_rtf_target": 0.05,
+                },
+                "total_seconds": round(time.perf_counter() - started, 1),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ On a CPU shared with other busy processes use ``--threads 1``: with two threads,
 sparse head's many small parallel ops waits for a descheduled thread, which inflates its time
 several-fold while the few large dense ops barely notice.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -149,8 +150,21 @@ def run_in_subprocess(method: str, classes: int, dim: int, repeats: int, warmup:
     """Time, then memory, of one configuration, each in a fresh process."""
     result = {}
     for measure in ("time", "memory"):
-        command = [sys.executable, __file__, "--one", method, str(classes), str(dim), str(repeats), str(warmup), measure,
-                   "--device", args.device, "--threads", str(args.threads)]
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            method,
+            str(classes),
+            str(dim),
+            str(repeats),
+            str(warmup),
+            measure,
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ]
         env = dict(os.environ, **(MALLOC_FOR_MEASURING if measure == "memory" else {}))
         done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
         result.update(json.loads(done.stdout))
@@ -186,17 +200,23 @@ def main() -> None:
         entry["sparse_memory_ratio_to_dense_aam"] = entry["sparse_head"]["peak_extra_mb"] / dense["peak_extra_mb"]
         results.append(entry)
         print(json.dumps(entry), file=sys.stderr)
-    print(json.dumps({
-        "device": args.device,
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "settings": "AAM s=30 m=0.2; Q-Margin alpha=1.5 s=10 m=0.2; sparse head default chunk_size and capacity",
-        "inputs": f"random prototypes, embeddings at cosine {TARGET_COSINE} from their class prototype",
-        "memory_method": MEMORY_METHOD,
-        "targets_at_1M": "sparse peak_extra_mb <= 0.1 x dense_aam, ms_median <= 0.6 x dense_aam",
-        "results": results,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "device": args.device,
+                "threads": args.threads,
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "settings": "AAM s=30 m=0.2; Q-Margin alpha=1.5 s=10 m=0.2; "
+                "sparse head default chunk_size and capacity",
+                "inputs": f"random prototypes, embeddings at cosine {TARGET_COSINE} from their class prototype",
+                "memory_method": MEMORY_METHOD,
+                "targets_at_1M": "sparse peak_extra_mb <= 0.1 x dense_aam, ms_median <= 0.6 x dense_aam",
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

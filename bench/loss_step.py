@@ -1,4 +1,4 @@
-"""Forward + backward of each loss on B x C cosines: ATen ops, host syncs and time per step, alone and under load; prints JSON.
+"""Forward + backward of each loss on B x C cosines: ATen ops, host syncs, time per step alone and under load (JSON).
 
     python bench/loss_step.py [--batch 256] [--classes 5994] [--repeats 30] [--threads 1 2]
                               [--load_threads 2] [--no_load] [--device cpu|cuda] [--dtype float32|bfloat16]
@@ -17,6 +17,7 @@ embedding pulled towards its class prototype, so the rows look like mid-training
   repeats the measurement while a competing process does matrix products with ``--load_threads``
   threads (started before, stopped after), the situation of a training process sharing its cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,16 @@ from qmargin_spk.losses import AAMLoss, AlphaEntmaxLoss, QMarginLoss
 
 # Ops whose output shape depends on tensor values: a GPU must finish the work before the host can go on.
 DATA_DEPENDENT_SHAPE_OPS = {
-    "nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount",
-    "repeat_interleave", "masked_scatter", "histc",
+    "nonzero",
+    "masked_select",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "bincount",
+    "repeat_interleave",
+    "masked_scatter",
+    "histc",
 }
 READ_VALUE_OPS = {"_local_scalar_dense", "equal", "is_nonzero"}
 SPEECHBRAIN_AAM = "speechbrain_aam_s30_m0.2"
@@ -110,8 +119,12 @@ def count_ops(loss_fn, cosines: torch.Tensor, targets: torch.Tensor) -> dict:
     leaf = cosines.clone().requires_grad_(True)
     with OpCounter() as counter:
         one_step(loss_fn, cosines, targets, leaf)
-    return {"aten_ops_per_step": sum(counter.ops.values()), "host_syncs_per_step": sum(counter.syncs.values()),
-            "syncs_by_op": dict(counter.syncs), "top_ops": dict(counter.ops.most_common(8))}
+    return {
+        "aten_ops_per_step": sum(counter.ops.values()),
+        "host_syncs_per_step": sum(counter.syncs.values()),
+        "syncs_by_op": dict(counter.syncs),
+        "top_ops": dict(counter.ops.most_common(8)),
+    }
 
 
 def _sync(device: str) -> None:
@@ -132,8 +145,10 @@ def time_interleaved(losses: dict, cosines, targets, repeats: int, device: str, 
             _sync(device)
             if round_number >= warmup:
                 times[name].append(time.perf_counter() - start)
-    result = {name: {"ms_median": round(1e3 * statistics.median(t), 3), "ms_min": round(1e3 * min(t), 3)}
-              for name, t in times.items()}
+    result = {
+        name: {"ms_median": round(1e3 * statistics.median(t), 3), "ms_min": round(1e3 * min(t), 3)}
+        for name, t in times.items()
+    }
     for reference, key in ((SPEECHBRAIN_AAM, "ratio_to_speechbrain_aam"), (OURS_AAM, "ratio_to_ours_aam")):
         for entry in result.values():
             entry[key] = round(entry["ms_median"] / result[reference]["ms_median"], 3)
@@ -147,9 +162,10 @@ class CompetingLoad:
         self.threads = threads
         self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> "CompetingLoad":
-        self.process = subprocess.Popen([sys.executable, "-c", LOAD_SCRIPT, str(self.threads)],
-                                        stdout=subprocess.PIPE, text=True)
+    def __enter__(self) -> CompetingLoad:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", LOAD_SCRIPT, str(self.threads)], stdout=subprocess.PIPE, text=True
+        )
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError("the competing load process did not start")
         time.sleep(0.5)  # let it reach its steady state
@@ -167,8 +183,11 @@ def posterior_summary(losses: dict, cosines, targets) -> dict:
         stats = getattr(loss_fn, "stats", None)
         summary[name] = {"loss": round(float(loss.detach()), 6)}
         if stats is not None:
-            summary[name].update(support_mean=stats.support_mean, support_max=stats.support_max,
-                                 p_target_mean=round(stats.p_target_mean, 6))
+            summary[name].update(
+                support_mean=stats.support_mean,
+                support_max=stats.support_max,
+                p_target_mean=round(stats.p_target_mean, 6),
+            )
     return summary
 
 
@@ -197,24 +216,39 @@ def main() -> None:
         if not args.no_load:
             with CompetingLoad(args.load_threads):
                 entry["loaded"] = time_interleaved(losses, cosines, targets, args.repeats, args.device)
-            entry["loaded_over_alone"] = {name: round(entry["loaded"][name]["ms_median"] / entry["alone"][name]["ms_median"], 3)
-                                          for name in losses}
+            entry["loaded_over_alone"] = {
+                name: round(entry["loaded"][name]["ms_median"] / entry["alone"][name]["ms_median"], 3)
+                for name in losses
+            }
         timings.append(entry)
         print(json.dumps(entry), file=sys.stderr)
-    print(json.dumps({
-        "what": "forward + backward of each loss on [B, 1, C] cosines (SpeechBrain's classifier output)",
-        "batch": args.batch, "classes": args.classes, "device": args.device, "dtype": args.dtype,
-        "repeats": args.repeats, "load": None if args.no_load else f"a second process doing 512x512 matmuls on "
-                                                                  f"{args.load_threads} threads during 'loaded'",
-        "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpus": os.cpu_count(),
-        "note": "shared machine: other engineers' jobs run at the same time (see load average); compare ratios "
+    print(
+        json.dumps(
+            {
+                "what": "forward + backward of each loss on [B, 1, C] cosines (SpeechBrain's classifier output)",
+                "batch": args.batch,
+                "classes": args.classes,
+                "device": args.device,
+                "dtype": args.dtype,
+                "repeats": args.repeats,
+                "load": None
+                if args.no_load
+                else f"a second process doing 512x512 matmuls on {args.load_threads} threads during 'loaded'",
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg(),
+                "cpus": os.cpu_count(),
+                "note": "shared machine: other engineers' jobs run at the same time (see load average); compare ratios "
                 "measured in the same run rather than absolute times",
-        "target": "qmargin ratio_to_speechbrain_aam <= 1.3",
-        "torch": torch.__version__, "machine": platform.machine(),
-        "counts": counts,
-        "timings": timings,
-        "posterior": posterior_summary(losses, cosines, targets),
-    }, indent=2))
+                "target": "qmargin ratio_to_speechbrain_aam <= 1.3",
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "counts": counts,
+                "timings": timings,
+                "posterior": posterior_summary(losses, cosines, targets),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ VoxCeleb1 lists) at Vox1-E size (579,818 trials) and Vox1-O size (37,611 trials)
 With continuous scores all conventions should agree on the EER (the equal-EER checks).
 Run: ``.venv/bin/python bench/metrics.py``.
 """
+
 from __future__ import annotations
 
 import json

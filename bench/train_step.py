@@ -19,6 +19,7 @@ Dense methods are skipped above ``--dense_max_classes`` (on a CPU a dense step a
 takes seconds and gigabytes per method; raise the limit on a GPU), except dense AAM, the
 reference of the ratios, which runs up to ``--aam_max_classes``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ def build_embedder(channels: int, device: str) -> torch.nn.Module:
     """The vox2 experiment's ECAPA-TDNN embedder with ``channels``, composed as the recipe composes it."""
     from qmargin_spk.stages.experiment import composed_hparams
 
-    hparams = composed_hparams(REPO / "hparams" / "vox2_ecapa_qmargin.yaml",
-                               overrides={"channels": channels, "embedding_dim": EMBEDDING_DIM})
+    hparams = composed_hparams(
+        REPO / "hparams" / "vox2_ecapa_qmargin.yaml", overrides={"channels": channels, "embedding_dim": EMBEDDING_DIM}
+    )
     return hparams["embedder"].to(device)  # weights drawn after the experiment's own seed_everything
 
 
@@ -62,8 +64,12 @@ def build_head(method: str, classes: int, device: str):
     if method == "sparse":
         head = SparseQMarginHead(classes, EMBEDDING_DIM, alpha=1.75, scale=7.5, margin=0.2).to(device)
         return head, head
-    loss_fn = {"aam": lambda: AAMLoss(32.0, 0.2), "cosface": lambda: CosFaceLoss(32.0, 0.2),
-               "qmargin_a1.5": lambda: QMarginLoss(1.5, 7.5, 0.2), "qmargin_a1.75": lambda: QMarginLoss(1.75, 7.5, 0.2)}[method]()
+    loss_fn = {
+        "aam": lambda: AAMLoss(32.0, 0.2),
+        "cosface": lambda: CosFaceLoss(32.0, 0.2),
+        "qmargin_a1.5": lambda: QMarginLoss(1.5, 7.5, 0.2),
+        "qmargin_a1.75": lambda: QMarginLoss(1.75, 7.5, 0.2),
+    }[method]()
     classifier = Classifier(input_size=EMBEDDING_DIM, out_neurons=classes).to(device)
 
     def loss(embeddings, labels):
@@ -119,12 +125,15 @@ class MethodRun:
 
     def summary(self, batch: int) -> dict:
         median = statistics.median(self.step_times)
-        return {"samples_per_second": round(batch / median, 2), "ms_median": round(1e3 * median, 1),
-                "samples_per_second_best": round(batch / min(self.step_times), 2),
-                "ms_all": [round(1e3 * t, 1) for t in self.step_times],
-                "head_fwd_bwd_ms_median": round(1e3 * statistics.median(self.head_times), 2),
-                "loss_first_last": [round(self.losses[0], 4), round(self.losses[-1], 4)],
-                "finite": all(map(math.isfinite, self.losses))}
+        return {
+            "samples_per_second": round(batch / median, 2),
+            "ms_median": round(1e3 * median, 1),
+            "samples_per_second_best": round(batch / min(self.step_times), 2),
+            "ms_all": [round(1e3 * t, 1) for t in self.step_times],
+            "head_fwd_bwd_ms_median": round(1e3 * statistics.median(self.head_times), 2),
+            "loss_first_last": [round(self.losses[0], 4), round(self.losses[-1], 4)],
+            "finite": all(map(math.isfinite, self.losses)),
+        }
 
 
 def time_methods(methods: list[str], classes: int, initial_embedder: torch.nn.Module, wavs, labels, args) -> dict:
@@ -151,9 +160,15 @@ def paired_ratios(aam_times: list[float], method_times: list[float]) -> dict:
     ratios = [aam / own for aam, own in zip(aam_times, method_times)]
     faster = sum(r > 1.0 for r in ratios)
     untied = faster + sum(r < 1.0 for r in ratios)
-    tail = sum(math.comb(untied, k) for k in range(min(faster, untied - faster) + 1)) / 2 ** untied
-    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3),
-            "rounds_faster": faster, "rounds": len(ratios), "sign_test_p": round(min(1.0, 2 * tail), 4)}
+    tail = sum(math.comb(untied, k) for k in range(min(faster, untied - faster) + 1)) / 2**untied
+    return {
+        "median": round(statistics.median(ratios), 3),
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
+        "rounds_faster": faster,
+        "rounds": len(ratios),
+        "sign_test_p": round(min(1.0, 2 * tail), 4),
+    }
 
 
 def main() -> None:
@@ -169,8 +184,12 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast around forward and loss")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dense_max_classes", type=int, default=200_000, help="skip dense losses above this")
-    parser.add_argument("--aam_max_classes", type=int, default=1_000_000,
-                        help="but keep dense AAM, the reference of the ratios, up to this")
+    parser.add_argument(
+        "--aam_max_classes",
+        type=int,
+        default=1_000_000,
+        help="but keep dense AAM, the reference of the ratios, up to this",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -181,38 +200,64 @@ def main() -> None:
         initial = build_embedder(channels, args.device)
         for classes in args.classes:
             labels = torch.randint(0, classes, (args.batch,), generator=generator).to(args.device)
-            dense_skipped = [m for m in args.methods if m in DENSE and classes > args.dense_max_classes
-                             and not (m == "aam" and classes <= args.aam_max_classes)]
-            entry = {"classes": classes, "channels": channels,
-                     "methods": time_methods([m for m in args.methods if m not in dense_skipped], classes, initial,
-                                             wavs, labels, args),
-                     "skipped": {m: f"dense above --dense_max_classes {args.dense_max_classes}" for m in dense_skipped}}
+            dense_skipped = [
+                m
+                for m in args.methods
+                if m in DENSE
+                and classes > args.dense_max_classes
+                and not (m == "aam" and classes <= args.aam_max_classes)
+            ]
+            entry = {
+                "classes": classes,
+                "channels": channels,
+                "methods": time_methods(
+                    [m for m in args.methods if m not in dense_skipped], classes, initial, wavs, labels, args
+                ),
+                "skipped": {m: f"dense above --dense_max_classes {args.dense_max_classes}" for m in dense_skipped},
+            }
             gc.collect()
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             aam = entry["methods"].get("aam")
             for result in entry["methods"].values():
                 for key in ("", "_best"):
-                    result[f"ratio_to_aam{key}"] = (round(result[f"samples_per_second{key}"] / aam[f"samples_per_second{key}"], 3)
-                                                    if aam else None)
+                    result[f"ratio_to_aam{key}"] = (
+                        round(result[f"samples_per_second{key}"] / aam[f"samples_per_second{key}"], 3) if aam else None
+                    )
             results.append(entry)
             print(json.dumps(entry), file=sys.stderr)
-    print(json.dumps({
-        "what": "samples/s of a whole training step: Fbank + ECAPA-TDNN fwd/bwd + classifier/loss + SGD step",
-        "batch": args.batch, "crop_seconds": args.crop, "steps": args.steps, "warmup": args.warmup,
-        "device": args.device, "bf16_autocast": args.bf16, "threads": args.threads,
-        "settings": "AAM s32 m0.2, CosFace s32 m0.2, Q-Margin s7.5 m0.2 alpha 1.5/1.75, sparse head alpha 1.75 s7.5 m0.2; "
-                    "SGD momentum 0.9 nesterov wd 1e-4",
-        "ratio_to_aam": "samples/s of the method / samples/s of AAM, same run, steps interleaved (> 1 is faster); "
-                        "from median step times, and from the fastest step (_best: least disturbed by load)",
-        "paired_ratio_to_aam": "AAM step time / method step time within each round (median, min, max over rounds), "
-                               "rounds where the method was faster, and the two-sided sign-test p-value",
-        "load_average_before": load_before, "load_average_after": os.getloadavg(), "cpus": os.cpu_count(),
-        "note": "shared machine: other engineers' jobs run at the same time (see load average)",
-        "torch": torch.__version__, "machine": platform.machine(),
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        "results": results,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "what": "samples/s of a whole training step: Fbank + ECAPA-TDNN fwd/bwd + classifier/loss + SGD step",
+                "batch": args.batch,
+                "crop_seconds": args.crop,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "device": args.device,
+                "bf16_autocast": args.bf16,
+                "threads": args.threads,
+                "settings": "AAM s32 m0.2, CosFace s32 m0.2, Q-Margin s7.5 m0.2 alpha 1.5/1.75, "
+                "sparse head alpha 1.75 s7.5 m0.2; "
+                "SGD momentum 0.9 nesterov wd 1e-4",
+                "ratio_to_aam": "samples/s of the method / samples/s of AAM, same run, steps interleaved "
+                "(> 1 is faster); "
+                "from median step times, and from the fastest step (_best: least disturbed by load)",
+                "paired_ratio_to_aam": "AAM step time / method step time within each round "
+                "(median, min, max over rounds), "
+                "rounds where the method was faster, and the two-sided sign-test p-value",
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg(),
+                "cpus": os.cpu_count(),
+                "note": "shared machine: other engineers' jobs run at the same time (see load average)",
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """qmargin_spk: speaker-verification recipes with the Q-Margin family of sparse alpha-divergence losses."""
+
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version

@@ -12,12 +12,13 @@
 A mistake in the input (missing or malformed file, bad audio, a folder that is not a
 model) ends with one line on stderr and exit status 1; usage errors exit with 2.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -41,8 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, AudioError, MissingTrialFilesError, OSError, ValueError, KeyError) as err:
         text = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
         message = text.strip().splitlines() or [type(err).__name__]
-        print(f"{PROG}: error: {message[0]}" + (f" (+{len(message) - 1} more lines)" if len(message) > 1 else ""),
-              file=sys.stderr)
+        print(
+            f"{PROG}: error: {message[0]}" + (f" (+{len(message) - 1} more lines)" if len(message) > 1 else ""),
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -52,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    embed = commands.add_parser("embed", help="L2-normalised embeddings of audio files into an .npz",
-                                description="Embed audio files; writes ids [N] and embeddings [N, D] to an .npz.")
+    embed = commands.add_parser(
+        "embed",
+        help="L2-normalised embeddings of audio files into an .npz",
+        description="Embed audio files; writes ids [N] and embeddings [N, D] to an .npz.",
+    )
     _model_options(embed)
     embed.add_argument("files", nargs="*", type=Path, metavar="FILE", help="audio files (ids: the paths)")
     embed.add_argument("--list", type=Path, help="Kaldi wav.scp: one '<id> <path>' per line (instead of FILEs)")
@@ -61,62 +67,92 @@ def build_parser() -> argparse.ArgumentParser:
     _embedding_options(embed)
     embed.set_defaults(run=run_embed)
 
-    verify = commands.add_parser("verify", help="score two recordings and decide",
-                                 description="Score two recordings; print the score, the LLR (when the model is "
-                                             "calibrated) and the decision at the Bayes threshold for --p_target.")
+    verify = commands.add_parser(
+        "verify",
+        help="score two recordings and decide",
+        description="Score two recordings; print the score, the LLR (when the model is "
+        "calibrated) and the decision at the Bayes threshold for --p_target.",
+    )
     _model_options(verify)
     verify.add_argument("a", type=Path, metavar="A", help="first recording")
     verify.add_argument("b", type=Path, metavar="B", help="second recording")
     verify.add_argument("--p_target", type=_probability, default=0.01, help="prior of a target trial (0.01)")
     verify.set_defaults(run=run_verify)
 
-    score = commands.add_parser("score", help="score trial lists as the recipe's stage 3 does",
-                                description="Embed, score (cosine or AS-norm) and measure trial lists with the "
-                                            "scoring pipeline of stage 3; with a calibrated model, also LLR score "
-                                            "files and results.<backend>.calibrated.json (Cllr, actual DCF).")
+    score = commands.add_parser(
+        "score",
+        help="score trial lists as the recipe's stage 3 does",
+        description="Embed, score (cosine or AS-norm) and measure trial lists with the "
+        "scoring pipeline of stage 3; with a calibrated model, also LLR score "
+        "files and results.<backend>.calibrated.json (Cllr, actual DCF).",
+    )
     _model_options(score)
-    score.add_argument("--trials", type=Path, action="append", required=True,
-                       help="trial list '<label> <enrol> <test>' (repeatable)")
+    score.add_argument(
+        "--trials", type=Path, action="append", required=True, help="trial list '<label> <enrol> <test>' (repeatable)"
+    )
     score.add_argument("--root", type=Path, required=True, help="folder the lists' paths are relative to")
     score.add_argument("--out", type=Path, required=True, help="output folder")
-    score.add_argument("--backend", choices=("cosine", "asnorm"), default="cosine",
-                       help="scoring back-end (cosine); asnorm needs --cohort")
-    score.add_argument("--cohort", type=Path,
-                       help="training manifest CSV (ID,wav,duration,spk_id, as prepare writes it): its speakers "
-                            "form the AS-norm cohort and its mean embedding is subtracted, as in stage 3")
-    score.add_argument("--cohort_per_speaker", type=_positive_int, default=20,
-                       help="cohort utterances per speaker, the first by id (20, cohort_utts_per_speaker)")
+    score.add_argument(
+        "--backend",
+        choices=("cosine", "asnorm"),
+        default="cosine",
+        help="scoring back-end (cosine); asnorm needs --cohort",
+    )
+    score.add_argument(
+        "--cohort",
+        type=Path,
+        help="training manifest CSV (ID,wav,duration,spk_id, as prepare writes it): its speakers "
+        "form the AS-norm cohort and its mean embedding is subtracted, as in stage 3",
+    )
+    score.add_argument(
+        "--cohort_per_speaker",
+        type=_positive_int,
+        default=20,
+        help="cohort utterances per speaker, the first by id (20, cohort_utts_per_speaker)",
+    )
     score.add_argument("--top_n", type=int, default=300, help="top cohort scores per utterance in AS-norm (300)")
     _embedding_options(score)
     score.set_defaults(run=run_score)
 
-    calibrate = commands.add_parser("calibrate", help="fit score -> LLR calibration into DIR/calibration.json",
-                                    description="Fit logistic-regression calibration on a score file "
-                                                "('enrol test score label' lines, e.g. from `score`) and store it "
-                                                "in the model folder.")
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="fit score -> LLR calibration into DIR/calibration.json",
+        description="Fit logistic-regression calibration on a score file "
+        "('enrol test score label' lines, e.g. from `score`) and store it "
+        "in the model folder.",
+    )
     _model_options(calibrate)
     calibrate.add_argument("--scores", type=Path, required=True, help="score file to fit on")
     calibrate.add_argument("--prior", type=_probability, default=0.5, help="effective target prior of the fit (0.5)")
-    calibrate.add_argument("--quality", action="store_true",
-                           help="also use log durations and imposter means of both sides (needs --root, --cohort)")
+    calibrate.add_argument(
+        "--quality",
+        action="store_true",
+        help="also use log durations and imposter means of both sides (needs --root, --cohort)",
+    )
     calibrate.add_argument("--root", type=Path, help="folder the score file's utterances are relative to")
     calibrate.add_argument("--cohort", type=Path, help="wav.scp of cohort recordings (other speakers)")
     calibrate.add_argument("--top_n", type=int, default=300, help="cohort scores averaged per imposter mean (300)")
     _embedding_options(calibrate)
     calibrate.set_defaults(run=run_calibrate)
 
-    export = commands.add_parser("export", help="write ONNX or TorchScript (features inside the graph)",
-                                 description="Export the model: waveform [batch, samples] in, embedding out.")
+    export = commands.add_parser(
+        "export",
+        help="write ONNX or TorchScript (features inside the graph)",
+        description="Export the model: waveform [batch, samples] in, embedding out.",
+    )
     _model_options(export)
     export.add_argument("--format", choices=("onnx", "torchscript"), required=True)
     export.add_argument("--quantize", choices=("int8",), help="dynamic int8 weights (onnx only)")
     export.add_argument("--out", type=Path, help="output file (default: inside the model folder)")
     export.set_defaults(run=run_export)
 
-    compare = commands.add_parser("compare", help="compare scored experiments: intervals, paired differences, DET",
-                                  description="Compare experiment folders on their cached stage-3 scores "
-                                              "(speaker-bootstrap intervals, paired differences to --baseline, "
-                                              "DET overlays); trial lists are labelled by their names.")
+    compare = commands.add_parser(
+        "compare",
+        help="compare scored experiments: intervals, paired differences, DET",
+        description="Compare experiment folders on their cached stage-3 scores "
+        "(speaker-bootstrap intervals, paired differences to --baseline, "
+        "DET overlays); trial lists are labelled by their names.",
+    )
     add_compare_options(compare)
     compare.set_defaults(run=run_compare)
     return parser
@@ -150,15 +186,15 @@ def run_verify(args: argparse.Namespace) -> None:
         print(f"decision: none ({result.source})")
     else:
         verdict = "same speaker" if result.decision else "different speakers"
-        print(f"decision: {verdict} at p_target {result.p_target:g} "
-              f"(threshold {result.threshold:.4f}; {result.source})")
+        print(
+            f"decision: {verdict} at p_target {result.p_target:g} (threshold {result.threshold:.4f}; {result.source})"
+        )
 
 
 def run_score(args: argparse.Namespace) -> None:
     from qmargin_spk.calibration import calibrate_run
-    from qmargin_spk.scoring.pipeline import score_trial_lists
-
     from qmargin_spk.scoring.cohort import cohort_utterances
+    from qmargin_spk.scoring.pipeline import score_trial_lists
 
     missing = [str(path) for path in args.trials if not path.is_file()]
     if missing:
@@ -181,11 +217,21 @@ def run_score(args: argparse.Namespace) -> None:
         return model.embed_batch(wavs, rel_lens)
 
     try:  # the arguments of stage 3 (qmargin_spk.stages.score): one pipeline
-        run = score_trial_lists(embed_fn, model_id, args.root, [str(path) for path in args.trials], args.out,
-                                backend=args.backend, cohort_paths=cohort_paths, cohort_speakers=cohort_speakers,
-                                top_n=args.top_n, subtract_mean=None if cohort_paths is not None else False,
-                                batch_size=args.batch_size, chunk_seconds=args.chunk_seconds,
-                                sample_rate=model.sample_rate)
+        run = score_trial_lists(
+            embed_fn,
+            model_id,
+            args.root,
+            [str(path) for path in args.trials],
+            args.out,
+            backend=args.backend,
+            cohort_paths=cohort_paths,
+            cohort_speakers=cohort_speakers,
+            top_n=args.top_n,
+            subtract_mean=None if cohort_paths is not None else False,
+            batch_size=args.batch_size,
+            chunk_seconds=args.chunk_seconds,
+            sample_rate=model.sample_rate,
+        )
     finally:
         bar.close()
     if model.calibration is None:
@@ -196,8 +242,15 @@ def run_score(args: argparse.Namespace) -> None:
 
         def quality_of(result: dict) -> dict:
             enrol, test = _score_file_sides(result["score_file"])
-            return _trial_quality(enrol, test, table.utt_ids, table.vectors.numpy(), args.root,
-                                  model.cohort, model.calibration.cohort["top_n"])
+            return _trial_quality(
+                enrol,
+                test,
+                table.utt_ids,
+                table.vectors.numpy(),
+                args.root,
+                model.cohort,
+                model.calibration.cohort["top_n"],
+            )
 
     print(calibrate_run(model.calibration, run, args.out, quality_of), end="")
 
@@ -219,24 +272,34 @@ def run_calibrate(args: argparse.Namespace) -> None:
     quality = cohort_spec = cohort = None
     if args.quality:
         _, cohort_paths = _read_wav_scp(args.cohort)
-        cohort = model.embed(cohort_paths, batch_size=args.batch_size, chunk_seconds=args.chunk_seconds,
-                             progress=True)
+        cohort = model.embed(cohort_paths, batch_size=args.batch_size, chunk_seconds=args.chunk_seconds, progress=True)
         utts = sorted(set(enrol) | set(test))
-        embeddings = model.embed([args.root / utt for utt in utts], batch_size=args.batch_size,
-                                 chunk_seconds=args.chunk_seconds, progress=True)
+        embeddings = model.embed(
+            [args.root / utt for utt in utts],
+            batch_size=args.batch_size,
+            chunk_seconds=args.chunk_seconds,
+            progress=True,
+        )
         quality = _trial_quality(enrol, test, utts, embeddings, args.root, cohort, args.top_n)
         cohort_spec = {"file": COHORT_FILE, "top_n": args.top_n, "n_cohort": int(cohort.shape[0])}
     calibration = fit_calibration(scores, labels, quality=quality, prior=args.prior, cohort=cohort_spec)
     before, after = cllr(scores, labels), cllr(calibration.llrs({"score": scores, **(quality or {})}), labels)
-    fit = {**calibration.fit, "scores": str(args.scores), "cllr_before": before, "cllr_after": after,
-           "min_cllr": min_cllr(scores, labels), "model_sha256": model.info["checkpoint_sha256"]}
+    fit = {
+        **calibration.fit,
+        "scores": str(args.scores),
+        "cllr_before": before,
+        "cllr_after": after,
+        "min_cllr": min_cllr(scores, labels),
+        "model_sha256": model.info["checkpoint_sha256"],
+    }
     calibration = replace(calibration, fit=fit)
     if cohort is not None:
         with atomic_open(args.model / COHORT_FILE, "wb") as handle:
             np.save(handle, cohort)
     calibration.save(args.model / CALIBRATION_FILE)
-    print(f"calibration on {labels.size} trials ({int(labels.sum())} target) "
-          f"written to {args.model / CALIBRATION_FILE}")
+    print(
+        f"calibration on {labels.size} trials ({int(labels.sum())} target) written to {args.model / CALIBRATION_FILE}"
+    )
     print(f"inputs: {', '.join(calibration.inputs)}")
     print(f"Cllr before: {before:.4f}  after: {after:.4f}  (min Cllr {fit['min_cllr']:.4f}; on the fitting list)")
 
@@ -256,8 +319,9 @@ def run_export(args: argparse.Namespace) -> None:
         print(f"TorchScript written to {out}")
 
 
-def run_compare(args: argparse.Namespace, list_labels: dict[str, str] | None = None,
-                list_order: Sequence[str] = ()) -> None:
+def run_compare(
+    args: argparse.Namespace, list_labels: dict[str, str] | None = None, list_order: Sequence[str] = ()
+) -> None:
     """Compare the experiments of ``args`` (see :func:`add_compare_options`); print the summary table.
 
     ``list_labels`` / ``list_order`` name and order the trial lists (a recipe supplies its corpus's names).
@@ -266,16 +330,26 @@ def run_compare(args: argparse.Namespace, list_labels: dict[str, str] | None = N
 
     try:
         summary = compare_experiments(
-            args.experiments, args.out, baseline=args.baseline, backend=args.backend, n_resamples=args.n_resamples,
-            seed=args.seed, confidence=args.confidence, list_labels=list_labels, list_order=list_order,
+            args.experiments,
+            args.out,
+            baseline=args.baseline,
+            backend=args.backend,
+            n_resamples=args.n_resamples,
+            seed=args.seed,
+            confidence=args.confidence,
+            list_labels=list_labels,
+            list_order=list_order,
         )
     except CompareError as error:
         raise UserError(str(error)) from None
     print(summary["table"], end="")
-    print(f"\nwritten to {args.out}: summary.md, comparison.json, " + ", ".join(
-        f"{entry['list']}.md" + (f" + {entry['list']}.det.png" if entry["det_plot"] else "")
-        for entry in summary["lists"]
-    ))
+    print(
+        f"\nwritten to {args.out}: summary.md, comparison.json, "
+        + ", ".join(
+            f"{entry['list']}.md" + (f" + {entry['list']}.det.png" if entry["det_plot"] else "")
+            for entry in summary["lists"]
+        )
+    )
 
 
 # ---------------------------------------------------------------- helpers
@@ -360,9 +434,15 @@ def _stage_embeddings(model, model_id: str, args: argparse.Namespace):
     from qmargin_spk.scoring.embeddings import extract_embeddings
 
     utts = unique_utterances(read_trial_lists([str(path) for path in args.trials])).tolist()
-    return extract_embeddings({utt: Path(args.root) / utt for utt in utts}, model.embed_batch,
-                              Path(args.out) / "embeddings" / "test.pt", model_id, batch_size=args.batch_size,
-                              chunk_seconds=args.chunk_seconds, sample_rate=model.sample_rate)
+    return extract_embeddings(
+        {utt: Path(args.root) / utt for utt in utts},
+        model.embed_batch,
+        Path(args.out) / "embeddings" / "test.pt",
+        model_id,
+        batch_size=args.batch_size,
+        chunk_seconds=args.chunk_seconds,
+        sample_rate=model.sample_rate,
+    )
 
 
 def _score_file_sides(score_file: str) -> tuple[list[str], list[str]]:

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random-weight model composed like the demo experiment, packaged once."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+
 DEMO_HPARAMS = Path(__file__).resolve().parents[1] / "hparams" / "demo_cpu_qmargin.yaml"
 TINY = {"channels": 32, "embedding_dim": 16}
 SR = 16000
@@ -31,8 +33,13 @@ def package_recipe_model(out_dir, overrides: dict = TINY, meta: dict | None = No
 
     hparams = recipe_hparams(overrides)
     embedder = hparams["embedder"].eval()
-    folder = package_model(out_dir, hparams["frontend_description"], hparams["backbone_description"],
-                           hparams["embedding_model"].state_dict(), meta or {})
+    folder = package_model(
+        out_dir,
+        hparams["frontend_description"],
+        hparams["backbone_description"],
+        hparams["embedding_model"].state_dict(),
+        meta or {},
+    )
     return folder, embedder
 
 
@@ -52,8 +59,12 @@ def write_wav(path, seconds, rate=SR, seed=0, channels=1):
 def tiny_model(tmp_path_factory):
     """``(model folder, recipe embedder with the same weights)`` for a random-weight ECAPA (C=32, D=16)."""
     torch.manual_seed(0)
-    meta = {"loss": "qmargin", "loss_settings": {"alpha": 1.5, "scale": 10.0, "margin": 0.2},
-            "n_training_speakers": 3, "code_version": "test"}
+    meta = {
+        "loss": "qmargin",
+        "loss_settings": {"alpha": 1.5, "scale": 10.0, "margin": 0.2},
+        "n_training_speakers": 3,
+        "code_version": "test",
+    }
     return package_recipe_model(tmp_path_factory.mktemp("models") / "tiny", TINY, meta)
 
 
@@ -63,8 +74,15 @@ def audio_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("audio")
     (root / "a").mkdir()
     (root / "b").mkdir()
-    lengths = {"a/1.wav": 0.5, "a/2.wav": 3.0, "a/3.wav": 3.0, "b/1.wav": 1.3, "b/2.wav": 20.0, "b/3.wav": 7.1,
-               "a/4.wav": 2.2}
+    lengths = {
+        "a/1.wav": 0.5,
+        "a/2.wav": 3.0,
+        "a/3.wav": 3.0,
+        "b/1.wav": 1.3,
+        "b/2.wav": 20.0,
+        "b/3.wav": 7.1,
+        "a/4.wav": 2.2,
+    }
     for seed, (name, seconds) in enumerate(lengths.items()):
         write_wav(root / name, seconds, seed=seed + (0 if name.startswith("a") else 100))
     return root

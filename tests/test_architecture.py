@@ -4,6 +4,7 @@ Layers, lowest first: utils < data < models, losses < metrics < training, scorin
 < inference < stages < cli. On top of that, metrics reads no data formats, scoring and
 calibration never import training, and inference imports neither training nor the stages.
 """
+
 import ast
 import re
 import textwrap
@@ -12,10 +13,22 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qmargin_spk"
-LAYERS = [("utils",), ("data",), ("models", "losses"), ("metrics",), ("training", "scoring", "calibration"),
-          ("inference",), ("stages",), ("cli",)]
-EXTRA_FORBIDDEN = {"metrics": ("data",), "scoring": ("training",), "calibration": ("training",),
-                   "inference": ("training",)}
+LAYERS = [
+    ("utils",),
+    ("data",),
+    ("models", "losses"),
+    ("metrics",),
+    ("training", "scoring", "calibration"),
+    ("inference",),
+    ("stages",),
+    ("cli",),
+]
+EXTRA_FORBIDDEN = {
+    "metrics": ("data",),
+    "scoring": ("training",),
+    "calibration": ("training",),
+    "inference": ("training",),
+}
 
 
 def forbidden_imports() -> dict[str, tuple[str, ...]]:
@@ -61,8 +74,11 @@ def test_package_does_not_import_higher_layers(package):
 
 def test_code_cites_only_docs_that_exist():
     docs = PACKAGE.parent / "docs"
-    cited = {name for path in PACKAGE.rglob("*.py")
-             for name in re.findall(r"docs/([\w./-]+\.md)", path.read_text(encoding="utf-8"))}
+    cited = {
+        name
+        for path in PACKAGE.rglob("*.py")
+        for name in re.findall(r"docs/([\w./-]+\.md)", path.read_text(encoding="utf-8"))
+    }
     missing = sorted(name for name in cited if not (docs / name).is_file())
     assert cited and not missing, missing
 
@@ -93,7 +109,8 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
         home = name if path.name == "__init__.py" else name.rpartition(".")[0]
         tree = ast.parse(path.read_text(encoding="utf-8"))
         lazy = path.name == "__init__.py" and any(
-            isinstance(node, ast.Attribute) and node.attr == "import_module" for node in ast.walk(tree))
+            isinstance(node, ast.Attribute) and node.attr == "import_module" for node in ast.walk(tree)
+        )
         for node in ast.walk(tree):
             targets = []
             if lazy and isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -113,6 +130,7 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
 
 def subpackage_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     """The graph between ``qmargin_spk.X`` nodes (a top-level module is its own node)."""
+
     def node(module: str) -> str:
         return ".".join(module.split(".")[:2])
 
@@ -191,7 +209,7 @@ def test_the_import_graph_sees_every_kind_of_import(tmp_path):
         "pkg/low/core.py": "def thing():\n    from ..high import view  # inside a function, relative\n",
         "pkg/low/other.py": "from . import core\n",
         "pkg/high/__init__.py": "import importlib\n_EXPORTS = {'view': 'view'}\n"
-                                "def __getattr__(name):\n    return importlib.import_module(f'{__name__}.x')\n",
+        "def __getattr__(name):\n    return importlib.import_module(f'{__name__}.x')\n",
         "pkg/high/view.py": "import pkg.low.other\n",
         "pkg/top.py": "from pkg import low\n",
     }
@@ -200,8 +218,13 @@ def test_the_import_graph_sees_every_kind_of_import(tmp_path):
         (tmp_path / name).write_text(textwrap.dedent(text))
     graph = import_graph(tmp_path / "pkg")
     assert graph == {
-        "pkg": set(), "pkg.low": {"pkg.low.core"}, "pkg.low.core": {"pkg.high.view"}, "pkg.low.other": {"pkg.low.core"},
-        "pkg.high": {"pkg.high.view"}, "pkg.high.view": {"pkg.low.other"}, "pkg.top": {"pkg.low"},
+        "pkg": set(),
+        "pkg.low": {"pkg.low.core"},
+        "pkg.low.core": {"pkg.high.view"},
+        "pkg.low.other": {"pkg.low.core"},
+        "pkg.high": {"pkg.high.view"},
+        "pkg.high.view": {"pkg.low.other"},
+        "pkg.top": {"pkg.low"},
     }
     assert cycle_report(graph) == ["pkg.high.view -> pkg.low.other -> pkg.low.core -> pkg.high.view"]
     assert cycle_report(subpackage_graph(graph)) == ["pkg.high -> pkg.low -> pkg.high"]

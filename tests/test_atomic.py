@@ -1,4 +1,5 @@
 """Atomic writes: a failure mid-write keeps the old file and leaves no temporary behind."""
+
 import os
 import signal
 import stat

@@ -1,4 +1,5 @@
 """The one batch planner: its policy on lengths, and the same embeddings through every door that uses it."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,8 +12,9 @@ from qmargin_spk.inference import SpeakerModel
 from qmargin_spk.scoring.embeddings import extract_embeddings
 
 
-@pytest.mark.parametrize("length, chunk", [(1, 3), (10, 3), (16000, 48000), (71999, 48000), (72000, 48000),
-                                           (320000, 48000), (7, None)])
+@pytest.mark.parametrize(
+    "length, chunk", [(1, 3), (10, 3), (16000, 48000), (71999, 48000), (72000, 48000), (320000, 48000), (7, None)]
+)
 def test_chunks_are_near_equal_contiguous_and_round_the_count(length, chunk):
     bounds = chunk_bounds(length, chunk)
     expected_count = 1 if chunk is None else max(1, round(length / chunk))
@@ -27,7 +29,11 @@ def test_pieces_come_longest_first_and_only_unchunked_items_are_whole():
     pieces = plan_pieces({0: 16000, 2: 40000, 5: 16000}, chunk_seconds=1.5, sample_rate=16000)
     assert [p.length for p in pieces] == sorted((p.length for p in pieces), reverse=True)
     assert [(p.row, p.start, p.length, p.whole) for p in pieces] == [
-        (2, 0, 20000, False), (2, 20000, 20000, False), (0, 0, 16000, True), (5, 0, 16000, True)]
+        (2, 0, 20000, False),
+        (2, 20000, 20000, False),
+        (0, 0, 16000, True),
+        (5, 0, 16000, True),
+    ]
     with pytest.raises(ValueError, match="chunk_seconds"):
         plan_pieces({0: 10}, chunk_seconds=1e-6, sample_rate=16000)
 
@@ -49,8 +55,10 @@ def brute_force_batches(lengths, batch_size, max_padding, max_samples):
     return batches
 
 
-@pytest.mark.parametrize("batch_size, max_padding, max_samples", [(16, 0.0, None), (2, 0.0, None), (16, 0.0, 40),
-                                                                  (16, 0.25, None), (3, 0.5, 50)])
+@pytest.mark.parametrize(
+    "batch_size, max_padding, max_samples",
+    [(16, 0.0, None), (2, 0.0, None), (16, 0.0, 40), (16, 0.25, None), (3, 0.5, 50)],
+)
 def test_batches_follow_the_policy(batch_size, max_padding, max_samples):
     rng = np.random.default_rng(0)
     lengths = rng.choice([4, 10, 10, 10, 12, 16, 16, 30, 100], size=40).tolist()
@@ -100,8 +108,15 @@ def test_mixed_lengths_embed_as_one_file_at_a_time_through_every_door(tiny_model
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
 
     def stage(paths, batch_size):
-        table = extract_embeddings({str(p): p for p in paths}, model.embed_batch, None, "m", batch_size=batch_size,
-                                   chunk_seconds=chunk_seconds, sample_rate=model.sample_rate)
+        table = extract_embeddings(
+            {str(p): p for p in paths},
+            model.embed_batch,
+            None,
+            "m",
+            batch_size=batch_size,
+            chunk_seconds=chunk_seconds,
+            sample_rate=model.sample_rate,
+        )
         return unit(table.vectors.numpy()[table.indices([str(p) for p in paths])].astype(np.float64))
 
     stage_all = stage(files, 4)

@@ -1,4 +1,5 @@
 """``bench/train_step.py``: its paired per-round ratios against scipy's sign test, and a tiny end-to-end run."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,11 +21,14 @@ def load_bench():
     return module
 
 
-@pytest.mark.parametrize("aam, own", [
-    ([5.0, 5.1, 4.9, 5.2, 5.0, 5.3, 4.8, 5.0], [4.6, 4.2, 4.7, 4.8, 4.8, 4.5, 4.4, 4.9]),
-    ([1.0, 2.0, 3.0, 4.0, 5.0], [1.5, 1.0, 3.5, 4.5, 4.0]),
-    ([2.0, 2.0, 2.0], [2.0, 1.0, 3.0]),  # one tied round, left out of the test
-])
+@pytest.mark.parametrize(
+    "aam, own",
+    [
+        ([5.0, 5.1, 4.9, 5.2, 5.0, 5.3, 4.8, 5.0], [4.6, 4.2, 4.7, 4.8, 4.8, 4.5, 4.4, 4.9]),
+        ([1.0, 2.0, 3.0, 4.0, 5.0], [1.5, 1.0, 3.5, 4.5, 4.0]),
+        ([2.0, 2.0, 2.0], [2.0, 1.0, 3.0]),  # one tied round, left out of the test
+    ],
+)
 def test_paired_ratios_match_scipy_sign_test(aam, own):
     result = load_bench().paired_ratios(aam, own)
     ratios = sorted(a / o for a, o in zip(aam, own))
@@ -38,8 +42,26 @@ def test_paired_ratios_match_scipy_sign_test(aam, own):
 @pytest.mark.e2e
 def test_tiny_run_reports_every_method_against_aam():
     completed = subprocess.run(
-        [sys.executable, str(SCRIPT), "--classes", "50", "--channels", "16", "--batch", "2", "--crop", "0.5",
-         "--steps", "2", "--warmup", "1"], capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--classes",
+            "50",
+            "--channels",
+            "16",
+            "--batch",
+            "2",
+            "--crop",
+            "0.5",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(completed.stdout)
     methods = report["results"][0]["methods"]
     assert set(methods) == {"aam", "cosface", "qmargin_a1.5", "qmargin_a1.75", "sparse"}

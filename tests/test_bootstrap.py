@@ -7,6 +7,7 @@ are independent normals. Over random speakers the target scores are N(MU, var_T)
 non-target scores N(0, var_N), so the EER is ``Phi(-MU / (sd_T + sd_N))`` (the two error
 rates are equal where ``(t - MU) / sd_T = -t / sd_N``).
 """
+
 from __future__ import annotations
 
 from statistics import NormalDist
@@ -102,8 +103,9 @@ def materialised_resample(labels, enrol_speaker, test_speaker, draws):
 
 @pytest.mark.parametrize("decimals", [None, 1])
 def test_resample_metrics_equal_compute_metrics_on_materialised_resample(decimals):
-    scores, labels, enrol, test = noisy_list(7, n_speakers=8, utts_per_speaker=5, nontargets_per_speaker=40,
-                                             decimals=decimals)
+    scores, labels, enrol, test = noisy_list(
+        7, n_speakers=8, utts_per_speaker=5, nontargets_per_speaker=40, decimals=decimals
+    )
     fars = (0.01, 0.05, 0.2)
     bootstrap = SpeakerBootstrap(labels, enrol, test, n_resamples=12, seed=5, p_targets=(0.01, 0.05, 0.3), fars=fars)
     replicates = bootstrap.replicates(scores)

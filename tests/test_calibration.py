@@ -1,4 +1,5 @@
 """Logistic-regression calibration against the closed-form LLR of Gaussian scores, and quality measures."""
+
 from __future__ import annotations
 
 import json
@@ -58,9 +59,7 @@ def test_calibrated_llrs_beat_raw_scores_and_reach_min_dcf_on_held_out_trials():
         # The raw cosine at the same Bayes threshold is far off.
         assert raw.act_dcf_at(p).value > 0.9
     # And the true LLR itself is no better than the fitted one (up to sampling noise).
-    assert cllr(TRUE_SLOPE * test_scores + TRUE_OFFSET, test_labels) == pytest.approx(
-        calibrated.cllr, abs=0.01
-    )
+    assert cllr(TRUE_SLOPE * test_scores + TRUE_OFFSET, test_labels) == pytest.approx(calibrated.cllr, abs=0.01)
 
 
 def test_quality_inputs_recover_their_weight():

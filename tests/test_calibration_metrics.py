@@ -1,4 +1,5 @@
 """Cllr, min Cllr and actual DCF against closed forms, hand-made lists and brute force."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """The qmargin-spk command line: outputs against the library and the recipe's scoring stage; clean user errors."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -28,8 +29,14 @@ def model_dir(tiny_model, tmp_path):
 @pytest.fixture(scope="module")
 def trials(audio_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("lists") / "mini.txt"
-    lines = ["1 a/1.wav a/2.wav", "0 a/1.wav b/1.wav", "1 b/1.wav b/2.wav", "0 a/3.wav b/3.wav",
-             "1 a/3.wav a/4.wav", "0 b/2.wav a/4.wav"]
+    lines = [
+        "1 a/1.wav a/2.wav",
+        "0 a/1.wav b/1.wav",
+        "1 b/1.wav b/2.wav",
+        "0 a/3.wav b/3.wav",
+        "1 a/3.wav a/4.wav",
+        "0 b/2.wav a/4.wav",
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -65,14 +72,57 @@ def test_embed_files_and_wav_scp(model_dir, audio_dir, tmp_path, capsys):
         (lambda d, t: ["calibrate", "--model", d, "--scores", t / "bad.scores"], "bad.scores:1: expected"),
         (lambda d, t: ["calibrate", "--model", d, "--scores", t / "bad.scores", "--quality"], "needs --root"),
         (lambda d, t: ["export", "--model", d, "--format", "torchscript", "--quantize", "int8"], "onnx only"),
-        (lambda d, t: ["score", "--model", d, "--trials", t / "none.txt", "--root", t, "--out", t / "o"],
-         "none.txt"),
-        (lambda d, t: ["score", "--model", d, "--trials", t / "list.txt", "--root", t, "--out", t / "o",
-                       "--backend", "asnorm"], "--backend asnorm needs --cohort"),
-        (lambda d, t: ["score", "--model", d, "--trials", t / "list.txt", "--root", t, "--out", t / "o",
-                       "--backend", "asnorm", "--cohort", t / "missing.csv"], "missing.csv: no such cohort manifest"),
-        (lambda d, t: ["score", "--model", d, "--trials", t / "list.txt", "--root", t, "--out", t / "o",
-                       "--cohort", t / "bad.csv"], "bad.csv:3: expected ID,wav,duration,spk_id"),
+        (lambda d, t: ["score", "--model", d, "--trials", t / "none.txt", "--root", t, "--out", t / "o"], "none.txt"),
+        (
+            lambda d, t: [
+                "score",
+                "--model",
+                d,
+                "--trials",
+                t / "list.txt",
+                "--root",
+                t,
+                "--out",
+                t / "o",
+                "--backend",
+                "asnorm",
+            ],
+            "--backend asnorm needs --cohort",
+        ),
+        (
+            lambda d, t: [
+                "score",
+                "--model",
+                d,
+                "--trials",
+                t / "list.txt",
+                "--root",
+                t,
+                "--out",
+                t / "o",
+                "--backend",
+                "asnorm",
+                "--cohort",
+                t / "missing.csv",
+            ],
+            "missing.csv: no such cohort manifest",
+        ),
+        (
+            lambda d, t: [
+                "score",
+                "--model",
+                d,
+                "--trials",
+                t / "list.txt",
+                "--root",
+                t,
+                "--out",
+                t / "o",
+                "--cohort",
+                t / "bad.csv",
+            ],
+            "bad.csv:3: expected ID,wav,duration,spk_id",
+        ),
     ],
 )
 def test_user_mistakes_end_with_one_line(model_dir, tmp_path, capsys, make_args, message):
@@ -91,9 +141,18 @@ def test_verify_prints_score_llr_and_decision(model_dir, audio_dir, capsys):
     expected = SpeakerModel.from_folder(model_dir).verify(a, b)
     assert status == 0
     assert f"score: {expected.score:.6f}" in out and "llr: n/a" in out and "decision: none" in out
-    (model_dir / "calibration.json").write_text(json.dumps(
-        {"format": 1, "kind": "logistic_regression", "inputs": ["score"], "weights": [10.0],
-         "offset": 2.0 - 10.0 * expected.score, "prior": 0.5}))
+    (model_dir / "calibration.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "kind": "logistic_regression",
+                "inputs": ["score"],
+                "weights": [10.0],
+                "offset": 2.0 - 10.0 * expected.score,
+                "prior": 0.5,
+            }
+        )
+    )
     status, out, _ = run_cli(capsys, "verify", "--model", model_dir, a, b, "--p_target", "0.5")
     assert status == 0 and "llr: 2.0000" in out and "decision: same speaker at p_target 0.5" in out
     status, out, _ = run_cli(capsys, "verify", "--model", model_dir, a, b)
@@ -102,10 +161,17 @@ def test_verify_prints_score_llr_and_decision(model_dir, audio_dir, capsys):
 
 def test_score_gives_the_scoring_stage_numbers(tiny_model, model_dir, audio_dir, trials, tmp_path, capsys):
     _, recipe_embedder = tiny_model
-    reference = score_trial_lists(lambda w, l: recipe_embedder(w, l), "recipe", audio_dir, [trials],
-                                  tmp_path / "stage", print_table=False)
-    status, out, _ = run_cli(capsys, "score", "--model", model_dir, "--trials", trials, "--root", audio_dir,
-                             "--out", tmp_path / "cli")
+    reference = score_trial_lists(
+        lambda wavs, lengths: recipe_embedder(wavs, lengths),
+        "recipe",
+        audio_dir,
+        [trials],
+        tmp_path / "stage",
+        print_table=False,
+    )
+    status, out, _ = run_cli(
+        capsys, "score", "--model", model_dir, "--trials", trials, "--root", audio_dir, "--out", tmp_path / "cli"
+    )
     assert status == 0 and "| mini | cosine | 6 |" in out
     _, _, expected, labels = read_score_file(reference["results"][0]["score_file"])
     enrol, test, got, got_labels = read_score_file(tmp_path / "cli" / "mini.cosine.scores")
@@ -137,14 +203,41 @@ def test_score_with_asnorm_and_a_cohort_gives_the_stage_3_numbers(model_dir, aud
     cohort_paths, cohort_speakers = cohort_utterances(manifest, 2)
     assert sorted(cohort_paths) == [f"id{s}/v/{u}" for s in range(4) for u in (0, 1)]
     reference = score_trial_lists(
-        model.embed_batch, "stage", audio_dir, [str(trials)], tmp_path / "stage", backend="asnorm",
-        cohort_paths=cohort_paths, cohort_speakers=cohort_speakers, top_n=300, subtract_mean=None,
-        batch_size=16, chunk_seconds=None, sample_rate=model.sample_rate, max_batch_seconds=300.0, print_table=False,
+        model.embed_batch,
+        "stage",
+        audio_dir,
+        [str(trials)],
+        tmp_path / "stage",
+        backend="asnorm",
+        cohort_paths=cohort_paths,
+        cohort_speakers=cohort_speakers,
+        top_n=300,
+        subtract_mean=None,
+        batch_size=16,
+        chunk_seconds=None,
+        sample_rate=model.sample_rate,
+        max_batch_seconds=300.0,
+        print_table=False,
     )
     assert reference["settings"]["subtract_mean"] and reference["settings"]["n_cohort_speakers"] == 4
-    status, out, err = run_cli(capsys, "score", "--model", model_dir, "--trials", trials, "--root", audio_dir,
-                               "--out", tmp_path / "cli", "--backend", "asnorm", "--cohort", manifest,
-                               "--cohort_per_speaker", 2)
+    status, out, err = run_cli(
+        capsys,
+        "score",
+        "--model",
+        model_dir,
+        "--trials",
+        trials,
+        "--root",
+        audio_dir,
+        "--out",
+        tmp_path / "cli",
+        "--backend",
+        "asnorm",
+        "--cohort",
+        manifest,
+        "--cohort_per_speaker",
+        2,
+    )
     assert status == 0, err
     assert "| mini | asnorm | 6 |" in out
     enrol, test, expected, labels = read_score_file(reference["results"][0]["score_file"])
@@ -171,8 +264,9 @@ def test_calibrate_then_score_reports_calibrated_results(model_dir, audio_dir, t
     assert after < before and f"Cllr before: {before:.4f}  after: {after:.4f}" in out
     assert stored["fit"]["model_sha256"] == json.loads((model_dir / "model.json").read_text())["checkpoint_sha256"]
 
-    status, out, _ = run_cli(capsys, "score", "--model", model_dir, "--trials", trials, "--root", audio_dir,
-                             "--out", tmp_path / "cli")
+    status, out, _ = run_cli(
+        capsys, "score", "--model", model_dir, "--trials", trials, "--root", audio_dir, "--out", tmp_path / "cli"
+    )
     calibrated = json.loads((tmp_path / "cli" / "results.cosine.calibrated.json").read_text())
     metrics = calibrated["results"][0]["metrics"]
     assert status == 0 and {"cllr", "min_cllr", "act_dcf"} <= set(metrics) and "| mini | 6 |" in out
@@ -185,9 +279,21 @@ def test_calibrate_with_quality(model_dir, audio_dir, trials, tmp_path, capsys):
     run_cli(capsys, "score", "--model", model_dir, "--trials", trials, "--root", audio_dir, "--out", tmp_path / "s")
     cohort = tmp_path / "cohort.scp"
     cohort.write_text("".join(f"c{i} {p}\n" for i, p in enumerate(sorted(audio_dir.rglob("*.wav")))))
-    status, out, err = run_cli(capsys, "calibrate", "--model", model_dir, "--scores",
-                               tmp_path / "s" / "mini.cosine.scores", "--quality", "--root", audio_dir,
-                               "--cohort", cohort, "--top_n", 3)
+    status, out, err = run_cli(
+        capsys,
+        "calibrate",
+        "--model",
+        model_dir,
+        "--scores",
+        tmp_path / "s" / "mini.cosine.scores",
+        "--quality",
+        "--root",
+        audio_dir,
+        "--cohort",
+        cohort,
+        "--top_n",
+        3,
+    )
     assert status == 0, err
     assert "inputs: score, log_duration_enrol, log_duration_test, imposter_mean_enrol, imposter_mean_test" in out
     assert np.load(model_dir / "calibration_cohort.npy").shape == (7, 16)
@@ -220,7 +326,20 @@ def test_version_prints_the_installed_package_version(capsys):
 
 def test_a_user_mistake_in_a_process_has_no_traceback(model_dir, tmp_path):
     env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "qmargin_spk.cli", "verify", "--model", str(model_dir),
-                             str(tmp_path / "a.wav"), str(tmp_path / "b.wav")], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qmargin_spk.cli",
+            "verify",
+            "--model",
+            str(model_dir),
+            str(tmp_path / "a.wav"),
+            str(tmp_path / "b.wav"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().endswith("a.wav: no such audio file")

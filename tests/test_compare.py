@@ -1,4 +1,5 @@
 """Comparing experiments from hand-made stage-3 folders: tables, baseline differences, clear errors."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,9 +20,15 @@ N_RESAMPLES = 200
 # Hand-made list labels, as a recipe supplies them (the library knows no corpus).
 LABELS, ORDER = {"veri_test2": "Vox1-O"}, ("Vox1-O",)
 # The description the experiment itself writes into its results file (current layout).
-DESCRIBED = {"name": "qmargin", "label": "qmargin_sparse", "backbone": "ecapa_tdnn", "setting": "demo_cpu",
-             "loss": "qmargin", "loss_settings": {"head": "sparse", "alpha": 1.5, "scale": 10.0, "margin": 0.2,
-                                                  "margin_ramp": [0, 0]}, "finetuned_from": None}
+DESCRIBED = {
+    "name": "qmargin",
+    "label": "qmargin_sparse",
+    "backbone": "ecapa_tdnn",
+    "setting": "demo_cpu",
+    "loss": "qmargin",
+    "loss_settings": {"head": "sparse", "alpha": 1.5, "scale": 10.0, "margin": 0.2, "margin_ramp": [0, 0]},
+    "finetuned_from": None,
+}
 
 
 def trial_list(seed, n_speakers=12, utts=4, nontargets=300):
@@ -46,12 +53,25 @@ def make_experiment(root, folder, lists, experiment=None, backend="cosine"):
     for name, (enrol, test, labels, scores) in lists.items():
         score_file = scores_dir / f"{name}.{backend}.scores"
         write_score_file(score_file, enrol, test, scores, labels)
-        results.append({
-            "list": name, "trial_file": f"/data/{name}.txt", "backend": backend, "n_trials": len(labels),
-            "metrics": compute_metrics(scores, labels).to_dict(), "score_file": str(score_file), "det_plot": None,
-        })
-    run = {"model_id": f"model-{folder}", "backend": backend, "test_root": "/data/wav", "n_utterances": 0,
-           "settings": {}, "results": results}
+        results.append(
+            {
+                "list": name,
+                "trial_file": f"/data/{name}.txt",
+                "backend": backend,
+                "n_trials": len(labels),
+                "metrics": compute_metrics(scores, labels).to_dict(),
+                "score_file": str(score_file),
+                "det_plot": None,
+            }
+        )
+    run = {
+        "model_id": f"model-{folder}",
+        "backend": backend,
+        "test_root": "/data/wav",
+        "n_utterances": 0,
+        "settings": {},
+        "results": results,
+    }
     run["experiment"] = experiment
     (scores_dir / f"results.{backend}.json").write_text(json.dumps(run))
     return root / folder
@@ -67,8 +87,16 @@ def two_systems(tmp_path):
         signal = 2.0 * labels + rng.normal(size=labels.size)
         lists_good[name] = (enrol, test, labels, signal + 1.0 * labels)
         lists_weak[name] = (enrol, test, labels, signal + rng.normal(size=labels.size))
-    described = {"name": "qmargin", "folder": "exp/qmargin", "hparams_file": "hparams/demo_cpu_qmargin.yaml",
-                 "loss": "qmargin", "alpha": 1.5, "scale": 30.0, "margin": 0.2, "margin_ramp": [None, None]}
+    described = {
+        "name": "qmargin",
+        "folder": "exp/qmargin",
+        "hparams_file": "hparams/demo_cpu_qmargin.yaml",
+        "loss": "qmargin",
+        "alpha": 1.5,
+        "scale": 30.0,
+        "margin": 0.2,
+        "margin_ramp": [None, None],
+    }
     good = make_experiment(tmp_path, "exp_good", lists_good, described)
     weak = make_experiment(tmp_path, "exp_weak", lists_weak)  # "experiment": None, as when stage 3 had none
     return good, weak, lists_good, lists_weak
@@ -94,7 +122,8 @@ def test_tables_hold_point_estimates_and_intervals(two_systems, tmp_path):
     result = entry["systems"]["qmargin"]
     assert result["eer"]["value"] == expected.eer
     reference = SpeakerBootstrap(labels, enrol, test, n_resamples=N_RESAMPLES).intervals(
-        SpeakerBootstrap(labels, enrol, test, n_resamples=N_RESAMPLES).replicates(scores))
+        SpeakerBootstrap(labels, enrol, test, n_resamples=N_RESAMPLES).replicates(scores)
+    )
     assert result["eer"]["low"] == reference.eer.low and result["eer"]["high"] == reference.eer.high
     assert entry["n_speakers"] == 12 and entry["n_trials"] == labels.size
 
@@ -118,8 +147,9 @@ def test_tables_hold_point_estimates_and_intervals(two_systems, tmp_path):
 def test_baseline_differences_are_paired(two_systems, tmp_path):
     good, weak, lists_good, lists_weak = two_systems
     out = tmp_path / "cmp"
-    summary = compare_experiments([good], out, baseline=weak, n_resamples=N_RESAMPLES,
-                                  list_labels=LABELS, list_order=ORDER)  # baseline added
+    summary = compare_experiments(
+        [good], out, baseline=weak, n_resamples=N_RESAMPLES, list_labels=LABELS, list_order=ORDER
+    )  # baseline added
     assert summary["baseline"] == "exp_weak"
     assert [e["name"] for e in summary["experiments"]] == ["exp_weak", "qmargin"]
     enrol, test, labels, scores_good = lists_good["veri_test2"]
@@ -146,9 +176,7 @@ def test_mismatched_trials_are_refused(two_systems, tmp_path):
     other = make_experiment(tmp_path, "exp_other", {"veri_test2": (enrol, swapped, labels, scores)})
     with pytest.raises(CompareError, match=r"list 'veri_test2': trial 6 differs .* same trial list"):
         compare_experiments([good, other], tmp_path / "cmp", baseline=good, n_resamples=N_RESAMPLES)
-    shorter = make_experiment(
-        tmp_path, "exp_short", {"veri_test2": (enrol[:-1], test[:-1], labels[:-1], scores[:-1])}
-    )
+    shorter = make_experiment(tmp_path, "exp_short", {"veri_test2": (enrol[:-1], test[:-1], labels[:-1], scores[:-1])})
     with pytest.raises(CompareError, match=f"qmargin has {labels.size} trials but exp_short has {labels.size - 1}"):
         compare_experiments([good, shorter], tmp_path / "cmp", n_resamples=N_RESAMPLES)
 
@@ -171,7 +199,9 @@ def test_lists_keep_their_names_without_labels(two_systems, tmp_path):
     good, weak, _, _ = two_systems
     summary = compare_experiments([weak, good], tmp_path / "cmp", n_resamples=N_RESAMPLES)
     assert [(entry["list"], entry["label"]) for entry in summary["lists"]] == [
-        ("mylist", "mylist"), ("veri_test2", "veri_test2")]  # sorted by name
+        ("mylist", "mylist"),
+        ("veri_test2", "veri_test2"),
+    ]  # sorted by name
     assert "| mylist EER % |" in summary["table"] and "Vox1" not in summary["table"]
 
 
@@ -183,7 +213,11 @@ def test_systems_are_labelled_by_their_own_description(two_systems, tmp_path):
     assert described["name"] == "qmargin_sparse" and described["loss"] == "qmargin"
     assert described["loss_settings"] == DESCRIBED["loss_settings"] and described["description"] == DESCRIBED
     assert summary["experiments"][1]["loss_settings"] == {
-        "alpha": 1.5, "scale": 30.0, "margin": 0.2, "margin_ramp": [None, None]}  # older layout: top-level keys
+        "alpha": 1.5,
+        "scale": 30.0,
+        "margin": 0.2,
+        "margin_ramp": [None, None],
+    }  # older layout: top-level keys
     wide = summary["table"]
     assert "| qmargin_sparse | qmargin | head sparse, alpha 1.5, scale 10, margin 0.2, margin_ramp [0, 0] |" in wide
     row = next(line for line in wide.splitlines() if line.startswith("| qmargin_sparse |"))
@@ -203,16 +237,29 @@ def test_two_systems_with_one_label_are_told_apart_by_path(two_systems, tmp_path
 
 def test_identity_of_either_description_layout():
     assert system_identity(DESCRIBED, "folder") == ("qmargin_sparse", "qmargin", DESCRIBED["loss_settings"])
-    older = {"name": "aam", "folder": "exp/aam", "hparams_file": "h.yaml", "loss": "aam", "alpha": None,
-             "scale": 30.0, "margin": 0.2, "margin_ramp": [1, 4], "finetuned_from": None}
-    assert system_identity(older, "folder") == ("aam", "aam", {"alpha": None, "scale": 30.0, "margin": 0.2,
-                                                               "margin_ramp": [1, 4]})
+    older = {
+        "name": "aam",
+        "folder": "exp/aam",
+        "hparams_file": "h.yaml",
+        "loss": "aam",
+        "alpha": None,
+        "scale": 30.0,
+        "margin": 0.2,
+        "margin_ramp": [1, 4],
+        "finetuned_from": None,
+    }
+    assert system_identity(older, "folder") == (
+        "aam",
+        "aam",
+        {"alpha": None, "scale": 30.0, "margin": 0.2, "margin_ramp": [1, 4]},
+    )
     assert system_identity(None, "folder") == ("folder", None, {})
     assert system_identity({"loss": "aam"}, "folder") == ("folder", "aam", {})
     with pytest.raises(ValueError, match="'loss_settings' must be a mapping"):
         system_identity({"loss_settings": [1.5]}, "folder")
     assert format_settings({"alpha": None, "scale": 30.0, "margin": 0.2, "margin_ramp": [1, 4]}) == (
-        "scale 30, margin 0.2, margin_ramp [1, 4]")
+        "scale 30, margin 0.2, margin_ramp [1, 4]"
+    )
     assert format_settings({"margin_ramp": [None, None], "head": "sparse", "norm": True}) == "head sparse, norm true"
 
 
@@ -226,8 +273,21 @@ def test_malformed_description_is_a_one_line_error(two_systems, tmp_path):
 def test_compare_command_prints_the_summary_with_list_names(two_systems, tmp_path, capsys):
     good, weak, _, _ = two_systems
     out = tmp_path / "cmp"
-    argv = ["compare", str(good), str(weak), "--baseline", str(weak), "--out", str(out), "--n_resamples", "50",
-            "--seed", "3", "--confidence", "0.9"]
+    argv = [
+        "compare",
+        str(good),
+        str(weak),
+        "--baseline",
+        str(weak),
+        "--out",
+        str(out),
+        "--n_resamples",
+        "50",
+        "--seed",
+        "3",
+        "--confidence",
+        "0.9",
+    ]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     summary = (out / "summary.md").read_text()
@@ -238,15 +298,20 @@ def test_compare_command_prints_the_summary_with_list_names(two_systems, tmp_pat
     saved = json.loads((out / "comparison.json").read_text())
     enrol, test, labels, scores = two_systems[2]["veri_test2"]
     bootstrap = SpeakerBootstrap(labels, enrol, test, n_resamples=50, seed=3)
-    assert saved["lists"][1]["systems"]["qmargin"]["eer"] == bootstrap.intervals(
-        bootstrap.replicates(scores), 0.9).eer.to_dict()
+    assert (
+        saved["lists"][1]["systems"]["qmargin"]["eer"]
+        == bootstrap.intervals(bootstrap.replicates(scores), 0.9).eer.to_dict()
+    )
 
 
-@pytest.mark.parametrize("make_argv, message", [
-    (lambda good, tmp: [str(good), str(tmp / "missing")], "missing: no such experiment folder"),
-    (lambda good, tmp: [str(good), "--n_resamples", "1"], "n_resamples must be at least 2, got 1"),
-    (lambda good, tmp: [str(good), "--backend", "asnorm"], "no asnorm results"),
-])
+@pytest.mark.parametrize(
+    "make_argv, message",
+    [
+        (lambda good, tmp: [str(good), str(tmp / "missing")], "missing: no such experiment folder"),
+        (lambda good, tmp: [str(good), "--n_resamples", "1"], "n_resamples must be at least 2, got 1"),
+        (lambda good, tmp: [str(good), "--backend", "asnorm"], "no asnorm results"),
+    ],
+)
 def test_compare_command_mistakes_end_with_one_line(two_systems, tmp_path, capsys, make_argv, message):
     good = two_systems[0]
     assert cli_main(["compare", *make_argv(good, tmp_path), "--out", str(tmp_path / "cmp")]) == 1
@@ -273,9 +338,13 @@ def test_recipe_script_names_the_voxceleb_lists_and_exits_with_one_line(two_syst
 
 def test_demo_verdict_says_whether_the_difference_is_significant():
     demo = load_recipe("demo")
-    entry = {"label": "Vox1-O", "differences": {
-        "qmargin": {"eer": {"difference": -0.012, "low": -0.02, "high": -0.004, "p_value": 0.004}},
-        "entmax": {"eer": {"difference": 0.003, "low": -0.006, "high": 0.011, "p_value": 0.41}}}}
+    entry = {
+        "label": "Vox1-O",
+        "differences": {
+            "qmargin": {"eer": {"difference": -0.012, "low": -0.02, "high": -0.004, "p_value": 0.004}},
+            "entmax": {"eer": {"difference": 0.003, "low": -0.006, "high": 0.011, "p_value": 0.41}},
+        },
+    }
     text = demo.verdict({"lists": [entry]}, "aam")
     assert "qmargin - aam EER -1.20 points [-2.00, -0.40], p = 0.004: a significant difference" in text
     assert "entmax - aam EER +0.30 points [-0.60, +1.10], p = 0.410: no significant difference" in text

@@ -1,4 +1,5 @@
 """Composed experiments: fragments merged into one namespace, precedence, refusals, the record, the registries."""
+
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,11 @@ def write(path: Path, text: str) -> Path:
 @pytest.fixture()
 def toy(tmp_path):
     """A toy fragment tree: a setting, a backbone with per-setting sizes, two losses; one experiment file."""
-    write(tmp_path / "settings" / "small.yaml", "seed: 3\nsample_rate: 16000\noutput_folder: !PLACEHOLDER\n"
-                                                "twice: !ref <width> * 2\n")
-    write(tmp_path / "backbones" / "toy.yaml", "per_setting:\n    small: {width: 4}\n    big: {width: 64}\n"
-                                               "depth: 2\n")
+    write(
+        tmp_path / "settings" / "small.yaml",
+        "seed: 3\nsample_rate: 16000\noutput_folder: !PLACEHOLDER\ntwice: !ref <width> * 2\n",
+    )
+    write(tmp_path / "backbones" / "toy.yaml", "per_setting:\n    small: {width: 4}\n    big: {width: 64}\ndepth: 2\n")
     write(tmp_path / "losses" / "first.yaml", "loss_name: first\nalpha: 1.5\nscale: 10.0\n")
     write(tmp_path / "losses" / "second.yaml", "loss_name: second\nscale: 30.0\n")
     return write(tmp_path / "exp.yaml", "backbone: toy\nloss: first\nsetting: small\nalpha: 1.75\n")
@@ -79,7 +81,9 @@ def test_unknown_override_is_refused_naming_the_closest_key(toy):
 
 
 def test_unknown_fragment_names_the_known_ones(toy):
-    with pytest.raises(CompositionError, match=r"no loss fragment 'third' \(known: aam, cosface, entmax, first, qmargin, second\)"):
+    with pytest.raises(
+        CompositionError, match=r"no loss fragment 'third' \(known: aam, cosface, entmax, first, qmargin, second\)"
+    ):
         compose(toy, {"loss": "third"}, OUT)
     with pytest.raises(CompositionError, match="no sizes for setting 'tiny'"):
         write(toy.parent / "settings" / "tiny.yaml", "seed: 1\n")
@@ -142,8 +146,12 @@ def test_every_registered_head_keeps_the_head_contract(kind):
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_every_registered_loss_reports_the_settings_it_was_built_with(loss):
-    accepted = {"qmargin": {"alpha": 1.25, "scale": 7.0, "margin": 0.1}, "entmax": {"alpha": 1.25, "scale": 7.0},
-                "aam": {"scale": 7.0, "margin": 0.1}, "cosface": {"scale": 7.0, "margin": 0.1}}[loss]
+    accepted = {
+        "qmargin": {"alpha": 1.25, "scale": 7.0, "margin": 0.1},
+        "entmax": {"alpha": 1.25, "scale": 7.0},
+        "aam": {"scale": 7.0, "margin": 0.1},
+        "cosface": {"scale": 7.0, "margin": 0.1},
+    }[loss]
     head = build_head(3, 4, "dense", loss, **accepted)
     assert head.loss_settings() == {"loss": loss, "head": "dense", **accepted}
 
@@ -158,9 +166,15 @@ def test_a_head_or_setting_that_does_not_exist_is_one_clear_error():
 
 
 def test_architecture_registry_validates_descriptions_before_building():
-    description = {"architecture": "ecapa_tdnn", "input_size": 20, "channels": [8, 8, 8, 8, 24],
-                   "kernel_sizes": [5, 3, 3, 3, 1], "dilations": [1, 2, 3, 4, 1], "attention_channels": 4,
-                   "lin_neurons": 6}
+    description = {
+        "architecture": "ecapa_tdnn",
+        "input_size": 20,
+        "channels": [8, 8, 8, 8, 24],
+        "kernel_sizes": [5, 3, 3, 3, 1],
+        "dilations": [1, 2, 3, 4, 1],
+        "attention_channels": 4,
+        "lin_neurons": 6,
+    }
     assert set(ARCHITECTURES) == {"ecapa_tdnn"}
     model = build_backbone(description)
     assert model(torch.randn(2, 50, 20)).shape == (2, 1, 6)

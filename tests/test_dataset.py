@@ -1,4 +1,5 @@
 """Training crops, labels, speed perturbation, collation, and batch augmentation."""
+
 import json
 from pathlib import Path
 
@@ -48,7 +49,10 @@ def test_label_encoder_is_sorted_saved_as_json_and_checked(rows, tmp_path):
     path = tmp_path / "labels.json"
     encoder = SpeakerLabelEncoder.load_or_create(path, rows)
     assert encoder.speakers == ["spkA", "spkB", "spkC"] and encoder.encode("spkC") == 2 and encoder.decode(1) == "spkB"
-    assert json.loads(path.read_text()) == {"format": "qmargin_spk.speaker_labels/1", "speakers": ["spkA", "spkB", "spkC"]}
+    assert json.loads(path.read_text()) == {
+        "format": "qmargin_spk.speaker_labels/1",
+        "speakers": ["spkA", "spkB", "spkC"],
+    }
     assert SpeakerLabelEncoder.load_or_create(path, rows[:1]).speakers == encoder.speakers
     with pytest.raises(ValueError, match="not in the label file"):
         SpeakerLabelEncoder.load_or_create(path, [*rows, ManifestRow("spkZ/v/1", "x.wav", 1.0, "spkZ")])
@@ -130,7 +134,9 @@ def test_collate_pads_and_gives_relative_lengths(rows):
     assert torch.equal(wavs[0], dataset[0][1]), "workers must not change the crops"
 
     ids, wavs, rel_lens, labels = collate_crops([("a", torch.ones(4), 3), ("b", torch.ones(2), 5)])
-    assert wavs.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]] and rel_lens.tolist() == [1.0, 0.5] and labels.dtype == torch.long
+    assert (
+        wavs.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]] and rel_lens.tolist() == [1.0, 0.5] and labels.dtype == torch.long
+    )
 
 
 # --- augmentation -------------------------------------------------------------------
@@ -170,7 +176,9 @@ def test_without_a_seed_the_global_torch_generator_drives_augmentation():
 def test_noise_folders_use_the_category_snr_range(tmp_path, category, low, high):
     rng = np.random.default_rng(0)
     for i in range(3):
-        _write(tmp_path / "musan" / category / f"src{i}" / "a" / "000.wav", 0.1 * rng.standard_normal(RATE // 2 + 1000 * i))
+        _write(
+            tmp_path / "musan" / category / f"src{i}" / "a" / "000.wav", 0.1 * rng.standard_normal(RATE // 2 + 1000 * i)
+        )
     assert list(noise_categories(tmp_path / "musan")) == [category]
     clean = torch.from_numpy(np.stack([_sine(300.0, 1.0)] * 12)).float()
     snr = _measured_snr(clean, WaveformAugmenter(noise_dir=tmp_path / "musan", noise_prob=1.0)(clean))

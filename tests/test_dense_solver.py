@@ -2,6 +2,7 @@
 
 The group-maxima probe, Newton in blocks, the scale folded in, bf16 input.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,9 @@ def mid_training_cosines(batch=64, classes=1000, seed=0):
     gen = torch.Generator().manual_seed(seed)
     prototypes = F.normalize(torch.randn(classes, 32, generator=gen, dtype=torch.float64), dim=1)
     target = torch.randint(0, classes, (batch,), generator=gen)
-    embeddings = F.normalize(torch.randn(batch, 32, generator=gen, dtype=torch.float64) + 1.5 * prototypes[target], dim=1)
+    embeddings = F.normalize(
+        torch.randn(batch, 32, generator=gen, dtype=torch.float64) + 1.5 * prototypes[target], dim=1
+    )
     return embeddings @ prototypes.T, target
 
 
@@ -74,12 +77,17 @@ def test_mass_does_not_increase_with_alpha():
 @pytest.mark.parametrize("alpha", [1.25, 1.5, 1.75, 1.9, 2.0, 3.0])
 @pytest.mark.parametrize("log_q_target", [-2.0, 1.0])
 def test_group_maxima_bound_lies_below_tau(alpha, log_q_target):
-    for name, (cos, target) in {"hard": hard_batch(seed=13), "mid_training": mid_training_cosines(),
-                                "target_ties": target_ties()}.items():
+    for name, (cos, target) in {
+        "hard": hard_batch(seed=13),
+        "mid_training": mid_training_cosines(),
+        "target_ties": target_ties(),
+    }.items():
         theta = 10.0 * cos
         tau = solve_sparse_posterior(theta, target, log_q_target, alpha).tau
         log_q = torch.full((len(target),), log_q_target, dtype=theta.dtype)
-        bound = solver.group_maxima_tau(cos, cos.gather(1, target.unsqueeze(1)), log_q, alpha, 10.0, solver.DENSE_PROBE_GROUPS)
+        bound = solver.group_maxima_tau(
+            cos, cos.gather(1, target.unsqueeze(1)), log_q, alpha, 10.0, solver.DENSE_PROBE_GROUPS
+        )
         assert (bound <= tau).all()
         if name == "mid_training" and log_q_target <= 0 and alpha <= 2:  # the training case: close to tau
             assert (bound > tau - 0.1 / (alpha - 1.0)).all()

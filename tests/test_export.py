@@ -1,4 +1,5 @@
 """ONNX / TorchScript export: parity with the PyTorch model, features in the graph, int8, onnxruntime without torch."""
+
 from __future__ import annotations
 
 import subprocess
@@ -40,8 +41,11 @@ def speech_like(batch, seconds, seed):
     """Harmonic signals with random pitch plus noise, one row per utterance."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * SR)) / SR
-    rows = [sum(np.sin(2 * np.pi * k * (90 + 150 * rng.random()) * t) / k for k in range(1, 6)) * 0.2
-            + 0.02 * rng.normal(size=t.size) for _ in range(batch)]
+    rows = [
+        sum(np.sin(2 * np.pi * k * (90 + 150 * rng.random()) * t) / k for k in range(1, 6)) * 0.2
+        + 0.02 * rng.normal(size=t.size)
+        for _ in range(batch)
+    ]
     return np.stack(rows).astype(np.float32)
 
 
@@ -129,8 +133,13 @@ def test_onnx_runs_with_torch_blocked(exported, tmp_path):
         assert not [name for name, module in sys.modules.items() if name.startswith("torch") and module is not None]
         print("ok without torch")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
-                            env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr
     assert "ok without torch" in result.stdout
 

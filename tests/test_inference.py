@@ -1,4 +1,5 @@
 """The packaged model folder and SpeakerModel against the recipe's own embedder, SpeechBrain and closed forms."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import SR, recipe_embedder, write_wav
 
+from conftest import SR, write_wav
 from qmargin_spk.calibration import Calibration, fit_calibration
 from qmargin_spk.data.audio import AudioError, load_audio, pad_waveforms
 from qmargin_spk.inference import ModelFolderError, SpeakerModel, model_description, package_model, read_model_info
@@ -38,13 +39,23 @@ def stage_embed_fn(embedder):
 
 def test_folder_contents(tiny_model):
     folder, embedder = tiny_model
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "embedding_model.ckpt", "hyperparams.yaml",
-                                                        "model.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "embedding_model.ckpt",
+        "hyperparams.yaml",
+        "model.json",
+    ]
     info = read_model_info(folder)
     assert info["frontend"] == {"name": "fbank", "normalisation": "sentence_mean", "sample_rate": SR, "n_mels": 80}
-    assert info["backbone"] == {"architecture": "ecapa_tdnn", "input_size": 80, "channels": [32, 32, 32, 32, 96],
-                                "kernel_sizes": [5, 3, 3, 3, 1], "dilations": [1, 2, 3, 4, 1],
-                                "attention_channels": 64, "lin_neurons": 16}
+    assert info["backbone"] == {
+        "architecture": "ecapa_tdnn",
+        "input_size": 80,
+        "channels": [32, 32, 32, 32, 96],
+        "kernel_sizes": [5, 3, 3, 3, 1],
+        "dilations": [1, 2, 3, 4, 1],
+        "attention_channels": 64,
+        "lin_neurons": 16,
+    }
     assert info["loss"] == "qmargin" and info["n_training_speakers"] == 3 and info["embedding_dim"] == 16
     weights = torch.load(folder / "embedding_model.ckpt", weights_only=True)
     for key, value in embedder.embedding_model.state_dict().items():
@@ -82,8 +93,9 @@ def test_repackaging_keeps_a_calibration_only_for_the_same_weights(tmp_path, tin
     weights = embedder.embedding_model.state_dict()
     calibration = Calibration(inputs=("score",), weights=(10.0,), offset=-5.0, prior=0.5)
     folder = package_model(tmp_path / "m", *settings, weights, {}, calibration=calibration)
-    assert Calibration.load(folder / CALIBRATION_FILE).fit["model_sha256"] == read_model_info(folder)[
-        "checkpoint_sha256"]
+    assert (
+        Calibration.load(folder / CALIBRATION_FILE).fit["model_sha256"] == read_model_info(folder)["checkpoint_sha256"]
+    )
     package_model(folder, *settings, weights, {"note": "again"})
     assert (folder / CALIBRATION_FILE).is_file() and read_model_info(folder)["note"] == "again"
     changed = {key: value + 1 if value.is_floating_point() else value for key, value in weights.items()}
@@ -121,8 +133,9 @@ def test_embeddings_equal_the_scoring_stage(tiny_model, audio_dir):
     names = sorted(str(p.relative_to(audio_dir)) for p in audio_dir.rglob("*.wav"))
     paths = {name: audio_dir / name for name in names}
     for chunk_seconds in (None, 2.0):
-        stage = extract_embeddings(paths, stage_embed_fn(embedder), None, "m", batch_size=1,
-                                   chunk_seconds=chunk_seconds)
+        stage = extract_embeddings(
+            paths, stage_embed_fn(embedder), None, "m", batch_size=1, chunk_seconds=chunk_seconds
+        )
         ours = model.embed([paths[name] for name in stage.utt_ids], batch_size=8, chunk_seconds=chunk_seconds)
         np.testing.assert_allclose(ours, unit_rows(stage.vectors.numpy()), atol=1e-5)
     # The stage's own batches of equal-length files are no different.
@@ -154,8 +167,9 @@ def test_speechbrain_encoder_classifier_loads_the_folder_offline(tiny_model, aud
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     folder, _ = tiny_model
-    classifier = EncoderClassifier.from_hparams(source=str(folder), savedir=str(tmp_path / "sb"),
-                                                run_opts={"device": "cpu"})
+    classifier = EncoderClassifier.from_hparams(
+        source=str(folder), savedir=str(tmp_path / "sb"), run_opts={"device": "cpu"}
+    )
     files = [audio_dir / "a/1.wav", audio_dir / "b/3.wav"]
     model = SpeakerModel.from_folder(folder)
     for path in files:
@@ -198,8 +212,9 @@ def test_enroll_score(tiny_model, audio_dir):
     mean = embeddings.mean(axis=0)
     np.testing.assert_allclose(model.enroll(files), mean / np.linalg.norm(mean), atol=1e-6)
     assert model.score(embeddings[0], embeddings[1]) == pytest.approx(float(embeddings[0] @ embeddings[1]), abs=1e-6)
-    np.testing.assert_allclose(model.score(embeddings, embeddings[::-1]), np.sum(embeddings * embeddings[::-1], 1),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        model.score(embeddings, embeddings[::-1]), np.sum(embeddings * embeddings[::-1], 1), atol=1e-6
+    )
     with pytest.raises(ValueError, match="same shape|one shape"):
         model.score(embeddings[0], embeddings)
 
@@ -217,10 +232,16 @@ def test_verify_without_calibration(tiny_model, audio_dir, tmp_path):
     asnorm = json.loads(json.dumps(metrics))
     asnorm["min_dcf"]["0.01"]["threshold"] = -9.0
     metrics["min_dcf"]["0.01"]["threshold"] = plain.score + 1e-3
-    results = [{"list": "asn", "backend": "asnorm", "n_trials": 4, "metrics": asnorm},
-               {"list": "veri", "backend": "cosine", "n_trials": 4, "metrics": metrics}]
-    other = package_model(tmp_path / "m", *model_description(read_model_info(tiny_model[0])),
-                           embedder.embedding_model.state_dict(), {"results": results})
+    results = [
+        {"list": "asn", "backend": "asnorm", "n_trials": 4, "metrics": asnorm},
+        {"list": "veri", "backend": "cosine", "n_trials": 4, "metrics": metrics},
+    ]
+    other = package_model(
+        tmp_path / "m",
+        *model_description(read_model_info(tiny_model[0])),
+        embedder.embedding_model.state_dict(),
+        {"results": results},
+    )
     result = SpeakerModel.from_folder(other).verify(a, b, p_target=0.01)
     assert result.score == pytest.approx(plain.score) and result.decision is False
     assert result.threshold == plain.score + 1e-3 and "veri" in result.source
@@ -233,8 +254,13 @@ def test_verify_with_calibration_decides_at_the_bayes_threshold(tiny_model, audi
     score = SpeakerModel.from_folder(folder).verify(a, b).score
     # An LLR of +1 at this trial's score: accepted at P = 0.5 (threshold 0), rejected at P = 0.01 (4.6).
     calibration = Calibration(inputs=("score",), weights=(20.0,), offset=1.0 - 20.0 * score, prior=0.5)
-    other = package_model(tmp_path / "m", *model_description(read_model_info(tiny_model[0])),
-                          embedder.embedding_model.state_dict(), {}, calibration=calibration)
+    other = package_model(
+        tmp_path / "m",
+        *model_description(read_model_info(tiny_model[0])),
+        embedder.embedding_model.state_dict(),
+        {},
+        calibration=calibration,
+    )
     model = SpeakerModel.from_folder(other)
     high = model.verify(a, b, p_target=0.5)
     assert high.llr == pytest.approx(1.0, abs=1e-4) and high.decision is True and high.threshold == 0.0
@@ -248,12 +274,20 @@ def test_verify_with_quality_calibration(tiny_model, audio_dir, tmp_path):
     cohort = rng.normal(size=(20, 16)).astype(np.float32)
     n = 400
     labels = rng.random(n) < 0.5
-    quality = {name: rng.normal(size=n) for name in
-               ("log_duration_enrol", "log_duration_test", "imposter_mean_enrol", "imposter_mean_test")}
-    calibration = fit_calibration(rng.normal(labels * 1.0, 1.0), labels, quality=quality,
-                                  cohort={"file": COHORT_FILE, "top_n": 5})
-    other = package_model(tmp_path / "m", *model_description(read_model_info(tiny_model[0])),
-                          embedder.embedding_model.state_dict(), {}, calibration=calibration)
+    quality = {
+        name: rng.normal(size=n)
+        for name in ("log_duration_enrol", "log_duration_test", "imposter_mean_enrol", "imposter_mean_test")
+    }
+    calibration = fit_calibration(
+        rng.normal(labels * 1.0, 1.0), labels, quality=quality, cohort={"file": COHORT_FILE, "top_n": 5}
+    )
+    other = package_model(
+        tmp_path / "m",
+        *model_description(read_model_info(tiny_model[0])),
+        embedder.embedding_model.state_dict(),
+        {},
+        calibration=calibration,
+    )
     np.save(other / COHORT_FILE, cohort)
     model = SpeakerModel.from_folder(other)
     a, b = audio_dir / "a/1.wav", [audio_dir / "b/1.wav", audio_dir / "b/3.wav"]

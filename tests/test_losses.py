@@ -1,4 +1,5 @@
 """Q-Margin loss family against independent float64 oracles."""
+
 import math
 
 import pytest
@@ -102,7 +103,9 @@ def test_gradcheck(alpha):
     gen = torch.Generator().manual_seed(3)
     logits = (torch.randn(5, 7, generator=gen, dtype=torch.float64) * 2).requires_grad_(True)
     target = torch.tensor([0, 3, 6, 2, 2])
-    assert torch.autograd.gradcheck(lambda x: fenchel_young_loss(x, target, -1.5, alpha), (logits,), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda x: fenchel_young_loss(x, target, -1.5, alpha), (logits,), eps=1e-6, atol=1e-6
+    )
 
 
 def test_finite_differences_equal_p_minus_e_y():
@@ -115,7 +118,9 @@ def test_finite_differences_equal_p_minus_e_y():
     for j in range(9):
         bump = torch.zeros_like(theta)
         bump[0, j] = h
-        numeric = (fenchel_young_loss(theta + bump, target, -2.0, 1.75) - fenchel_young_loss(theta - bump, target, -2.0, 1.75)) / (2 * h)
+        numeric = (
+            fenchel_young_loss(theta + bump, target, -2.0, 1.75) - fenchel_young_loss(theta - bump, target, -2.0, 1.75)
+        ) / (2 * h)
         assert abs(float(numeric) - float(expected[j])) < 1e-6
 
 

@@ -1,4 +1,5 @@
 """The one Markdown table writer: layout, escaping, alignment, and the tables built on it."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,25 +25,35 @@ def test_alignment_sets_the_rule_row():
     assert table == "| l | r | c | d |\n|:---|---:|:---:|---|"
 
 
-@pytest.mark.parametrize("header, rows, align, message", [
-    (["a", "b"], [["1"]], None, "row 1 has 1 cells for 2 columns"),
-    (["a"], [], ["left", "right"], "align has 2 entries for 1 columns"),
-    (["a"], [], ["middle"], "unknown alignment 'middle'"),
-    ([], [], None, "at least one column"),
-])
+@pytest.mark.parametrize(
+    "header, rows, align, message",
+    [
+        (["a", "b"], [["1"]], None, "row 1 has 1 cells for 2 columns"),
+        (["a"], [], ["left", "right"], "align has 2 entries for 1 columns"),
+        (["a"], [], ["middle"], "unknown alignment 'middle'"),
+        ([], [], None, "at least one column"),
+    ],
+)
 def test_ragged_input_is_refused(header, rows, align, message):
     with pytest.raises(ValueError, match=message):
         markdown_table(header, rows, align)
 
 
 def test_results_and_calibration_tables_are_written_by_it():
-    metrics = {"eer": 0.125, "cllr": 0.5, "min_cllr": 0.25,
-               "min_dcf": {"0.01": {"value": 0.5}}, "act_dcf": {"0.01": {"value": 0.75}},
-               "tar_at_far": {"0.01": {"tar": 0.9}}}
+    metrics = {
+        "eer": 0.125,
+        "cllr": 0.5,
+        "min_cllr": 0.25,
+        "min_dcf": {"0.01": {"value": 0.5}},
+        "act_dcf": {"0.01": {"value": 0.75}},
+        "tar_at_far": {"0.01": {"tar": 0.9}},
+    }
     entry = {"list": "a|b", "backend": "cosine", "n_trials": 8, "metrics": metrics}
     assert results_table([entry]) == (
         "| list | back-end | trials | EER % | minDCF@0.01 | TAR@FAR=0.01 % |\n|---|---|---|---|---|---|\n"
-        "| a\\|b | cosine | 8 | 12.500 | 0.5000 | 90.00 |\n")
+        "| a\\|b | cosine | 8 | 12.500 | 0.5000 | 90.00 |\n"
+    )
     assert calibration_table([entry]) == (
         "| list | trials | EER % | Cllr | min Cllr | minDCF@0.01 | actDCF@0.01 |\n|---|---|---|---|---|---|---|\n"
-        "| a\\|b | 8 | 12.500 | 0.5000 | 0.2500 | 0.5000 | 0.7500 |\n")
+        "| a\\|b | 8 | 12.500 | 0.5000 | 0.2500 | 0.5000 | 0.7500 |\n"
+    )

@@ -1,4 +1,5 @@
 """Verification metrics against independent oracles: brute force, hand-made lists, SpeechBrain, Kaldi formulas."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,7 +24,7 @@ def brute_force(scores, labels, p_targets, fars):
     points = [(t, np.mean(pos < t), np.mean(neg >= t)) for t in thresholds]  # (t, fnr, fpr)
 
     eer = None
-    for (t0, fnr0, fpr0), (t1, fnr1, fpr1) in zip(points, points[1:]):
+    for (_t0, fnr0, fpr0), (_t1, fnr1, fpr1) in zip(points, points[1:]):
         if fnr0 - fpr0 < 0 <= fnr1 - fpr1:
             # Where the straight segment (fpr0, fnr0) -> (fpr1, fnr1) meets fnr = fpr.
             step = (fpr0 - fnr0) / ((fnr1 - fnr0) - (fpr1 - fpr0))
@@ -215,9 +216,64 @@ FLOAT32_CORNER_CASES = [
     ([0.6, 1.3, 0.9, 0.3, 0.6, -1.5, -0.3, -1.3], [1, 1, 0, 0, 0, 0, 0, 0]),
     ([0.3, 0.3, -0.0, 1.3, 1.1, 1.6, 0.3, -1.0], [1, 1, 1, 1, 1, 1, 0, 0]),
     (
-        [-0.8, 0.2, 0.9, 1.6, 0.6, -0.1, -0.3, 1.2, 1.6, 0.3, -1.2, -1.0, 1.6, 0.2, -1.7, -0.1, -1.2, -0.6, -0.5,
-         -0.7, 0.6, -0.1, -0.6, 0.4, 0.8, -1.6, -0.3, -1.0, -0.2, -1.3, 0.0, -0.0, -0.3, -1.0, -0.4, -1.1, -1.4,
-         0.2, -1.1, 1.2, 0.7, -2.0, 0.3, -1.1, 0.0, 0.0, -2.0, -0.2, -0.3, 1.0, -1.2, 0.7, -1.1, -0.3, -0.8, 1.4],
+        [
+            -0.8,
+            0.2,
+            0.9,
+            1.6,
+            0.6,
+            -0.1,
+            -0.3,
+            1.2,
+            1.6,
+            0.3,
+            -1.2,
+            -1.0,
+            1.6,
+            0.2,
+            -1.7,
+            -0.1,
+            -1.2,
+            -0.6,
+            -0.5,
+            -0.7,
+            0.6,
+            -0.1,
+            -0.6,
+            0.4,
+            0.8,
+            -1.6,
+            -0.3,
+            -1.0,
+            -0.2,
+            -1.3,
+            0.0,
+            -0.0,
+            -0.3,
+            -1.0,
+            -0.4,
+            -1.1,
+            -1.4,
+            0.2,
+            -1.1,
+            1.2,
+            0.7,
+            -2.0,
+            0.3,
+            -1.1,
+            0.0,
+            0.0,
+            -2.0,
+            -0.2,
+            -0.3,
+            1.0,
+            -1.2,
+            0.7,
+            -1.1,
+            -0.3,
+            -0.8,
+            1.4,
+        ],
         [1] * 8 + [0] * 48,
     ),
 ]

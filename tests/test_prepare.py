@@ -1,4 +1,5 @@
 """The prepare stage on a tiny synthetic corpus with bad files, m4a trees and broken trial lists."""
+
 import csv
 import importlib.util
 import json
@@ -39,7 +40,9 @@ def _tone(seconds: float, rate: int = 16000, channels: int = 1) -> np.ndarray:
 def _add_bad_files(train_root: Path) -> dict[str, Path]:
     folder = train_root / "wav" / "id19999" / "badvideo000"
     folder.mkdir(parents=True)
-    files = {name: folder / f"{i:05d}.wav" for i, name in enumerate(["corrupt", "empty", "stereo", "short", "rate8k"], 1)}
+    files = {
+        name: folder / f"{i:05d}.wav" for i, name in enumerate(["corrupt", "empty", "stereo", "short", "rate8k"], 1)
+    }
     files["corrupt"].write_bytes(b"RIFF\x00\x00garbage, not audio" * 10)
     soundfile.write(str(files["empty"]), np.zeros(0), 16000, subtype="PCM_16")
     soundfile.write(str(files["stereo"]), _tone(1.0, channels=2), 16000, subtype="PCM_16")
@@ -72,7 +75,9 @@ def test_bad_files_are_skipped_with_reasons_and_manifests_are_correct(corpus, tm
     with open(result.train_manifest, newline="") as handle:
         assert next(csv.reader(handle)) == list(MANIFEST_FIELDS)
     rows = read_manifest(result.train_manifest)
-    assert result.num_train_utterances == len(rows) == preset["num_train_speakers"] * preset["utts_per_train_speaker"] + 1
+    assert (
+        result.num_train_utterances == len(rows) == preset["num_train_speakers"] * preset["utts_per_train_speaker"] + 1
+    )
     assert result.num_train_speakers == preset["num_train_speakers"] + 1
     for row in rows:
         assert row.id == Path(row.wav).relative_to(train / "wav").with_suffix("").as_posix()
@@ -90,7 +95,9 @@ def test_second_run_is_a_no_op_until_inputs_change(corpus, tmp_path):
     second = prepare([train], test, [trials], tmp_path / "out")
     assert second.reused and not first.reused
     assert second.train_manifest.stat().st_mtime_ns == manifest_mtime
-    assert {k: v for k, v in second.to_json().items() if k != "reused"} == {k: v for k, v in first.to_json().items() if k != "reused"}
+    assert {k: v for k, v in second.to_json().items() if k != "reused"} == {
+        k: v for k, v in first.to_json().items() if k != "reused"
+    }
 
     extra = train / "wav" / "id10001" / "newvideo000" / "00001.wav"
     extra.parent.mkdir()
@@ -163,7 +170,11 @@ cp "$input" "$last"
 
 def _m4a_root(tmp_path: Path) -> Path:
     root = tmp_path / "vox2"
-    for speaker, video, utt in [("id00012", "abc", "00001"), ("id00012", "abc", "00002"), ("id00015", "broken_vid", "00001")]:
+    for speaker, video, utt in [
+        ("id00012", "abc", "00001"),
+        ("id00012", "abc", "00002"),
+        ("id00015", "broken_vid", "00001"),
+    ]:
         target = root / "aac" / speaker / video / f"{utt}.m4a"
         target.parent.mkdir(parents=True, exist_ok=True)
         soundfile.write(str(target), _tone(1.0), 16000, subtype="PCM_16", format="WAV")
@@ -208,7 +219,16 @@ def _recipe_main():
 def test_recipe_cli(corpus, tmp_path, capsys):
     train, test, trials = corpus
     main = _recipe_main()
-    args = ["--train_root", str(train), "--test_root", str(test), "--trials", str(trials), "--out", str(tmp_path / "out")]
+    args = [
+        "--train_root",
+        str(train),
+        "--test_root",
+        str(test),
+        "--trials",
+        str(trials),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["num_test_speakers"] == PRESETS["tiny"]["num_test_speakers"]
     assert main(["--train_root", str(test), *args[2:]]) == 1

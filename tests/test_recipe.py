@@ -1,4 +1,5 @@
 """The VoxCeleb recipe on a tiny synthetic corpus: all stages, resume, DDP, composed experiments and the record."""
+
 import copy
 import json
 import os
@@ -26,8 +27,14 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_SH = REPO / "recipes" / "voxceleb" / "run.sh"
-LOSSES = {"qmargin": QMarginLoss, "aam": AAMLoss, "cosface": CosFaceLoss, "entmax": AlphaEntmaxLoss,
-          "qmargin_sparse": None, "qmargin_sharded": None}  # fused heads compute the loss themselves
+LOSSES = {
+    "qmargin": QMarginLoss,
+    "aam": AAMLoss,
+    "cosface": CosFaceLoss,
+    "entmax": AlphaEntmaxLoss,
+    "qmargin_sparse": None,
+    "qmargin_sharded": None,
+}  # fused heads compute the loss themselves
 SETTINGS = ("demo_cpu", "vox2_ecapa")
 FAST = ["--number_of_epochs=1", "--warmup_epochs=1", "--batch_size=8", "--channels=32", "--embedding_dim=32"]
 RUN_OPTS = {"device": "cpu", "noprogressbar": True}
@@ -45,9 +52,21 @@ def prepared(corpus, tmp_path):
 
 
 def run_recipe(corpus, exp, *extra, hparams="hparams/demo_cpu_qmargin.yaml", trials=None, check=True):
-    command = ["bash", str(RUN_SH), "--train_root", str(corpus.train_root), "--test_root", str(corpus.test_root),
-               "--trials", str(trials or corpus.trials), "--exp", str(exp), *(["--hparams", hparams] if hparams else []),
-               *FAST, *extra]
+    command = [
+        "bash",
+        str(RUN_SH),
+        "--train_root",
+        str(corpus.train_root),
+        "--test_root",
+        str(corpus.test_root),
+        "--trials",
+        str(trials or corpus.trials),
+        "--exp",
+        str(exp),
+        *(["--hparams", hparams] if hparams else []),
+        *FAST,
+        *extra,
+    ]
     env = {**os.environ, "PYTHON": sys.executable}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if not check:
@@ -59,8 +78,9 @@ def run_recipe(corpus, exp, *extra, hparams="hparams/demo_cpu_qmargin.yaml", tri
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_each_experiment_file_builds_its_loss(prepared, setting, loss):
-    hparams = Experiment.for_training(prepared, REPO / "hparams" / f"{setting}_{loss}.yaml", None,
-                                      {"channels": 16, "num_workers": 0}).hparams
+    hparams = Experiment.for_training(
+        prepared, REPO / "hparams" / f"{setting}_{loss}.yaml", None, {"channels": 16, "num_workers": 0}
+    ).hparams
     rows = read_manifest(prepared / "data" / "train.csv")
     train_data = hparams["train_data"](manifest=rows, labels=SpeakerLabelEncoder.from_rows(rows))
     head = hparams["classifier"](num_classes=train_data.num_classes, embedding_dim=hparams["embedding_dim"])
@@ -113,13 +133,22 @@ def test_all_stages_end_to_end(corpus, tmp_path):
     assert "nothing to do" in output
     assert sorted(p.name for p in (exp / "save").glob("CKPT+*")) == checkpoints
     calibrated = json.loads((exp / "scores" / "results.cosine.calibrated.json").read_text())
-    assert calibrated["results"][0]["metrics"]["cllr"] <= 1.0 + 1e-9  # calibrated LLRs are no worse than "no information"
+    assert (
+        calibrated["results"][0]["metrics"]["cllr"] <= 1.0 + 1e-9
+    )  # calibrated LLRs are no worse than "no information"
     assert (exp / "model" / "calibration.json").is_file()  # repackaging kept the calibration of the same weights
 
 
 def test_fused_sparse_head_trains_through_the_recipe(prepared):
-    overrides = {"output_folder": str(prepared), "number_of_epochs": 2, "warmup_epochs": 1, "batch_size": 8,
-                 "channels": 32, "embedding_dim": 32, "num_workers": 0}
+    overrides = {
+        "output_folder": str(prepared),
+        "number_of_epochs": 2,
+        "warmup_epochs": 1,
+        "batch_size": 8,
+        "channels": 32,
+        "embedding_dim": 32,
+        "num_workers": 0,
+    }
     brain = train_stage(prepared, REPO / "hparams" / "demo_cpu_qmargin_sparse.yaml", RUN_OPTS, None, overrides)
     log = (prepared / "train_log.txt").read_text().splitlines()
     assert len(log) == 2 and "support_mean" in log[-1] and "accuracy" not in log[-1]
@@ -131,13 +160,25 @@ def test_fused_sparse_head_trains_through_the_recipe(prepared):
 
 
 def test_margin_override_reaches_the_loss(prepared):
-    overrides = {"output_folder": str(prepared), "number_of_epochs": 1, "batch_size": 8, "channels": 16,
-                 "embedding_dim": 16, "num_workers": 0, "margin": 0.3}
+    overrides = {
+        "output_folder": str(prepared),
+        "number_of_epochs": 1,
+        "batch_size": 8,
+        "channels": 16,
+        "embedding_dim": 16,
+        "num_workers": 0,
+        "margin": 0.3,
+    }
     brain = train_stage(prepared, REPO / "hparams" / "demo_cpu_aam.yaml", RUN_OPTS, None, overrides)
     # AAM ramps the margin in from epoch 1: the ramp's final value is the overridden one.
     assert brain.hparams.margin_schedule(brain.hparams.margin_ramp_end) == 0.3
-    brain = train_stage(prepared / "qmargin", REPO / "hparams" / "demo_cpu_qmargin.yaml", RUN_OPTS, None,
-                        {**overrides, "data_folder": str(prepared / "data")})
+    brain = train_stage(
+        prepared / "qmargin",
+        REPO / "hparams" / "demo_cpu_qmargin.yaml",
+        RUN_OPTS,
+        None,
+        {**overrides, "data_folder": str(prepared / "data")},
+    )
     assert brain.modules.classifier.loss.margin == 0.3
     logged = re.search(r"train margin: ([0-9.e+-]+)", (prepared / "qmargin" / "train_log.txt").read_text()).group(1)
     assert float(logged) == 0.3
@@ -145,8 +186,16 @@ def test_margin_override_reaches_the_loss(prepared):
 
 def test_large_margin_fine_tuning_starts_from_the_averaged_model(prepared):
     hparams_file = str(REPO / "hparams" / "demo_cpu_qmargin.yaml")
-    base = {"output_folder": str(prepared), "number_of_epochs": 2, "warmup_epochs": 1, "batch_size": 8,
-            "channels": 16, "embedding_dim": 16, "num_workers": 0, "average_checkpoints": 2}
+    base = {
+        "output_folder": str(prepared),
+        "number_of_epochs": 2,
+        "warmup_epochs": 1,
+        "batch_size": 8,
+        "channels": 16,
+        "embedding_dim": 16,
+        "num_workers": 0,
+        "average_checkpoints": 2,
+    }
     train_stage(prepared, hparams_file, RUN_OPTS, None, base)
     checkpointer = Experiment.from_record(prepared).hparams["checkpointer"]
     averaged = average_checkpoints(last_checkpoints(checkpointer, 2), "embedding_model")
@@ -157,7 +206,9 @@ def test_large_margin_fine_tuning_starts_from_the_averaged_model(prepared):
     brain = finetune_stage(prepared, prepared / "lm", RUN_OPTS, hparams_file, None, lm)
     for key, value in brain.modules.embedder.embedding_model.named_parameters():
         torch.testing.assert_close(value.detach(), averaged[key], rtol=0, atol=0)
-    torch.testing.assert_close(brain.modules.classifier.weight.detach(), prototypes["classifier.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        brain.modules.classifier.weight.detach(), prototypes["classifier.weight"], rtol=0, atol=0
+    )
     log = (prepared / "lm" / "train_log.txt").read_text()
     assert float(re.search(r"train margin: ([0-9.e+-]+)", log).group(1)) == 0.3  # lm_margin of demo_cpu_qmargin
     assert brain.hparams.crop_seconds == 3.0 and brain.hparams.speed_factors == [1.0]
@@ -179,8 +230,15 @@ class _Interrupt(Exception):
 
 def test_resume_continues_from_the_checkpoint(prepared, monkeypatch):
     hparams_file = str(REPO / "hparams" / "demo_cpu_qmargin.yaml")
-    overrides = {"output_folder": str(prepared), "number_of_epochs": 2, "batch_size": 8, "channels": 32,
-                 "embedding_dim": 32, "num_workers": 0, "tensorboard_dir": str(prepared / "tensorboard")}
+    overrides = {
+        "output_folder": str(prepared),
+        "number_of_epochs": 2,
+        "batch_size": 8,
+        "channels": 32,
+        "embedding_dim": 32,
+        "num_workers": 0,
+        "tensorboard_dir": str(prepared / "tensorboard"),
+    }
     run_opts = {"device": "cpu", "ckpt_interval_steps": 2, "noprogressbar": True}
     original_fit_batch = SpeakerBrain.fit_batch
     seen = {}
@@ -215,7 +273,9 @@ def test_resume_continues_from_the_checkpoint(prepared, monkeypatch):
     assert seen["resumed_step_count"] == 2
     assert seen["resumed_lr"] == pytest.approx(brain.hparams.lr_scheduler.lr_at(2))
     for key, buffers in saved_optimizer["state"].items():
-        torch.testing.assert_close(seen["resumed_optimizer"]["state"][key]["momentum_buffer"], buffers["momentum_buffer"])
+        torch.testing.assert_close(
+            seen["resumed_optimizer"]["state"][key]["momentum_buffer"], buffers["momentum_buffer"]
+        )
     steps_per_epoch = len(brain.train_set) // 8
     assert brain.hparams.lr_scheduler.step_count == 2 * steps_per_epoch
     assert brain.hparams.epoch_counter.current == 2
@@ -231,8 +291,15 @@ def test_sharded_head_trains_on_two_processes_and_resumes_on_one(corpus, tmp_pat
     assert set(saved) == {"weight", "momentum_buffer"}
     assert saved["weight"].shape == saved["momentum_buffer"].shape == (8, 32)
     assert saved["momentum_buffer"][4:].abs().sum() > 0  # rank 1's rows are there too
-    overrides = {"output_folder": str(exp), "number_of_epochs": 2, "warmup_epochs": 1, "batch_size": 8,
-                 "channels": 32, "embedding_dim": 32, "num_workers": 0}
+    overrides = {
+        "output_folder": str(exp),
+        "number_of_epochs": 2,
+        "warmup_epochs": 1,
+        "batch_size": 8,
+        "channels": 32,
+        "embedding_dim": 32,
+        "num_workers": 0,
+    }
     brain = train_stage(exp, REPO / "hparams" / "demo_cpu_qmargin_sharded.yaml", RUN_OPTS, None, overrides)
     assert brain.hparams.epoch_counter.current == 2
     log = (exp / "train_log.txt").read_text().splitlines()
@@ -258,19 +325,46 @@ def test_two_torchrun_nodes_train_like_one_node_with_two_processes(corpus, tmp_p
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = ["bash", str(RUN_SH), "--exp", str(two_nodes), "--hparams", "hparams/demo_cpu_qmargin.yaml",
-               "--stage", "2", "--stop_stage", "2", "--nproc", "1", "--nnodes", "2",
-               "--rdzv_endpoint", f"127.0.0.1:{port}", *FAST]
+    command = [
+        "bash",
+        str(RUN_SH),
+        "--exp",
+        str(two_nodes),
+        "--hparams",
+        "hparams/demo_cpu_qmargin.yaml",
+        "--stage",
+        "2",
+        "--stop_stage",
+        "2",
+        "--nproc",
+        "1",
+        "--nnodes",
+        "2",
+        "--rdzv_endpoint",
+        f"127.0.0.1:{port}",
+        *FAST,
+    ]
     env = {**os.environ, "PYTHON": sys.executable}
-    nodes = [subprocess.Popen([*command, "--node_rank", str(rank)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [*command, "--node_rank", str(rank)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert any("global batch 16" in output for output in outputs)
     # Same global batch, same data split, same averaged gradients: the same loss trajectory and weights.
     assert (one_node / "train_log.txt").read_text() == (two_nodes / "train_log.txt").read_text()
-    saved = [torch.load(next((exp / "save").glob("CKPT+*")) / "embedding_model.ckpt", weights_only=True)
-             for exp in (one_node, two_nodes)]
+    saved = [
+        torch.load(next((exp / "save").glob("CKPT+*")) / "embedding_model.ckpt", weights_only=True)
+        for exp in (one_node, two_nodes)
+    ]
     for key, value in saved[0].items():
         if value.is_floating_point() and "running" not in key:  # BatchNorm statistics stay per process on CPU
             torch.testing.assert_close(value, saved[1][key], rtol=0, atol=0)
@@ -297,8 +391,10 @@ def test_loss_flag_trains_labels_and_packages_the_other_loss_and_later_stages_ho
     info = json.loads((exp / "model" / "model.json").read_text())
     assert info["loss"] == "aam" and "alpha" not in info["loss_settings"]
     # Stage 3 refuses a flag or an override that would describe another model, naming both values.
-    for extra, named in ((["--loss", "qmargin"], "loss_name: 'aam' in the record, 'qmargin'"),
-                         (["--channels=64"], "channels: 32 in the record, 64")):
+    for extra, named in (
+        (["--loss", "qmargin"], "loss_name: 'aam' in the record, 'qmargin'"),
+        (["--channels=64"], "channels: 32 in the record, 64"),
+    ):
         result = run_recipe(corpus, exp, "--stage", "3", "--stop_stage", "3", "--loss=aam", *extra, check=False)
         assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
         (line,) = [line for line in result.stderr.splitlines() if "error" in line]
@@ -309,8 +405,14 @@ def test_loss_flag_trains_labels_and_packages_the_other_loss_and_later_stages_ho
 
 
 def test_an_override_of_no_key_is_one_line_naming_the_closest_key(corpus, tmp_path):
-    command = [sys.executable, str(REPO / "recipes" / "voxceleb" / "train.py"), "hparams/demo_cpu_qmargin.yaml",
-               "--exp", str(tmp_path / "exp"), "--margn=0.3"]
+    command = [
+        sys.executable,
+        str(REPO / "recipes" / "voxceleb" / "train.py"),
+        "hparams/demo_cpu_qmargin.yaml",
+        "--exp",
+        str(tmp_path / "exp"),
+        "--margn=0.3",
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith("did you mean 'margin'?")
@@ -322,8 +424,14 @@ def test_model_size_set_by_overrides_is_the_model_the_folder_rebuilds(prepared, 
 
     from qmargin_spk.stages.package import package_stage
 
-    sizes = {"channels": 24, "dilations": [1, 3, 2, 2, 1], "embedding_dim": 12, "number_of_epochs": 1,
-             "batch_size": 8, "num_workers": 0}
+    sizes = {
+        "channels": 24,
+        "dilations": [1, 3, 2, 2, 1],
+        "embedding_dim": 12,
+        "number_of_epochs": 1,
+        "batch_size": 8,
+        "num_workers": 0,
+    }
     brain = train_stage(prepared, REPO / "hparams" / "demo_cpu_qmargin.yaml", RUN_OPTS, None, sizes)
     trained = brain.modules.embedder.embedding_model.state_dict()
     folder = package_stage(prepared)
@@ -349,8 +457,14 @@ def test_the_record_repeats_the_run_and_an_old_record_says_how_to_migrate(corpus
     run_recipe(corpus, exp, "--stop_stage", "2")
     again.mkdir()
     (again / "data").symlink_to(exp / "data")
-    command = [sys.executable, str(REPO / "recipes" / "voxceleb" / "train.py"), str(exp / "hyperparams.yaml"),
-               "--exp", str(again), "--device=cpu"]
+    command = [
+        sys.executable,
+        str(REPO / "recipes" / "voxceleb" / "train.py"),
+        str(exp / "hyperparams.yaml"),
+        "--exp",
+        str(again),
+        "--device=cpu",
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (again / "train_log.txt").read_text() == (exp / "train_log.txt").read_text()

@@ -1,5 +1,6 @@
 """Issue 9, items 4 and 6: embeddings that do not depend on batch-mates, bounded batches,
 and extraction that keeps its work when one file is bad."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,7 @@ import pytest
 import soundfile
 import torch
 
-from qmargin_spk.data.audio import AudioError, load_audio
-from qmargin_spk.models import SpeakerEmbedder
+from qmargin_spk.data.audio import AudioError
 from qmargin_spk.scoring import extract_embeddings
 
 SR = 16000
@@ -41,7 +41,9 @@ class Recorder:
     def __call__(self, wavs, rel_lens):
         self.batches.append((wavs.shape[0], wavs.shape[1]))
         lengths = torch.round(rel_lens * wavs.shape[1]).long()
-        return torch.stack([torch.stack([w[:n].double().mean(), torch.tensor(float(n))]) for w, n in zip(wavs, lengths)]).float()
+        return torch.stack(
+            [torch.stack([w[:n].double().mean(), torch.tensor(float(n))]) for w, n in zip(wavs, lengths)]
+        ).float()
 
 
 def cosine(a, b):
@@ -74,7 +76,11 @@ def test_batches_are_bounded_in_padding_and_samples(tmp_path):
 
     recorder = Recorder()
     extract_embeddings(paths, recorder, None, "m", batch_size=16, max_batch_seconds=100.0, max_padding=0.05)
-    assert sorted(recorder.batches) == [(1, 14400), (1, 80000), (8, 16000)]  # 0.98 s joins the 1 s files, 0.9 s does not
+    assert sorted(recorder.batches) == [
+        (1, 14400),
+        (1, 80000),
+        (8, 16000),
+    ]  # 0.98 s joins the 1 s files, 0.9 s does not
     with pytest.raises(ValueError, match="max_padding"):
         extract_embeddings(paths, recorder, None, "m", max_padding=1.5)
     with pytest.raises(ValueError, match="max_batch_seconds"):
@@ -116,7 +122,9 @@ def test_bad_file_is_named_and_the_other_embeddings_are_kept(tmp_path, five_file
     fresh = extract_embeddings(five_files, Recorder(), None, "m")
     write_with_nan(five_files["c"], 0.5, 7)
     write_with_nan(five_files["e"], 0.7, 8)
-    with pytest.raises(AudioError, match=r"(?s)2 of 5 .*kept in .*c\.wav: audio contains NaN or inf.*e\.wav: audio contains NaN"):
+    with pytest.raises(
+        AudioError, match=r"(?s)2 of 5 .*kept in .*c\.wav: audio contains NaN or inf.*e\.wav: audio contains NaN"
+    ):
         extract_embeddings(five_files, Recorder(), cache, "m")
     assert not cache.exists() and partial_files(cache) == ["test.pt.partial"]
 

@@ -1,4 +1,5 @@
 """Scoring runs on one experiment add to ``results.<backend>.json`` list by list."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ SR = 16000
 def tone_embedder(wavs, rel_lens):
     """Energy in 8 frequency bands of each unpadded row."""
     lengths = torch.round(rel_lens * wavs.shape[1]).long()
-    return torch.stack([(torch.fft.rfft(w[:n], n=2048).abs() ** 2)[:512].reshape(8, -1).sum(1).log1p() for w, n in zip(wavs, lengths)])
+    return torch.stack(
+        [(torch.fft.rfft(w[:n], n=2048).abs() ** 2)[:512].reshape(8, -1).sum(1).log1p() for w, n in zip(wavs, lengths)]
+    )
 
 
 @pytest.fixture()
@@ -76,7 +79,11 @@ def _write_one(args):
     json_path, name, barrier = args
     barrier.wait()
     metrics = compute_metrics(np.r_[0.0, 1.0, 2.0, 3.0], np.r_[0, 0, 1, 1]).to_dict()
-    run = {"model_id": "m", "backend": "cosine", "results": [{"list": name, "backend": "cosine", "n_trials": 4, "metrics": metrics}]}
+    run = {
+        "model_id": "m",
+        "backend": "cosine",
+        "results": [{"list": name, "backend": "cosine", "n_trials": 4, "metrics": metrics}],
+    }
     for _ in range(5):
         write_results(run, json_path, json_path.with_suffix(".md"))
 
@@ -100,6 +107,10 @@ def test_run_identity_survives_the_json_round_trip(tmp_path):
     metrics = compute_metrics(np.r_[0.0, 1.0, 2.0, 3.0], np.r_[0, 0, 1, 1]).to_dict()
     json_path = tmp_path / "results.cosine.json"
     for name in ("A", "B"):
-        run = {"model_id": "m", "settings": {"fars": (0.01, 0.001)}, "results": [{"list": name, "backend": "cosine", "n_trials": 4, "metrics": metrics}]}
+        run = {
+            "model_id": "m",
+            "settings": {"fars": (0.01, 0.001)},
+            "results": [{"list": name, "backend": "cosine", "n_trials": 4, "metrics": metrics}],
+        }
         merged, _ = write_results(run, json_path, tmp_path / "results.cosine.md")
     assert [r["list"] for r in merged["results"]] == ["A", "B"]

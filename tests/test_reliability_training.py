@@ -1,4 +1,5 @@
 """Issue 9, training side: each defect an adversarial run found, reproduced, and kept fixed."""
+
 import errno
 import os
 import pickle
@@ -11,13 +12,13 @@ import torch
 
 from qmargin_spk.data.prepare import prepare
 from qmargin_spk.data.synthetic import PRESETS, generate_corpus
-from qmargin_spk.stages.experiment import Experiment, StageError
 from qmargin_spk.losses import QMarginLoss, SparseQMarginHead
+from qmargin_spk.stages.experiment import Experiment, StageError
+from qmargin_spk.stages.train import choose_threads, steps_per_epoch, train_stage
 from qmargin_spk.training import checkpointing
 from qmargin_spk.training.brain import SpeakerBrain
 from qmargin_spk.training.checkpointing import AtomicCheckpointer, RNGState, SaveFolderBusyError
 from qmargin_spk.training.epoch_log import EpochLog
-from qmargin_spk.stages.train import choose_threads, steps_per_epoch, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 HPARAMS = str(REPO / "hparams" / "demo_cpu_qmargin.yaml")
@@ -33,16 +34,28 @@ def data_folder(tmp_path_factory):
 
 
 def overrides(data_folder, exp, **extra):
-    return {"output_folder": str(exp), "data_folder": str(data_folder), "batch_size": 8, "channels": 16,
-            "embedding_dim": 16, "num_workers": 0, "number_of_epochs": 2, "warmup_epochs": 1, **extra}
+    return {
+        "output_folder": str(exp),
+        "data_folder": str(data_folder),
+        "batch_size": 8,
+        "channels": 16,
+        "embedding_dim": 16,
+        "num_workers": 0,
+        "number_of_epochs": 2,
+        "warmup_epochs": 1,
+        **extra,
+    }
 
 
 # --- a run that would train nothing ---------------------------------------------------------------
 
+
 @pytest.mark.e2e
 def test_batch_larger_than_the_data_is_an_error_before_training(data_folder, tmp_path):
     with pytest.raises(StageError, match="batch_size 1000 x 1 processes exceeds the 48 training utterances"):
-        train_stage(tmp_path / "exp", HPARAMS, RUN_OPTS, None, overrides(data_folder, tmp_path / "exp", batch_size=1000))
+        train_stage(
+            tmp_path / "exp", HPARAMS, RUN_OPTS, None, overrides(data_folder, tmp_path / "exp", batch_size=1000)
+        )
     assert not list((tmp_path / "exp" / "save").glob("CKPT+*"))
     with pytest.raises(StageError, match="2 processes"):
         steps_per_epoch(48, 32, 2)
@@ -55,6 +68,7 @@ def test_an_epoch_of_few_optimiser_steps_warns(caplog):
 
 
 # --- no pickle on resume --------------------------------------------------------------------------
+
 
 class _Exploit:
     def __reduce__(self):
@@ -85,6 +99,7 @@ def test_rng_state_round_trips_as_plain_tensors(tmp_path):
 
 # --- only the owner cleans the save folder --------------------------------------------------------
 
+
 def test_loading_an_experiment_keeps_a_save_in_progress(data_folder, tmp_path):
     partial = tmp_path / "exp" / "save" / ".partial-CKPT+2026"
     partial.mkdir(parents=True)
@@ -108,6 +123,7 @@ def test_one_owner_cleans_the_save_folder_and_others_are_refused(tmp_path):
 
 
 # --- mid-epoch resume is the uninterrupted run ----------------------------------------------------
+
 
 class _Interrupt(Exception):
     pass
@@ -147,10 +163,13 @@ def test_relogging_an_epoch_replaces_its_line(tmp_path):
 
 # --- bad settings and failing writes (training side) and threads ----------------------------------
 
+
 @pytest.mark.e2e
 def test_non_numeric_hparam_error_names_its_key(data_folder, tmp_path):
     with pytest.raises(StageError, match="'number_of_epochs' must be an integer >= 1, got 'abc'"):
-        train_stage(tmp_path / "exp", HPARAMS, RUN_OPTS, None, overrides(data_folder, tmp_path / "exp", number_of_epochs="abc"))
+        train_stage(
+            tmp_path / "exp", HPARAMS, RUN_OPTS, None, overrides(data_folder, tmp_path / "exp", number_of_epochs="abc")
+        )
 
 
 def test_huge_alpha_is_a_clear_error():
@@ -188,6 +207,12 @@ def test_threads_follow_cores_processes_and_workers(monkeypatch):
 
 @pytest.mark.e2e
 def test_stage_logs_its_thread_choice(data_folder, tmp_path, capfd):
-    train_stage(tmp_path / "exp", HPARAMS, RUN_OPTS, None, overrides(data_folder, tmp_path / "exp", number_of_epochs=1, num_threads=1))
+    train_stage(
+        tmp_path / "exp",
+        HPARAMS,
+        RUN_OPTS,
+        None,
+        overrides(data_folder, tmp_path / "exp", number_of_epochs=1, num_threads=1),
+    )
     assert torch.get_num_threads() == 1
     assert "; 1 threads per process" in "".join(capfd.readouterr())  # SpeechBrain's log handler writes to stdout

@@ -1,5 +1,6 @@
 """Issue 9, items 8 and 12 (trial lists): paths outside the wav root, encodings, BOM,
 duplicate trials, lists with one class only."""
+
 from __future__ import annotations
 
 import logging
@@ -38,12 +39,21 @@ def wav_root(tmp_path):
 
 @pytest.mark.parametrize(
     "outside",
-    ["../secret.wav", "id1/../../secret.wav", "{root}/../secret.wav", "{root}/id1/v1/00001.wav", "./id1/v1/00001.wav", "id1//v1/00001.wav"],
+    [
+        "../secret.wav",
+        "id1/../../secret.wav",
+        "{root}/../secret.wav",
+        "{root}/id1/v1/00001.wav",
+        "./id1/v1/00001.wav",
+        "id1//v1/00001.wav",
+    ],
 )
 def test_scoring_refuses_paths_outside_the_wav_root(tmp_path, wav_root, outside):
     outside = outside.format(root=wav_root)
     trials = tmp_path / "t.txt"
-    trials.write_text(f"1 id1/v1/00001.wav id1/v2/00001.wav\n0 id1/v1/00001.wav {outside}\n0 id1/v2/00001.wav id2/v1/00001.wav\n")
+    trials.write_text(
+        f"1 id1/v1/00001.wav id1/v2/00001.wav\n0 id1/v1/00001.wav {outside}\n0 id1/v2/00001.wav id2/v1/00001.wav\n"
+    )
     with pytest.raises(ValueError, match=rf"{trials}:2: '{outside}' is not a relative path inside"):
         score_trial_lists(must_not_run, "m", wav_root, [trials], tmp_path / "out")
     with pytest.raises(ValueError, match=rf"{trials}:2: "):

@@ -1,4 +1,5 @@
 """Scoring: trial lists, back-ends against per-trial loops, cached extraction, reports, the whole stage."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """ShardedQMarginHead on 2 gloo processes against one process holding every prototype."""
+
 import dataclasses
 import os
 import socket
@@ -8,7 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
 from torch.nn.parallel import DistributedDataParallel
 
 from qmargin_spk.losses import QMarginLoss
@@ -57,14 +57,23 @@ def worker(rank, port, out_dir):
         loss = head(local.unsqueeze(1), labels[rows].unsqueeze(1))
         loss.backward()
         grad = head.weight.grad.to_dense() if sparse_grad else head.weight.grad
-        results.append({
-            "loss": loss.detach(), "grad_x": local.grad.squeeze(1), "grad_w": grad, "sparse": head.weight.grad.is_sparse,
-            "shard": (head.shard_start, head.shard_stop), "overflow": head.overflow_count, "stats": dataclasses.asdict(head.stats),
-        })
+        results.append(
+            {
+                "loss": loss.detach(),
+                "grad_x": local.grad.squeeze(1),
+                "grad_w": grad,
+                "sparse": head.weight.grad.is_sparse,
+                "shard": (head.shard_start, head.shard_stop),
+                "overflow": head.overflow_count,
+                "stats": dataclasses.asdict(head.stats),
+            }
+        )
     head.weight.data.mul_(rank + 2.0)
     encoder_grad = encoder_gradient_through_ddp(rank, weight, embeddings, labels)
-    torch.save({"results": results, "full_weight": head.full_weight(), "encoder_grad": encoder_grad},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"results": results, "full_weight": head.full_weight(), "encoder_grad": encoder_grad},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 
@@ -133,7 +142,9 @@ def test_two_ranks_equal_one_process(rank_results, config):
         torch.testing.assert_close(got["grad_w"], weight.grad[shard], atol=1e-10, rtol=0)
         assert got["sparse"] == sparse_grad
     stats = [rank_results[rank]["results"][config]["stats"] for rank in range(WORLD)]
-    assert stats[0]["support_mean"] == stats[1]["support_mean"] and stats[0]["p_target_mean"] == stats[1]["p_target_mean"]
+    assert (
+        stats[0]["support_mean"] == stats[1]["support_mean"] and stats[0]["p_target_mean"] == stats[1]["p_target_mean"]
+    )
     overflow = sum(rank_results[rank]["results"][config]["overflow"] for rank in range(WORLD))
     if capacity == 3:
         assert overflow > 0

@@ -1,4 +1,5 @@
 """Tar shards: writing (layout, index, atomic and re-runnable) and the streaming crop dataset (exact epochs)."""
+
 import io
 import json
 import os
@@ -60,8 +61,9 @@ def _ids(items) -> list[str]:
 
 
 def _loader_batches(dataset, num_workers: int, batch_size: int = 4, drop_last: bool = False) -> list[list[str]]:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=collate_crops, drop_last=drop_last)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_crops, drop_last=drop_last
+    )
     return [batch[0] for batch in loader]
 
 
@@ -102,8 +104,9 @@ def test_rewriting_is_a_no_op_and_changed_rows_rewrite_only_their_shards(corpus,
     folder = tmp_path / "shards"
     write_shards(rows, folder, utts_per_shard=8, seed=3, num_workers=1)
     stamps = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("shard-*.tar")}
-    assert stamps == {p.name: (stamps[p.name][0], p.read_bytes()) for p in corpus[2].glob("shard-*.tar")}, \
+    assert stamps == {p.name: (stamps[p.name][0], p.read_bytes()) for p in corpus[2].glob("shard-*.tar")}, (
         "the same rows give byte-identical shards"
+    )
     (folder / ".shard-000001.tar.abc.tmp").write_bytes(b"left by a killed run")
     write_shards(rows, folder, utts_per_shard=8, seed=3, num_workers=1)
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("shard-*.tar")} == stamps
@@ -196,7 +199,9 @@ def test_batch_aligned_split_drops_less_than_one_batch_per_rank(corpus):
         assert len(ids) == 28 == 4 * dataset.num_batches(4, num_workers=2)
 
 
-@pytest.mark.parametrize("batch_aligned, drop_last, num_batches", [(True, True, 7), (False, True, 6), (False, False, 8)])
+@pytest.mark.parametrize(
+    "batch_aligned, drop_last, num_batches", [(True, True, 7), (False, True, 6), (False, False, 8)]
+)
 def test_resume_continues_the_same_sequence(corpus, batch_aligned, drop_last, num_batches):
     rows, _, folder = corpus
     options = dict(batch_size=4 if batch_aligned else None, rank=1, world_size=2)
@@ -210,7 +215,9 @@ def test_resume_continues_the_same_sequence(corpus, batch_aligned, drop_last, nu
         resumed.resume_after(done, batch_size=4)
         assert _loader_batches(resumed, num_workers=2, drop_last=drop_last) == reference[done:]
     resumed.set_epoch(3)
-    assert len(_loader_batches(resumed, num_workers=2, drop_last=drop_last)) == len(reference), "set_epoch ends the resume"
+    assert len(_loader_batches(resumed, num_workers=2, drop_last=drop_last)) == len(reference), (
+        "set_epoch ends the resume"
+    )
 
 
 def test_pipe_urls_read_like_local_files(corpus):
@@ -301,8 +308,9 @@ def _gloo_worker(rank: int, world_size: int, index_path: str, speakers: list, po
         ids = _loader_ids(dataset, num_workers=2)
         in_process = _ids(dataset)  # no loader workers: the live process group
         gathered = [None] * world_size
-        dist.all_gather_object(gathered, {"rank": dist.get_rank(), "len": len(dataset), "ids": ids,
-                                          "in_process": in_process})
+        dist.all_gather_object(
+            gathered, {"rank": dist.get_rank(), "len": len(dataset), "ids": ids, "in_process": in_process}
+        )
         if rank == 0:
             Path(out).write_text(json.dumps(gathered))
     finally:
@@ -317,18 +325,22 @@ def test_two_gloo_processes_with_two_workers_each_see_each_utterance_once(corpus
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "gathered.json"
-    torch.multiprocessing.spawn(_gloo_worker, args=(2, str(folder / INDEX_NAME), list(index.speakers), port, str(out)),
-                                nprocs=2, join=True)
+    torch.multiprocessing.spawn(
+        _gloo_worker, args=(2, str(folder / INDEX_NAME), list(index.speakers), port, str(out)), nprocs=2, join=True
+    )
     gathered = json.loads(out.read_text())
     assert [g["rank"] for g in gathered] == [0, 1] and [g["len"] for g in gathered] == [30, 30]
     assert [len(g["ids"]) for g in gathered] == [30, 30]
     seen = Counter(utt for g in gathered for utt in g["ids"])
     assert max(seen.values()) == 1 and len(seen) == NUM_UTTS - 1  # N mod W = 1 left out
-    simulated = [_dataset(folder, rows, rank=r, world_size=2, crop_seconds=0.1, shuffle_buffer=4, seed=0) for r in (0, 1)]
+    simulated = [
+        _dataset(folder, rows, rank=r, world_size=2, crop_seconds=0.1, shuffle_buffer=4, seed=0) for r in (0, 1)
+    ]
     for dataset in simulated:
         dataset.set_epoch(1)
-    assert [g["ids"] for g in gathered] == [_loader_ids(d, num_workers=2) for d in simulated], \
+    assert [g["ids"] for g in gathered] == [_loader_ids(d, num_workers=2) for d in simulated], (
         "torch.distributed rank = explicit rank"
+    )
     assert [g["in_process"] for g in gathered] == [_ids(d) for d in simulated]
 
 
@@ -338,8 +350,10 @@ def _wav_bytes(samples: np.ndarray, rate: int, **options) -> bytes:
     return handle.getvalue()
 
 
-@pytest.mark.parametrize("rate, subtype, fmt", [(16000, "PCM_16", "WAV"), (8000, "PCM_16", "WAV"),
-                                                (16000, "FLOAT", "WAV"), (16000, "PCM_16", "FLAC")])
+@pytest.mark.parametrize(
+    "rate, subtype, fmt",
+    [(16000, "PCM_16", "WAV"), (8000, "PCM_16", "WAV"), (16000, "FLOAT", "WAV"), (16000, "PCM_16", "FLAC")],
+)
 def test_audio_bytes_decode_like_soundfile_reads_the_file(tmp_path, rate, subtype, fmt):
     samples = np.random.default_rng(0).uniform(-0.9, 0.9, rate)
     data = _wav_bytes(samples, rate, subtype=subtype, format=fmt)

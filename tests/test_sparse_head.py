@@ -1,4 +1,5 @@
 """SparseQMarginHead against QMarginLoss on the dense cosines of the same normalised embeddings and prototypes."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
 """The SpeechBrain internals the toolkit overrides (docs/speechbrain.md): fail loudly when an upgrade changes them."""
+
 import inspect
 
 import speechbrain as sb
@@ -33,7 +34,12 @@ def test_multi_process_checkpoint_and_optimizer_hooks_exist():
 
 def test_overridden_checkpointer_methods_keep_their_signatures_and_calls():
     assert list(inspect.signature(Checkpointer.save_checkpoint).parameters) == [
-        "self", "meta", "end_of_epoch", "name", "verbosity"]
+        "self",
+        "meta",
+        "end_of_epoch",
+        "name",
+        "verbosity",
+    ]
     assert list(inspect.signature(Checkpointer._custom_checkpoint_dirpath).parameters) == ["self", "name"]
     assert list(inspect.signature(Checkpointer._new_checkpoint_dirpath).parameters) == ["self"]
     # The atomic save relies on save_checkpoint naming a given folder through _custom_checkpoint_dirpath.

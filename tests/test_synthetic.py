@@ -1,4 +1,5 @@
 """The synthetic corpus: determinism, layout, disjoint speakers, valid balanced trials."""
+
 import hashlib
 import json
 import re
@@ -108,7 +109,9 @@ def test_cli_writes_a_corpus(tmp_path, capsys):
 def test_demo_corpus_step_runs_twice_on_the_same_folder(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("demo", Path(__file__).resolve().parents[1] / "recipes/voxceleb/demo.py")
+    spec = importlib.util.spec_from_file_location(
+        "demo", Path(__file__).resolve().parents[1] / "recipes/voxceleb/demo.py"
+    )
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     first = demo.ensure_corpus(tmp_path / "corpus", seed=5, preset="tiny")
@@ -119,8 +122,10 @@ def test_demo_corpus_step_runs_twice_on_the_same_folder(tmp_path):
 
 
 def test_all_pairs_trials_cover_every_cross_video_target_and_cross_speaker_pair():
-    utterances = {"s1": [("v1", "s1/v1/a.wav"), ("v1", "s1/v1/b.wav"), ("v2", "s1/v2/c.wav")],
-                  "s2": [("v3", "s2/v3/d.wav"), ("v4", "s2/v4/e.wav")]}
+    utterances = {
+        "s1": [("v1", "s1/v1/a.wav"), ("v1", "s1/v1/b.wav"), ("v2", "s1/v2/c.wav")],
+        "s2": [("v3", "s2/v3/d.wav"), ("v4", "s2/v4/e.wav")],
+    }
     lines = make_trials(utterances, None, np.random.default_rng(0))
     targets = {tuple(line.split()[1:]) for line in lines if line.startswith("1 ")}
     nontargets = {frozenset(line.split()[1:]) for line in lines if line.startswith("0 ")}

@@ -1,4 +1,5 @@
 """Schedules and checkpoint plumbing of the training stage."""
+
 import math
 import random
 

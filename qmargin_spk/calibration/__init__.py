@@ -4,6 +4,7 @@ Everything but the quality measures lives in :mod:`qmargin_spk.calibration.llr`
 (fit, apply to score files, Cllr, min Cllr, actual DCF, Bayes threshold); the quality
 measures (durations, imposter means) in :mod:`qmargin_spk.calibration.quality`.
 """
+
 from qmargin_spk.calibration.llr import (
     CALIBRATION_FORMAT,
     SCORE_INPUT,

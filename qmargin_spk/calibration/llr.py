@@ -31,6 +31,7 @@ trials are accepted when ``llr >= log((1 - P) / P)`` (the Bayes threshold ``-log
 and the cost ``P * P_miss + (1 - P) * P_fa`` is normalised by ``min(P, 1 - P)`` like the
 default minDCF, so ``actual DCF >= minDCF`` always and equality means perfect calibration at P.
 """
+
 from __future__ import annotations
 
 import json
@@ -250,7 +251,9 @@ def calibration_metrics(
 
 
 def llr_metrics(
-    llrs: ArrayLike, labels: ArrayLike, p_targets: Sequence[float] = DEFAULT_P_TARGETS,
+    llrs: ArrayLike,
+    labels: ArrayLike,
+    p_targets: Sequence[float] = DEFAULT_P_TARGETS,
     fars: Sequence[float] = DEFAULT_FARS,
 ) -> dict:
     """Everything measured on LLR scores, JSON-ready: ``compute_metrics(...).to_dict()`` (EER, minDCF,
@@ -306,8 +309,7 @@ def calibrate_score_file(
     llrs = calibration.llrs({SCORE_INPUT: scores, **(quality or {})})
     write_score_file(llr_file, enrol, test, llrs, labels)
     metrics = llr_metrics(llrs, labels, p_targets=p_targets, fars=fars)
-    return {"score_file": str(score_file), "llr_file": str(llr_file), "n_trials": int(labels.size),
-            "metrics": metrics}
+    return {"score_file": str(score_file), "llr_file": str(llr_file), "n_trials": int(labels.size), "metrics": metrics}
 
 
 def calibration_table(entries: Sequence[dict]) -> str:
@@ -320,8 +322,13 @@ def calibration_table(entries: Sequence[dict]) -> str:
     rows = []
     for entry in entries:
         metrics = entry["metrics"]
-        cells = [entry["list"], str(entry["n_trials"]), f"{100 * metrics['eer']:.3f}",
-                 f"{metrics['cllr']:.4f}", f"{metrics['min_cllr']:.4f}"]
+        cells = [
+            entry["list"],
+            str(entry["n_trials"]),
+            f"{100 * metrics['eer']:.3f}",
+            f"{metrics['cllr']:.4f}",
+            f"{metrics['min_cllr']:.4f}",
+        ]
         for p in priors:
             cells += [f"{metrics['min_dcf'][p]['value']:.4f}", f"{metrics['act_dcf'][p]['value']:.4f}"]
         rows.append(cells)
@@ -357,5 +364,6 @@ def calibrate_run(
         entry = calibrate_score_file(calibration, result["score_file"], llr_file, quality)
         entries.append({"list": result["list"], **entry})
     calibrated = {"model_id": run["model_id"], "calibration": calibration.to_dict(), "results": entries}
-    return write_calibrated_results(calibrated, out_dir / f"results.{backend}.calibrated.json",
-                                    out_dir / f"results.{backend}.calibrated.md")
+    return write_calibrated_results(
+        calibrated, out_dir / f"results.{backend}.calibrated.json", out_dir / f"results.{backend}.calibrated.md"
+    )

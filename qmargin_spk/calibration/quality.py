@@ -6,9 +6,10 @@ mean, the mean cosine score against its ``top_n`` closest cohort embeddings
 (an utterance near many other speakers scores high against everyone). The trial
 inputs are named :data:`QUALITY_INPUTS`.
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -6,6 +6,7 @@ on load with ``torchaudio.functional.resample``; empty audio and NaN/inf samples
 refused. Headers are cheap to read, samples are not: :func:`check_finite_samples`
 reads only files whose coding can hold NaN/inf (float, or decoded to float).
 """
+
 from __future__ import annotations
 
 import errno
@@ -14,8 +15,8 @@ import math
 import os
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import soundfile
@@ -68,8 +69,20 @@ def _file_problem(path: str | os.PathLike) -> str | None:
 
 
 # Codings that store integers (PCM, companded, ADPCM, lossless): decoded samples are always finite.
-_INTEGER_CODINGS = ("PCM_", "ULAW", "ALAW", "DPCM_", "DWVW_", "ALAC_", "G72", "GSM610", "IMA_ADPCM", "MS_ADPCM",
-                    "VOX_ADPCM", "NMS_ADPCM")
+_INTEGER_CODINGS = (
+    "PCM_",
+    "ULAW",
+    "ALAW",
+    "DPCM_",
+    "DWVW_",
+    "ALAC_",
+    "G72",
+    "GSM610",
+    "IMA_ADPCM",
+    "MS_ADPCM",
+    "VOX_ADPCM",
+    "NMS_ADPCM",
+)
 
 
 def check_finite_samples(path: str | os.PathLike, info: AudioInfo | None = None, block_frames: int = 1 << 20) -> None:
@@ -146,7 +159,7 @@ def _pcm16_wav_layout(data: bytes) -> tuple[int, int, int, int] | None:
         return None
     position, fmt = 12, None
     while position + 8 <= len(data):
-        chunk, size = data[position:position + 4], struct.unpack_from("<I", data, position + 4)[0]
+        chunk, size = data[position : position + 4], struct.unpack_from("<I", data, position + 4)[0]
         body = position + 8
         if chunk == b"fmt " and size >= 16:
             fmt = struct.unpack_from("<HHIIHH", data, body)  # format, channels, rate, byte rate, block, bits

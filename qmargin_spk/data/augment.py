@@ -11,6 +11,7 @@ path, output rescaled to the input level); there is none without a folder.
 SpeechBrain's AddNoise/AddReverb are not used: they load audio with torchaudio,
 which cannot read files in this environment.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,7 @@ from pathlib import Path
 import torch
 import torchaudio.functional
 
-from qmargin_spk.data.audio import AudioError, audio_info, load_audio
-from qmargin_spk.data.audio import repeat_pad
+from qmargin_spk.data.audio import AudioError, audio_info, load_audio, repeat_pad
 
 CATEGORY_SNR_DB = {"noise": (0.0, 15.0), "music": (5.0, 15.0), "speech": (13.0, 20.0)}
 SYNTHETIC_SNR_DB = (5.0, 20.0)
@@ -61,7 +61,11 @@ def noise_categories(noise_dir: str | os.PathLike) -> dict[str, list[Path]]:
     """Noise files by category: MUSAN subfolders if any exist, else everything as ``noise``."""
     noise_dir = Path(noise_dir)
     subfolders = [name for name in CATEGORY_SNR_DB if (noise_dir / name).is_dir()]
-    found = {name: _wavs_under(noise_dir / name) for name in subfolders} if subfolders else {"noise": _wavs_under(noise_dir)}
+    found = (
+        {name: _wavs_under(noise_dir / name) for name in subfolders}
+        if subfolders
+        else {"noise": _wavs_under(noise_dir)}
+    )
     categories = {name: files for name, files in found.items() if files}
     if not categories:
         raise ValueError(f"{noise_dir}: no noise wavs found")
@@ -118,7 +122,9 @@ class WaveformAugmenter:
                 return load_audio(path, self.sample_rate)
             available = int(audio_info(path).duration * self.sample_rate)
             start = self._index(available - length + 1) if available > length else 0
-            return repeat_pad(load_audio(path, self.sample_rate, start=start, num_samples=min(length, available)), length)
+            return repeat_pad(
+                load_audio(path, self.sample_rate, start=start, num_samples=min(length, available)), length
+            )
         except AudioError as err:
             warnings.warn(f"augmentation skipped an unreadable file: {err}", RuntimeWarning)
             return None
@@ -130,7 +136,9 @@ class WaveformAugmenter:
         names = sorted(self.noise)
         category = names[self._index(len(names))]
         files = self.noise[category]
-        talkers = BABBLE_TALKERS[0] + self._index(BABBLE_TALKERS[1] - BABBLE_TALKERS[0] + 1) if category == "speech" else 1
+        talkers = (
+            BABBLE_TALKERS[0] + self._index(BABBLE_TALKERS[1] - BABBLE_TALKERS[0] + 1) if category == "speech" else 1
+        )
         segments = [self._load(files[self._index(len(files))], len(clean)) for _ in range(talkers)]
         segments = [s for s in segments if s is not None]
         if not segments:

@@ -15,6 +15,7 @@ padding changes a convolutional embedder's output near the end of a row, and an 
 graph takes no lengths, so the default ``max_padding = 0`` lets only equal lengths share a
 batch and each embedding is that of the item alone.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence

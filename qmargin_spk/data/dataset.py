@@ -6,14 +6,15 @@ batch is the same whatever the number of DataLoader workers; call
 :meth:`CropDataset.set_epoch` before each epoch (with non-persistent workers, which
 receive a fresh copy of the dataset at every epoch).
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ class SpeakerLabelEncoder:
         self._index = {spk: i for i, spk in enumerate(self.speakers)}
 
     @classmethod
-    def from_rows(cls, rows: Sequence[ManifestRow]) -> "SpeakerLabelEncoder":
+    def from_rows(cls, rows: Sequence[ManifestRow]) -> SpeakerLabelEncoder:
         return cls(sorted({row.spk_id for row in rows}))
 
     def __len__(self) -> int:
@@ -52,14 +53,14 @@ class SpeakerLabelEncoder:
         atomic_write_text(path, json.dumps({"format": LABEL_FORMAT, "speakers": self.speakers}, indent=0) + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SpeakerLabelEncoder":
+    def load(cls, path: str | os.PathLike) -> SpeakerLabelEncoder:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         if data.get("format") != LABEL_FORMAT:
             raise ValueError(f"{path}: not a speaker label file (format {data.get('format')!r})")
         return cls(data["speakers"])
 
     @classmethod
-    def load_or_create(cls, path: str | os.PathLike, rows: Sequence[ManifestRow]) -> "SpeakerLabelEncoder":
+    def load_or_create(cls, path: str | os.PathLike, rows: Sequence[ManifestRow]) -> SpeakerLabelEncoder:
         """Load ``path`` if it exists (checking it knows every speaker of ``rows``), else build and save it."""
         if not Path(path).is_file():
             encoder = cls.from_rows(rows)
@@ -100,7 +101,10 @@ class CropMaker:
         self.num_classes = len(labels) * (1 + (len(perturbed) if speed_as_new_class else 0))
 
     def make(
-        self, read_segment: Callable[[int, int | None], torch.Tensor], duration: float, speaker: int,
+        self,
+        read_segment: Callable[[int, int | None], torch.Tensor],
+        duration: float,
+        speaker: int,
         rng: np.random.Generator,
     ) -> tuple[torch.Tensor, int]:
         """``(crop [crop_length], label)``; ``read_segment(start, num_samples)`` reads the utterance.
@@ -159,8 +163,8 @@ class CropDataset(torch.utils.data.Dataset):
         for _ in range(self.max_retries + 1):
             row = self.rows[index]
 
-            def read_segment(start: int, num_samples: int | None) -> torch.Tensor:
-                return load_audio(row.wav, sample_rate, start=start, num_samples=num_samples)
+            def read_segment(start: int, num_samples: int | None, wav: str = row.wav) -> torch.Tensor:
+                return load_audio(wav, sample_rate, start=start, num_samples=num_samples)
 
             try:
                 wav, label = self.crops.make(read_segment, row.duration, self.speaker_index[index], rng)
@@ -172,7 +176,9 @@ class CropDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"{self.max_retries + 1} unreadable files in a row; is the data still there?")
 
 
-def collate_crops(batch: Sequence[tuple[str, torch.Tensor, int]]) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_crops(
+    batch: Sequence[tuple[str, torch.Tensor, int]],
+) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack items into ``(ids, wavs [B, T], rel_lens [B], labels [B])``, zero-padding to the longest."""
     ids, wavs, labels = zip(*batch)
     padded, rel_lens = pad_waveforms(wavs)

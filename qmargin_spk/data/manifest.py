@@ -3,12 +3,13 @@
 ``ID`` is ``spk/video/utt`` (the key shared with trial lists), ``wav`` an absolute path and
 ``duration`` seconds at the recipe's sample rate. Training and scoring read them back.
 """
+
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from qmargin_spk.utils.atomic import atomic_open
 

@@ -28,6 +28,7 @@ and, last, ``prepare_done.json``, which holds a cheap fingerprint of the inputs 
 counts, sizes, newest mtimes, settings) so that re-running a finished prepare does
 nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,15 +37,15 @@ import os
 import shutil
 import subprocess
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from qmargin_spk.data.audio import AudioError, audio_info, check_finite_samples
-from qmargin_spk.data.manifest import ManifestRow, read_manifest, utterance_id, write_manifest
+from qmargin_spk.data.manifest import ManifestRow, utterance_id, write_manifest
 from qmargin_spk.data.trials import (
     MissingTrialFilesError,
     TrialList,
@@ -91,7 +92,7 @@ class PrepareResult:
         return {key: str(value) if isinstance(value, Path) else value for key, value in data.items()}
 
     @classmethod
-    def from_json(cls, data: dict) -> "PrepareResult":
+    def from_json(cls, data: dict) -> PrepareResult:
         path_fields = {"out_dir", "train_manifest", "test_manifest"}
         values = {f.name: data[f.name] for f in fields(cls)}
         values.update({k: Path(values[k]) for k in path_fields})
@@ -171,7 +172,7 @@ class RootScan:
 
 
 def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: int) -> RootScan:
-    """Check every wav under ``root/wav`` (header; samples if they may be NaN/inf) and sort usable files from the rest."""
+    """Check every wav under ``root/wav`` (header; samples if they may be NaN/inf); sort usable files from the rest."""
     paths = _audio_files(root / "wav", "wav")
     if not paths:
         raise PrepareError(f"{root}: no audio files under {root / 'wav'} (expected <spk>/<video>/<utt>.wav)")
@@ -195,11 +196,15 @@ def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: in
             if info.sample_rate != sample_rate:
                 scan.resampled.append((path, info.sample_rate))
             relative = path.relative_to(root / "wav").as_posix()
-            scan.rows.append(ManifestRow(utterance_id(relative), os.path.abspath(path), info.duration, relative.split("/")[0]))
+            scan.rows.append(
+                ManifestRow(utterance_id(relative), os.path.abspath(path), info.duration, relative.split("/")[0])
+            )
     if scan.skipped:
         logger.warning("%s: skipped %d of %d files, e.g. %s: %s", root, len(scan.skipped), len(paths), *scan.skipped[0])
     if not scan.rows:
-        raise PrepareError(f"{root}: none of the {len(paths)} audio files is usable, e.g. {scan.skipped[0][0]}: {scan.skipped[0][1]}")
+        raise PrepareError(
+            f"{root}: none of the {len(paths)} audio files is usable, e.g. {scan.skipped[0][0]}: {scan.skipped[0][1]}"
+        )
     return scan
 
 
@@ -238,7 +243,11 @@ def validate_trial_lists(
         check_trial_files(lists, test_root / "wav")
     except (ValueError, MissingTrialFilesError) as err:
         raise PrepareError(str(err)) from err
-    unusable = {u: skipped.get(utterance_id(u), "not in the test manifest") for u in unique_utterances(lists) if utterance_id(u) not in usable_ids}
+    unusable = {
+        u: skipped.get(utterance_id(u), "not in the test manifest")
+        for u in unique_utterances(lists)
+        if utterance_id(u) not in usable_ids
+    }
     problems: list[str] = []
     for trials in lists:
         found: list[tuple[int, str]] = []
@@ -247,11 +256,18 @@ def validate_trial_lists(
                 found.append((trials.line_numbers[i], f"{side[i]} is unusable ({unusable[side[i]]})"))
         same_speaker = np.char.partition(trials.enrol, "/")[:, 0] == np.char.partition(trials.test, "/")[:, 0]
         for i in np.flatnonzero(same_speaker != trials.labels.astype(bool)):
-            found.append((trials.line_numbers[i], f"label {trials.labels[i]} disagrees with the speakers of {trials.enrol[i]} and {trials.test[i]}"))
+            found.append(
+                (
+                    trials.line_numbers[i],
+                    f"label {trials.labels[i]} disagrees with the speakers of {trials.enrol[i]} and {trials.test[i]}",
+                )
+            )
         problems += [f"{trials.path}:{line}: {message}" for line, message in sorted(found)]
     if problems:
         more = f"\n... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
-        raise PrepareError(f"{len(problems)} problems in the trial lists:\n" + "\n".join(problems[:MAX_LISTED_PROBLEMS]) + more)
+        raise PrepareError(
+            f"{len(problems)} problems in the trial lists:\n" + "\n".join(problems[:MAX_LISTED_PROBLEMS]) + more
+        )
     try:
         check_trial_labels(lists)
     except ValueError as err:
@@ -279,10 +295,14 @@ def _tree_summary(paths: list[Path]) -> dict:
     }
 
 
-def input_fingerprint(train_roots: Sequence[Path], test_root: Path, trial_files: Sequence[Path], settings: dict) -> dict:
+def input_fingerprint(
+    train_roots: Sequence[Path], test_root: Path, trial_files: Sequence[Path], settings: dict
+) -> dict:
     """A cheap summary of everything prepare reads: audio trees (counts, sizes, mtimes), trial lists, settings."""
     trees = {
-        str(root): {ext: _tree_summary(_audio_files(root / folder, ext)) for folder, ext in (("wav", "wav"), ("aac", "m4a"))}
+        str(root): {
+            ext: _tree_summary(_audio_files(root / folder, ext)) for folder, ext in (("wav", "wav"), ("aac", "m4a"))
+        }
         for root in [*train_roots, test_root]
     }
     trials = {str(p): _tree_summary([p]) if p.is_file() else None for p in trial_files}
@@ -327,7 +347,9 @@ def prepare(
     if marker.is_file():
         done = json.loads(marker.read_text(encoding="utf-8"))
         outputs_present = all((out_dir / name).is_file() for name in ("train.csv", "test.csv"))
-        if outputs_present and done.get("fingerprint") == input_fingerprint(train_roots, test_root, trial_paths, settings):
+        if outputs_present and done.get("fingerprint") == input_fingerprint(
+            train_roots, test_root, trial_paths, settings
+        ):
             logger.info("%s: inputs unchanged since the last prepare, nothing to do", out_dir)
             return PrepareResult.from_json(done["result"] | {"reused": True})
         marker.unlink()
@@ -340,12 +362,19 @@ def prepare(
     train_rows = [row for scan in train for row in scan.rows]
     duplicates = [utt for utt, count in Counter(row.id for row in train_rows).items() if count > 1]
     if duplicates:
-        raise PrepareError(f"{len(duplicates)} utterance ids occur in more than one training root, e.g. {duplicates[0]}")
+        raise PrepareError(
+            f"{len(duplicates)} utterance ids occur in more than one training root, e.g. {duplicates[0]}"
+        )
     check_disjoint_speakers({r.spk_id for r in train_rows}, {r.spk_id for r in test.rows}, allow_overlap)
 
     test_skipped = {utterance_id(p.relative_to(test_root / "wav").as_posix()): why for p, why in test.skipped}
     for trials in validate_trial_lists(trial_paths, test_root, {row.id for row in test.rows}, test_skipped):
-        logger.info("%s: %d target and %d non-target trials", trials.path, trials.labels.sum(), len(trials) - trials.labels.sum())
+        logger.info(
+            "%s: %d target and %d non-target trials",
+            trials.path,
+            trials.labels.sum(),
+            len(trials) - trials.labels.sum(),
+        )
 
     scans = [*train, test]
     _write_listing(out_dir / "conversion_failures.txt", failures)

@@ -6,11 +6,12 @@ convention. Local files are opened seekable, so skipping samples reads only thei
 ``pipe:`` URL runs the command with a shell and reads its standard output as a stream
 (``pipe:cat shard.tar``, ``pipe:curl -s https://host/shard.tar``, ``pipe:aws s3 cp s3://b/shard.tar -``).
 """
+
 from __future__ import annotations
 
 import subprocess
 import tarfile
-from typing import Generator, Iterator
+from collections.abc import Generator, Iterator
 
 PIPE_PREFIX = "pipe:"
 
@@ -39,7 +40,7 @@ def read_shard(url: str, first: int = 0, stop: int | None = None) -> Iterator[tu
     """
     process = None
     if url.startswith(PIPE_PREFIX):
-        process = subprocess.Popen(url[len(PIPE_PREFIX):], shell=True, stdout=subprocess.PIPE)
+        process = subprocess.Popen(url[len(PIPE_PREFIX) :], shell=True, stdout=subprocess.PIPE)
     read_to_end = False
     try:
         with _open_tar(url, process) as tar:

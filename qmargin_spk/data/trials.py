@@ -1,19 +1,20 @@
 """VoxCeleb trial lists: ``<label> <enrol> <test>`` per line, paths relative to a wav root."""
+
 from __future__ import annotations
 
 import io
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence, Union
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
-TrialFiles = Union[Mapping[str, PathLike], Sequence[PathLike]]
+PathLike = str | os.PathLike
+TrialFiles = Mapping[str, PathLike] | Sequence[PathLike]
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,10 @@ def read_trial_list(path: str | os.PathLike, name: str | None = None) -> TrialLi
     if duplicates:
         logger.warning(
             "%s: %d duplicate trials dropped (the first of each is kept), e.g. %s:%d",
-            path, len(duplicates), path, duplicates[0],
+            path,
+            len(duplicates),
+            path,
+            duplicates[0],
         )
     return TrialList(
         name=name or path.stem,
@@ -96,7 +100,9 @@ def _read_utf8(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text ({err.reason}, byte {data[err.start:err.start + 1]!r})") from None
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text ({err.reason}, byte {data[err.start : err.start + 1]!r})"
+        ) from None
 
 
 def read_trial_lists(trial_files: TrialFiles) -> list[TrialList]:
@@ -120,8 +126,7 @@ def check_trial_labels(trial_lists: Sequence[TrialList]) -> None:
         if targets in (0, len(trials)):
             kind = "non-target" if targets == 0 else "target"
             raise ValueError(
-                f"{trials.path}: only {kind} trials ({len(trials)}); "
-                "the metrics need both target and non-target trials"
+                f"{trials.path}: only {kind} trials ({len(trials)}); the metrics need both target and non-target trials"
             )
 
 
@@ -165,9 +170,7 @@ def check_trial_paths(trial_lists: Sequence[TrialList], max_listed: int = 10) ->
     )
 
 
-def check_trial_files(
-    trial_lists: Sequence[TrialList], wav_root: str | os.PathLike, max_listed: int = 10
-) -> None:
+def check_trial_files(trial_lists: Sequence[TrialList], wav_root: str | os.PathLike, max_listed: int = 10) -> None:
     """Raise unless every utterance is a file inside ``wav_root``.
 
     First :func:`check_trial_paths` (:class:`TrialPathError`), then existence:

@@ -3,6 +3,7 @@
 Names are imported on first use, so that ``qmargin_spk.inference.onnx_runtime`` can be
 imported (and run) without torch.
 """
+
 from __future__ import annotations
 
 import importlib

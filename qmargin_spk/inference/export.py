@@ -23,6 +23,7 @@ The ONNX file carries the model's settings in its metadata and runs with
 (``onnxruntime.quantization.quantize_dynamic``); the front end stays float32 because
 quantised DFT kernels would wreck the filterbanks.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,8 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -63,8 +64,12 @@ class ExportableFbank(torch.nn.Module):
         left = (self.n_fft - stft.win_length) // 2  # torch.stft centres a shorter window in the frame
         window[left : left + stft.win_length] = stft.window.to(torch.float64)
         bins = self.n_fft // 2 + 1
-        phase = 2 * math.pi * torch.outer(torch.arange(bins, dtype=torch.float64),
-                                          torch.arange(self.n_fft, dtype=torch.float64)) / self.n_fft
+        phase = (
+            2
+            * math.pi
+            * torch.outer(torch.arange(bins, dtype=torch.float64), torch.arange(self.n_fft, dtype=torch.float64))
+            / self.n_fft
+        )
         basis = torch.cat([torch.cos(phase), -torch.sin(phase)]) * window
         self.register_buffer("dft_kernels", basis.to(torch.float32)[:, None, :])
         self.register_buffer("mel_matrix", _mel_matrix(filterbank, bins))
@@ -120,8 +125,13 @@ def export_onnx(model: SpeakerModel, out_path: str | os.PathLike, quantize: str 
         plain = Path(scratch) / "model.onnx"
         with _traceable_masks(), torch.no_grad(), _quiet_exporter():
             torch.onnx.export(
-                exportable, (example,), str(plain), dynamo=False, opset_version=OPSET,
-                input_names=["wav"], output_names=["embedding"],
+                exportable,
+                (example,),
+                str(plain),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["wav"],
+                output_names=["embedding"],
                 dynamic_axes={"wav": {0: "batch", 1: "samples"}, "embedding": {0: "batch"}},
             )
         graph = onnx.load(str(plain))

@@ -15,13 +15,14 @@ LLR; the decision then uses the minDCF threshold at ``p_target`` measured on the
 cosine-scored list of ``model.json`` (``source`` says which), and is None when there is
 no such entry.
 """
+
 from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from qmargin_spk.inference.package import (
 from qmargin_spk.models.embedder import SpeakerEmbedder
 from qmargin_spk.models.registry import build_backbone, build_embedder
 
-AudioItem = Union[str, os.PathLike, np.ndarray, torch.Tensor]
+AudioItem = str | os.PathLike | np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class SpeakerModel:
         self.device = torch.device(device)
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "SpeakerModel":
+    def from_folder(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> SpeakerModel:
         """Load a model folder (ModelFolderError naming the folder when it is incomplete or inconsistent)."""
         folder = Path(folder)
         info = read_model_info(folder)
@@ -126,8 +127,9 @@ class SpeakerModel:
         raw = self._raw_embeddings(_as_list(items), batch_size, chunk_seconds, progress, max_batch_seconds)
         return _normalised(raw).astype(np.float32)
 
-    def enroll(self, items: AudioItem | Sequence[AudioItem], batch_size: int = 16,
-               chunk_seconds: float | None = None) -> np.ndarray:
+    def enroll(
+        self, items: AudioItem | Sequence[AudioItem], batch_size: int = 16, chunk_seconds: float | None = None
+    ) -> np.ndarray:
         """One speaker's embedding ``[D]``: the renormalised mean of the items' normalised embeddings."""
         embeddings = self.embed(items, batch_size=batch_size, chunk_seconds=chunk_seconds).astype(np.float64)
         return _normalised(embeddings.mean(axis=0, keepdims=True))[0].astype(np.float32)
@@ -142,8 +144,9 @@ class SpeakerModel:
         scores = np.sum(_normalised(np.atleast_2d(a)) * _normalised(np.atleast_2d(b)), axis=1)
         return float(scores[0]) if a.ndim == 1 else scores
 
-    def verify(self, a: AudioItem | Sequence[AudioItem], b: AudioItem | Sequence[AudioItem],
-               p_target: float = 0.01) -> Verification:
+    def verify(
+        self, a: AudioItem | Sequence[AudioItem], b: AudioItem | Sequence[AudioItem], p_target: float = 0.01
+    ) -> Verification:
         """Same speaker in ``a`` and ``b``? Each side is a file, a waveform, or a list of them (enrolled together)."""
         sides = [_as_list(a), _as_list(b)]
         embeddings = [self.enroll(side) for side in sides]
@@ -162,15 +165,22 @@ class SpeakerModel:
         threshold, source = stored
         return Verification(score, None, score >= threshold, threshold, p_target, source)
 
-    def _raw_embeddings(self, items: list[AudioItem], batch_size: int, chunk_seconds: float | None,
-                        progress: bool, max_batch_seconds: float | None = None) -> np.ndarray:
+    def _raw_embeddings(
+        self,
+        items: list[AudioItem],
+        batch_size: int,
+        chunk_seconds: float | None,
+        progress: bool,
+        max_batch_seconds: float | None = None,
+    ) -> np.ndarray:
         """Float64 raw embeddings [N, D], batched by :mod:`qmargin_spk.data.batching` (the scoring stage's plan).
 
         Files are read batch by batch (lengths come from their headers), so memory holds
         one batch of audio, and each piece is read exactly as the scoring stage reads it.
         """
-        check_batching(batch_size, max_batch_seconds=max_batch_seconds, chunk_seconds=chunk_seconds,
-                       sample_rate=self.sample_rate)
+        check_batching(
+            batch_size, max_batch_seconds=max_batch_seconds, chunk_seconds=chunk_seconds, sample_rate=self.sample_rate
+        )
         lengths = [self._length(item, index) for index, item in enumerate(items)]
         pieces = plan_pieces(dict(enumerate(lengths)), chunk_seconds, self.sample_rate)
         on_batch, close = _progress_bar(progress, len(pieces))
@@ -179,8 +189,15 @@ class SpeakerModel:
             return self.embed_batch(torch.from_numpy(wavs), torch.ones(len(wavs))).double().numpy()
 
         try:
-            raw = embed_pieces(pieces, len(items), lambda piece: self._load(items[piece.row], piece).numpy(), embed,
-                               batch_size, max_batch_samples(max_batch_seconds, self.sample_rate), on_batch)
+            raw = embed_pieces(
+                pieces,
+                len(items),
+                lambda piece: self._load(items[piece.row], piece).numpy(),
+                embed,
+                batch_size,
+                max_batch_samples(max_batch_seconds, self.sample_rate),
+                on_batch,
+            )
         finally:
             close()
         bad = np.flatnonzero(~np.isfinite(raw).all(axis=1))
@@ -205,8 +222,9 @@ class SpeakerModel:
     def _load(self, item: AudioItem, piece: Piece) -> torch.Tensor:
         """The piece's samples as float32: read from the file like the scoring stage, or sliced from the waveform."""
         if isinstance(item, (str, os.PathLike)):
-            return load_audio(item, self.sample_rate, start=piece.start,
-                              num_samples=None if piece.whole else piece.length)
+            return load_audio(
+                item, self.sample_rate, start=piece.start, num_samples=None if piece.whole else piece.length
+            )
         return torch.as_tensor(item)[piece.start : piece.start + piece.length].detach().to("cpu", torch.float32)
 
     def _quality(self, sides: list[list[AudioItem]], embeddings: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -248,9 +266,7 @@ def _load_calibration(folder: Path, info: dict) -> tuple[Calibration | None, np.
 
 def _as_list(items: AudioItem | Sequence[AudioItem]) -> list[AudioItem]:
     """One item becomes a list of one; an empty list is an error."""
-    single = isinstance(items, (str, os.PathLike, torch.Tensor)) or (
-        isinstance(items, np.ndarray) and items.ndim == 1
-    )
+    single = isinstance(items, (str, os.PathLike, torch.Tensor)) or (isinstance(items, np.ndarray) and items.ndim == 1)
     listed = [items] if single else list(items)
     if not listed:
         raise ValueError("no audio given")
@@ -276,4 +292,3 @@ def _normalised(vectors: np.ndarray) -> np.ndarray:
 
 def _describe(item: AudioItem) -> str:
     return str(item) if isinstance(item, (str, os.PathLike)) else f"waveform of {len(item)} samples"
-

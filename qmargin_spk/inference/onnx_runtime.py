@@ -9,6 +9,7 @@ Waveforms are batched by the planner :class:`SpeakerModel` uses
 length input), so each embedding is that of the utterance alone. Reading and resampling audio
 files is left to the caller (e.g. soundfile).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,15 +45,21 @@ class OnnxSpeakerModel:
         """Raw embeddings ``[B, D]`` of equal-length waveforms ``[B, T]``."""
         return self.session.run(None, {"wav": np.ascontiguousarray(wavs, dtype=np.float32)})[0]
 
-    def embed(self, wavs: Sequence[np.ndarray], batch_size: int = 16, chunk_seconds: float | None = None,
-              max_batch_seconds: float | None = None) -> np.ndarray:
+    def embed(
+        self,
+        wavs: Sequence[np.ndarray],
+        batch_size: int = 16,
+        chunk_seconds: float | None = None,
+        max_batch_seconds: float | None = None,
+    ) -> np.ndarray:
         """L2-normalised float32 embeddings ``[N, D]`` of 1-D waveforms at :attr:`sample_rate`.
 
         Batched as :class:`SpeakerModel` batches (:mod:`qmargin_spk.data.batching`), with the
         same ``chunk_seconds`` and ``max_batch_seconds``.
         """
-        check_batching(batch_size, max_batch_seconds=max_batch_seconds, chunk_seconds=chunk_seconds,
-                       sample_rate=self.sample_rate)
+        check_batching(
+            batch_size, max_batch_seconds=max_batch_seconds, chunk_seconds=chunk_seconds, sample_rate=self.sample_rate
+        )
         arrays = [np.asarray(wav, dtype=np.float32) for wav in wavs]
         if not arrays:
             raise ValueError("no audio given")
@@ -60,8 +67,14 @@ class OnnxSpeakerModel:
             if wav.ndim != 1 or wav.size == 0:
                 raise ValueError(f"waveform {index}: expected a non-empty 1-D array (mono), got shape {wav.shape}")
         pieces = plan_pieces({row: wav.size for row, wav in enumerate(arrays)}, chunk_seconds, self.sample_rate)
-        out = embed_pieces(pieces, len(arrays), lambda p: arrays[p.row][p.start : p.start + p.length], self.embed_batch,
-                           batch_size, max_batch_samples(max_batch_seconds, self.sample_rate))
+        out = embed_pieces(
+            pieces,
+            len(arrays),
+            lambda p: arrays[p.row][p.start : p.start + p.length],
+            self.embed_batch,
+            batch_size,
+            max_batch_samples(max_batch_seconds, self.sample_rate),
+        )
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         if np.any(norms == 0) or not np.all(np.isfinite(out)):
             raise ValueError("the model gave a zero or non-finite embedding")

@@ -24,6 +24,7 @@ A model folder ``DIR/`` holds
     Written by ``qmargin-spk calibrate`` (:mod:`qmargin_spk.calibration`); a quality-measure
     calibration also needs its cohort embeddings, ``calibration_cohort.npy``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,10 +35,10 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -63,7 +64,15 @@ MODEL_JSON = "model.json"
 CARD_FILE = "README.md"
 CALIBRATION_FILE = "calibration.json"
 COHORT_FILE = "calibration_cohort.npy"
-RESERVED_META = ("format", "sample_rate", "embedding_dim", "frontend", "backbone", "model_identity", "checkpoint_sha256")
+RESERVED_META = (
+    "format",
+    "sample_rate",
+    "embedding_dim",
+    "frontend",
+    "backbone",
+    "model_identity",
+    "checkpoint_sha256",
+)
 
 SPEECHBRAIN_HEADER = """\
 # Generated from model.json by qmargin_spk (model folder format {format}) for SpeechBrain:
@@ -94,12 +103,21 @@ def model_description(info: Mapping) -> tuple[dict, dict]:
     if info.get("format") == 1:
         model = info["model"]
         channels = int(model["channels"])
-        frontend = {"name": "fbank", "sample_rate": int(model["sample_rate"]), "n_mels": int(model["n_mels"]),
-                    "normalisation": "sentence_mean"}
-        backbone = {"architecture": "ecapa_tdnn", "input_size": int(model["n_mels"]),
-                    "channels": [channels] * 4 + [3 * channels], "kernel_sizes": [5, 3, 3, 3, 1],
-                    "dilations": [1, 2, 3, 4, 1], "attention_channels": int(model["attention_channels"]),
-                    "lin_neurons": int(model["embedding_dim"])}
+        frontend = {
+            "name": "fbank",
+            "sample_rate": int(model["sample_rate"]),
+            "n_mels": int(model["n_mels"]),
+            "normalisation": "sentence_mean",
+        }
+        backbone = {
+            "architecture": "ecapa_tdnn",
+            "input_size": int(model["n_mels"]),
+            "channels": [channels] * 4 + [3 * channels],
+            "kernel_sizes": [5, 3, 3, 3, 1],
+            "dilations": [1, 2, 3, 4, 1],
+            "attention_channels": int(model["attention_channels"]),
+            "lin_neurons": int(model["embedding_dim"]),
+        }
     else:
         frontend, backbone = info["frontend"], info["backbone"]
     try:
@@ -112,8 +130,11 @@ def model_description(info: Mapping) -> tuple[dict, dict]:
 def hparams_text(frontend: Mapping, backbone: Mapping) -> str:
     """The folder's SpeechBrain ``hyperparams.yaml``, generated through the architecture registry."""
     sample_rate = validate_frontend(frontend)["sample_rate"]
-    return (SPEECHBRAIN_HEADER.format(format=MODEL_FORMAT, sample_rate=sample_rate)
-            + speechbrain_hparams(frontend, backbone) + SPEECHBRAIN_FOOTER)
+    return (
+        SPEECHBRAIN_HEADER.format(format=MODEL_FORMAT, sample_rate=sample_rate)
+        + speechbrain_hparams(frontend, backbone)
+        + SPEECHBRAIN_FOOTER
+    )
 
 
 def code_version() -> str:
@@ -126,7 +147,10 @@ def code_version() -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         described = subprocess.run(
             ["git", "-C", str(source), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         if described:
             return f"{version}+git.{described}"
@@ -242,7 +266,8 @@ def model_card(info: Mapping) -> str:
         "",
         f"- Input: mono audio at {info['sample_rate']} Hz (other rates are resampled on load);"
         f" front-end {frontend['name']} ({features}), normalisation {frontend['normalisation']}.",
-        f"- Backbone {architecture}: " + ", ".join(f"{key} {value}" for key, value in backbone.items())
+        f"- Backbone {architecture}: "
+        + ", ".join(f"{key} {value}" for key, value in backbone.items())
         + "; cosine scoring of L2-normalised embeddings.",
     ]
     if info.get("model_identity"):
@@ -256,7 +281,8 @@ def model_card(info: Mapping) -> str:
     experiment = info.get("experiment")
     if isinstance(experiment, Mapping):
         parts = [f"`{experiment.get('name')}`"] + [
-            f"{key} {experiment[key]}" for key in ("backbone", "loss", "setting") if experiment.get(key)]
+            f"{key} {experiment[key]}" for key in ("backbone", "loss", "setting") if experiment.get(key)
+        ]
         if experiment.get("finetuned_from"):
             parts.append(f"fine-tuned from `{experiment['finetuned_from']}`")
         lines.append("- Experiment: " + ", ".join(parts) + ".")
@@ -317,4 +343,3 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
     os.rename(out_dir, retired / out_dir.name)
     os.rename(staging, out_dir)
     shutil.rmtree(retired, ignore_errors=True)
-

@@ -1,4 +1,5 @@
 """Losses: the alpha-divergence functional core, the cosine-classifier loss modules, and the heads."""
+
 from qmargin_spk.losses.fenchel_young import fenchel_young_loss, fenchel_young_loss_and_stats
 from qmargin_spk.losses.heads import DenseHead
 from qmargin_spk.losses.margin_losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, QMarginLoss
@@ -8,9 +9,9 @@ from qmargin_spk.losses.posterior import (
     solve_on_candidates,
     solve_sparse_posterior,
 )
+from qmargin_spk.losses.registry import HEADS, LOSSES, SpeakerHead, build_head
 from qmargin_spk.losses.sharded_head import ShardedQMarginHead
 from qmargin_spk.losses.sparse_head import SparseQMarginHead
-from qmargin_spk.losses.registry import HEADS, LOSSES, SpeakerHead, build_head
 from qmargin_spk.losses.stats import PosteriorStats, posterior_statistics
 
 __all__ = [

@@ -8,6 +8,7 @@ first chunk, then all the candidates of a row whenever its buffer fills up. A bu
 than ``capacity`` candidates keeps the largest ones and remembers the largest it dropped; if that
 one is above the final floor, the row is recomputed alone over the whole shard (the exact fallback).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

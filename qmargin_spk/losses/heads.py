@@ -15,6 +15,7 @@ Every head maps ``(embeddings [B, D] or [B, 1, D], labels [B] or [B, 1]) -> mean
 Recipes build a head as ``head_factory(num_classes=C, embedding_dim=D)`` (a ``!name:`` entry of
 the hparams loss block), so the number of classes comes from the training data.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace

@@ -4,6 +4,7 @@ Every module takes cosines ``[B, 1, C]`` or ``[B, C]`` and targets ``[B, 1]`` or
 a scalar. ``scale`` and ``margin`` are plain attributes that a scheduler may change between steps,
 and ``stats`` holds the :class:`PosteriorStats` of the last forward (support size, ``p_y``).
 """
+
 from __future__ import annotations
 
 import math
@@ -111,7 +112,9 @@ class AAMLoss(_CosineLoss):
             shifted = torch.where(target_cos > 0, shifted, target_cos)
         else:
             threshold = math.cos(math.pi - self.margin)
-            shifted = torch.where(target_cos > threshold, shifted, target_cos - math.sin(math.pi - self.margin) * self.margin)
+            shifted = torch.where(
+                target_cos > threshold, shifted, target_cos - math.sin(math.pi - self.margin) * self.margin
+            )
         logits = self.scale * cosines.scatter(1, targets.unsqueeze(1), shifted)
         log_p = F.log_softmax(logits, dim=1)
         with torch.no_grad():

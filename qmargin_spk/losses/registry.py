@@ -6,6 +6,7 @@ A loss fragment (``hparams/losses/<name>.yaml``) names its loss (``loss_name``),
 number of classes of the training data. Every head implements :class:`SpeakerHead`; what a head
 reports through ``loss_settings()`` is what logs, ``model.json`` and comparison tables show.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -19,7 +20,9 @@ from qmargin_spk.losses.sharded_head import ShardedQMarginHead
 from qmargin_spk.losses.sparse_head import SparseQMarginHead
 from qmargin_spk.losses.stats import PosteriorStats
 
-LOSSES: dict[str, type[torch.nn.Module]] = {cls.name: cls for cls in (QMarginLoss, AAMLoss, CosFaceLoss, AlphaEntmaxLoss)}
+LOSSES: dict[str, type[torch.nn.Module]] = {
+    cls.name: cls for cls in (QMarginLoss, AAMLoss, CosFaceLoss, AlphaEntmaxLoss)
+}
 HEADS: dict[str, type[torch.nn.Module]] = {cls.kind: cls for cls in (DenseHead, SparseQMarginHead, ShardedQMarginHead)}
 FUSED_LOSS = "qmargin"  # the sparse and sharded heads compute this loss themselves
 
@@ -52,8 +55,9 @@ class HeadSettingsError(ValueError):
     """A loss fragment names a head, loss or setting that does not exist."""
 
 
-def build_head(num_classes: int, embedding_dim: int, head: str = "dense", loss: str = "qmargin",
-               **settings: float) -> SpeakerHead:
+def build_head(
+    num_classes: int, embedding_dim: int, head: str = "dense", loss: str = "qmargin", **settings: float
+) -> SpeakerHead:
     """The head ``head`` computing ``loss`` with ``settings`` (the loss's hyper-parameters) for ``num_classes``."""
     if head not in HEADS:
         raise HeadSettingsError(f"unknown head {head!r}: expected one of {sorted(HEADS)}")

@@ -1,10 +1,13 @@
 """SpeechBrain's ``[B, 1, X]`` / ``[B, 1]`` batch shapes, brought to ``[B, X]`` / ``[B]`` in one place."""
+
 from __future__ import annotations
 
 import torch
 
 
-def flatten_batch(values: torch.Tensor, targets: torch.Tensor, name: str = "outputs") -> tuple[torch.Tensor, torch.Tensor]:
+def flatten_batch(
+    values: torch.Tensor, targets: torch.Tensor, name: str = "outputs"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``values`` ``[B, 1, X]`` or ``[B, X]`` -> ``[B, X]``; ``targets`` ``[B, 1]`` or ``[B]`` -> ``[B]``."""
     if values.dim() == 3 and values.shape[1] == 1:
         values = values.squeeze(1)

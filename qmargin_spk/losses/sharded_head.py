@@ -32,6 +32,7 @@ matrix (``{"weight": [C, D]}``, written by rank 0 while every rank takes part in
 run resumes, and its prototypes load, with any number of processes. Without an initialised process
 group the head is one shard holding every class.
 """
+
 from __future__ import annotations
 
 import math
@@ -138,7 +139,9 @@ class ShardedQMarginHead(QMarginHeadBase):
         validate_targets(labels, embeddings.shape[0], self.num_classes)
         with without_autocast(embeddings):
             if not self.distributed:
-                return self.sparse_loss(normalized_embeddings(embeddings), labels.long(), self.weight, 0, SingleProcess())
+                return self.sparse_loss(
+                    normalized_embeddings(embeddings), labels.long(), self.weight, 0, SingleProcess()
+                )
             x_n = _GatherRowsWithGradient.apply(normalized_embeddings(embeddings), self.process_group)
             all_labels, _ = gather_rows(labels.long(), self.process_group)
             combiner = ProcessGroupCombiner(self.process_group)
@@ -170,7 +173,9 @@ class ShardedQMarginHead(QMarginHeadBase):
     def load_full_weight(self, weight: torch.Tensor) -> None:
         """Copy this rank's rows of a full ``[C, D]`` prototype matrix (rank-local, no communication)."""
         if weight.shape[0] != self.num_classes or weight.shape[1] != self.weight.shape[1]:
-            raise ValueError(f"expected a [{self.num_classes}, {self.weight.shape[1]}] matrix, got {tuple(weight.shape)}")
+            raise ValueError(
+                f"expected a [{self.num_classes}, {self.weight.shape[1]}] matrix, got {tuple(weight.shape)}"
+            )
         self.weight.copy_(weight[self.shard_start : self.shard_stop])
 
     def extra_repr(self) -> str:
@@ -197,7 +202,9 @@ class ShardedQMarginHead(QMarginHeadBase):
         state = torch.load(path, map_location=self.weight.device, weights_only=True)
         self.load_full_weight(state["weight"])
         if "momentum_buffer" in state and getattr(self, "optimizer", None) is not None:
-            self.optimizer.state[self.weight]["momentum_buffer"] = state["momentum_buffer"][self.shard_start : self.shard_stop].clone()
+            self.optimizer.state[self.weight]["momentum_buffer"] = state["momentum_buffer"][
+                self.shard_start : self.shard_stop
+            ].clone()
 
     def _momentum_buffer(self) -> torch.Tensor | None:
         optimizer = getattr(self, "optimizer", None)

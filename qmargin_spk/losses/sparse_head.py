@@ -30,6 +30,7 @@ has the layout of ``Classifier.weight``, so prototypes load either way and check
 ``classifier`` key. For several GPUs, keep the head out of
 DDP and use ``ShardedQMarginHead`` (``sharded_head.py``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -56,7 +57,9 @@ class _Solved:
 
 
 @torch.no_grad()
-def _solve(x_n: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, settings: HeadSettings, combiner: Combiner) -> _Solved:
+def _solve(
+    x_n: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, settings: HeadSettings, combiner: Combiner
+) -> _Solved:
     """Stream the candidates, agree on tau across shards, and solve the posterior exactly."""
     batch = x_n.shape[0]
     log_q_target = torch.full((batch,), -settings.scale * settings.margin, dtype=x_n.dtype, device=x_n.device)
@@ -65,7 +68,9 @@ def _solve(x_n: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, settin
     local_pairs, overflow = stream.finish(lo, x_n, weight)
     pairs = combiner.gather_pairs(local_pairs).sorted_by_row()
     floor = lo - stream.gap
-    cand_theta, cand_idx, log_q = candidates_from_pairs(pairs.rows, pairs.cols, pairs.theta, labels, log_q_target, floor)
+    cand_theta, cand_idx, log_q = candidates_from_pairs(
+        pairs.rows, pairs.cols, pairs.theta, labels, log_q_target, floor
+    )
     sparse = solve_on_candidates(cand_theta, cand_idx, log_q, settings.alpha)
     per_row = fy_loss_on_candidates(cand_theta, target_theta, labels, log_q_target, sparse, settings.alpha)
     stats = posterior_statistics(sparse.values, sparse.indices, sparse.support_size, labels)
@@ -93,7 +98,9 @@ class _SparseQMarginFunction(torch.autograd.Function):
         classes, inverse = torch.unique(cols, return_inverse=True)
         # G [B, U]: the non-zero entries of dL/dtheta restricted to the touched prototypes.
         shape = (x_n.shape[0], classes.shape[0])
-        grad_theta = torch.sparse_coo_tensor(torch.stack([rows, inverse]), coef, shape, check_invariants=False).coalesce()
+        grad_theta = torch.sparse_coo_tensor(
+            torch.stack([rows, inverse]), coef, shape, check_invariants=False
+        ).coalesce()
         raw = weight[classes].to(x_n.dtype).detach().requires_grad_(True)
         with torch.enable_grad():
             prototypes = F.normalize(raw, dim=1)
@@ -124,7 +131,9 @@ def _owned_gradient_pairs(
 def _weight_gradient(classes: torch.Tensor, grad_rows: torch.Tensor, shape: torch.Size, sparse: bool) -> torch.Tensor:
     """The prototype gradient with ``grad_rows`` at ``classes`` (unique, sorted), dense or sparse COO."""
     if sparse:
-        return torch.sparse_coo_tensor(classes.unsqueeze(0), grad_rows, shape, is_coalesced=True, check_invariants=False)
+        return torch.sparse_coo_tensor(
+            classes.unsqueeze(0), grad_rows, shape, is_coalesced=True, check_invariants=False
+        )
     return grad_rows.new_zeros(shape).index_copy_(0, classes, grad_rows)
 
 

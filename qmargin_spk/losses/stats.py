@@ -3,6 +3,7 @@
 Training logs them per epoch (support size, ``p_y``, overflowing rows, accuracy where a head
 computes the full logits); see ``docs/loss.md`` for what they say about a run.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,6 +38,12 @@ def posterior_statistics(
     support = support_size.to(torch.float64)
     # One read back to the host (a sync on a GPU) for all four numbers.
     support_mean, support_max, p_target_mean, zero_frac = torch.stack(
-        [support.mean(), support.max(), p_target.mean(), (p_target <= 0).to(torch.float64).mean()]).tolist()
-    return PosteriorStats(batch_size=int(target.shape[0]), support_mean=support_mean, support_max=support_max,
-                          p_target_mean=p_target_mean, p_target_zero_frac=zero_frac)
+        [support.mean(), support.max(), p_target.mean(), (p_target <= 0).to(torch.float64).mean()]
+    ).tolist()
+    return PosteriorStats(
+        batch_size=int(target.shape[0]),
+        support_mean=support_mean,
+        support_max=support_max,
+        p_target_mean=p_target_mean,
+        p_target_zero_frac=zero_frac,
+    )

@@ -1,6 +1,7 @@
 """Speaker-verification metrics: EER, minDCF, TAR at fixed FAR, DET curves, speaker-bootstrap intervals.
 
 Cllr and actual DCF of calibrated LLRs are :mod:`qmargin_spk.calibration`'s."""
+
 from qmargin_spk.metrics.bootstrap import (
     BootstrapResult,
     ComparisonResult,

@@ -33,9 +33,10 @@ smallest ``1 - confidence`` whose percentile interval of ``d`` still reaches zer
 the usual +1 so that it is never 0). A resample with no target or no non-target trial
 left (possible only with very few speakers) is dropped and counted in ``n_degenerate``.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike

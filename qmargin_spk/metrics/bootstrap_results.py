@@ -3,6 +3,7 @@
 Each result serialises to JSON with :meth:`to_dict` (priors and FARs as ``%g`` keys, as in
 :meth:`VerificationMetrics.to_dict`); the design is described in :mod:`qmargin_spk.metrics.bootstrap`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,9 +1,10 @@
 """DET curves (probit axes, EER marked), one system or several overlaid, written as a PNG; matplotlib is optional."""
+
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -30,10 +30,11 @@ TAR at FAR always uses the default operating points, whatever the convention:
 All costs use ``c_miss = c_fa = 1``. Measures of calibrated LLR scores (Cllr, actual DCF)
 are :mod:`qmargin_spk.calibration`'s.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -73,7 +74,7 @@ class OperatingPoints:
         eer = self.fnr[upper] + weight * (self.fnr[lower] - self.fnr[upper])
         return float(eer), float(self.thresholds[upper])
 
-    def min_dcf(self, p_target: float, normalised: bool = True) -> "MinDcf":
+    def min_dcf(self, p_target: float, normalised: bool = True) -> MinDcf:
         """Minimum of ``P_target FNR + (1 - P_target) FPR`` (first minimum), optionally normalised."""
         cost = self.fnr * p_target + self.fpr * (1 - p_target)
         best = int(np.argmin(cost))
@@ -131,8 +132,7 @@ class VerificationMetrics:
             "eer_threshold": self.eer_threshold,
             "min_dcf_normalised": self.min_dcf_normalised,
             "min_dcf": {
-                f"{entry.p_target:g}": {"value": entry.value, "threshold": entry.threshold}
-                for entry in self.min_dcf
+                f"{entry.p_target:g}": {"value": entry.value, "threshold": entry.threshold} for entry in self.min_dcf
             },
             "tar_at_far": {
                 f"{entry.far:g}": {"tar": entry.tar, "threshold": entry.threshold, "reason": entry.reason}

@@ -7,9 +7,10 @@ minDCF and TAR@FAR follow with the conventions of ``compute_metrics(convention="
 (ties grouped, interpolated EER, normalised minDCF, the highest TAR with FPR <= FAR), so a
 weighting gives the same floats as ``compute_metrics`` on the materialised resampled list.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,9 +18,7 @@ import numpy as np
 class WeightedTrials:
     """One system's trials sorted once; metrics for any block of speaker multiplicities."""
 
-    def __init__(
-        self, scores: np.ndarray, labels: np.ndarray, enrol_index: np.ndarray, test_index: np.ndarray
-    ) -> None:
+    def __init__(self, scores: np.ndarray, labels: np.ndarray, enrol_index: np.ndarray, test_index: np.ndarray) -> None:
         order = np.argsort(scores, kind="stable")
         sorted_scores, sorted_labels = scores[order], labels[order]
         # Operating points as in verification._grouped_points: one per distinct score, plus reject-all.

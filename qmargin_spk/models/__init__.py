@@ -1,4 +1,5 @@
 """Models: the speaker embedder and the architecture registry that builds it from a plain description."""
+
 from qmargin_spk.models.embedder import SpeakerEmbedder, count_parameters
 from qmargin_spk.models.registry import (
     ARCHITECTURES,

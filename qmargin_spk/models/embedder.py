@@ -2,6 +2,7 @@
 
 Training and extraction call the same module, so features can never drift between them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,9 @@ import torch
 class SpeakerEmbedder(torch.nn.Module):
     """Wraps a feature extractor, a normaliser and an embedding model (SpeechBrain lobes)."""
 
-    def __init__(self, compute_features: torch.nn.Module, mean_var_norm: torch.nn.Module,
-                 embedding_model: torch.nn.Module) -> None:
+    def __init__(
+        self, compute_features: torch.nn.Module, mean_var_norm: torch.nn.Module, embedding_model: torch.nn.Module
+    ) -> None:
         super().__init__()
         self.compute_features = compute_features
         self.mean_var_norm = mean_var_norm

@@ -4,10 +4,11 @@ Names in sorted order, then each tensor's dtype, shape and raw bytes (on the CPU
 computed on the model after the weights are loaded into it, so averaged checkpoints, a model folder
 and an imported checkpoint of the same weights share one identity; caches and results carry it.
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

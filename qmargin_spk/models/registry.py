@@ -8,12 +8,14 @@ descriptions (``build_backbone``, ``build_embedder``), the packaging stage write
 that was trained and the model that is loaded cannot differ. Names and settings are checked here:
 an unknown architecture or setting, or a value of the wrong type, is one :class:`DescriptionError`.
 """
+
 from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -52,23 +54,43 @@ class Architecture(Component):
 ARCHITECTURES: dict[str, Architecture] = {
     "ecapa_tdnn": Architecture(
         target="speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN",
-        settings={"input_size": INT, "lin_neurons": INT, "channels": INTS, "kernel_sizes": INTS, "dilations": INTS,
-                  "attention_channels": INT, "res2net_scale": INT, "se_channels": INT, "global_context": BOOL,
-                  "groups": INTS, "dropout": FLOAT},
+        settings={
+            "input_size": INT,
+            "lin_neurons": INT,
+            "channels": INTS,
+            "kernel_sizes": INTS,
+            "dilations": INTS,
+            "attention_channels": INT,
+            "res2net_scale": INT,
+            "se_channels": INT,
+            "global_context": BOOL,
+            "groups": INTS,
+            "dropout": FLOAT,
+        },
         required=("input_size", "lin_neurons", "channels", "kernel_sizes", "dilations", "attention_channels"),
     ),
 }
 FEATURES: dict[str, Component] = {
     "fbank": Component(
         target="speechbrain.lobes.features.Fbank",
-        settings={"sample_rate": INT, "n_mels": INT, "n_fft": INT, "win_length": FLOAT, "hop_length": FLOAT,
-                  "f_min": FLOAT, "f_max": OPTIONAL_FLOAT},
+        settings={
+            "sample_rate": INT,
+            "n_mels": INT,
+            "n_fft": INT,
+            "win_length": FLOAT,
+            "hop_length": FLOAT,
+            "f_min": FLOAT,
+            "f_max": OPTIONAL_FLOAT,
+        },
         required=("sample_rate", "n_mels"),
     ),
 }
 NORMALISATIONS: dict[str, Component] = {
-    "sentence_mean": Component(target="speechbrain.processing.features.InputNormalization", settings={},
-                               fixed={"norm_type": "sentence", "std_norm": False}),
+    "sentence_mean": Component(
+        target="speechbrain.processing.features.InputNormalization",
+        settings={},
+        fixed={"norm_type": "sentence", "std_norm": False},
+    ),
 }
 
 
@@ -123,7 +145,9 @@ def check_compatible(frontend: Mapping, backbone: Mapping) -> None:
     frontend, backbone = validate_frontend(frontend), validate_backbone(backbone)
     key = ARCHITECTURES[backbone["architecture"]].input_key
     if backbone[key] != frontend["n_mels"]:
-        raise DescriptionError(f"backbone {key} {backbone[key]} differs from the front-end's n_mels {frontend['n_mels']}")
+        raise DescriptionError(
+            f"backbone {key} {backbone[key]} differs from the front-end's n_mels {frontend['n_mels']}"
+        )
 
 
 def speechbrain_hparams(frontend: Mapping, backbone: Mapping) -> str:
@@ -131,12 +155,14 @@ def speechbrain_hparams(frontend: Mapping, backbone: Mapping) -> str:
     frontend, backbone = validate_frontend(frontend), validate_backbone(backbone)
     features, normalisation = FEATURES[frontend.pop("name")], NORMALISATIONS[frontend.pop("normalisation")]
     architecture = ARCHITECTURES[backbone.pop("architecture")]
-    return "".join([
-        f"sample_rate: {frontend['sample_rate']}\n\n",
-        _new("compute_features", features.target, {**frontend, **features.fixed}),
-        _new("mean_var_norm", normalisation.target, normalisation.fixed),
-        _new("embedding_model", architecture.target, backbone),
-    ])
+    return "".join(
+        [
+            f"sample_rate: {frontend['sample_rate']}\n\n",
+            _new("compute_features", features.target, {**frontend, **features.fixed}),
+            _new("mean_var_norm", normalisation.target, normalisation.fixed),
+            _new("embedding_model", architecture.target, backbone),
+        ]
+    )
 
 
 def _new(key: str, target: str, settings: Mapping) -> str:
@@ -171,8 +197,10 @@ def _plain(value: Any, kind: str, what: str) -> Any:
         return int(value)
     if kind == BOOL and isinstance(value, bool):
         return bool(value)
-    if kind == INTS and isinstance(value, (list, tuple)) and all(
-        isinstance(item, int) and not isinstance(item, bool) for item in value
+    if (
+        kind == INTS
+        and isinstance(value, (list, tuple))
+        and all(isinstance(item, int) and not isinstance(item, bool) for item in value)
     ):
         return [int(item) for item in value]
     raise DescriptionError(f"{what} must be {kind}, got {value!r}")

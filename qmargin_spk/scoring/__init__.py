@@ -1,4 +1,13 @@
 """Scoring: trial lists, embedding extraction, cosine / AS-norm back-ends, reports, the scoring stage, comparisons."""
+
+from qmargin_spk.data.trials import (
+    MissingTrialFilesError,
+    TrialList,
+    check_trial_files,
+    read_trial_list,
+    read_trial_lists,
+    unique_utterances,
+)
 from qmargin_spk.scoring.backends import (
     asnorm_scores,
     cohort_statistics,
@@ -11,14 +20,6 @@ from qmargin_spk.scoring.compare import CompareError, compare_experiments, load_
 from qmargin_spk.scoring.embeddings import EmbeddingTable, extract_embeddings
 from qmargin_spk.scoring.pipeline import BACKENDS, score_trial_lists
 from qmargin_spk.scoring.report import read_score_file, results_table, write_results, write_score_file
-from qmargin_spk.data.trials import (
-    MissingTrialFilesError,
-    TrialList,
-    check_trial_files,
-    read_trial_list,
-    read_trial_lists,
-    unique_utterances,
-)
 
 __all__ = [
     "BACKENDS",

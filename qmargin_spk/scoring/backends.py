@@ -11,9 +11,10 @@ matrix product against the cohort and a top-k, then
 
 with the population standard deviation of the top-N cohort scores.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -1,4 +1,5 @@
 """The AS-norm / mean-subtraction cohort: training utterances chosen alike by stage 3 and ``qmargin-spk score``."""
+
 from __future__ import annotations
 
 import os

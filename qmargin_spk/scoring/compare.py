@@ -12,12 +12,13 @@ them to labels (a recipe knows its corpus: ``recipes/voxceleb/compare.py`` names
 VoxCeleb1 lists Vox1-O/E/H). Mistakes in the inputs raise :class:`CompareError` with a
 one-line message.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from qmargin_spk.metrics import (
     DEFAULT_FARS,
@@ -142,8 +143,13 @@ def _compare_list(
         check_same_trials(reference, present[0].name, system.lists[list_name], system.name)
     try:
         bootstrap = SpeakerBootstrap(
-            reference.labels, reference.enrol, reference.test, n_resamples=n_resamples, seed=seed,
-            p_targets=DEFAULT_P_TARGETS, fars=DEFAULT_FARS,
+            reference.labels,
+            reference.enrol,
+            reference.test,
+            n_resamples=n_resamples,
+            seed=seed,
+            p_targets=DEFAULT_P_TARGETS,
+            fars=DEFAULT_FARS,
         )
         replicates = {s.name: bootstrap.replicates(s.lists[list_name].scores) for s in present}
     except (ValueError, KeyError) as error:

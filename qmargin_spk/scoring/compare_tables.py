@@ -6,9 +6,10 @@ VoxCeleb tables, one row per system and a column group per list. Each system is 
 by its label, its loss and its loss settings as ``key value`` pairs, taken from its own
 description (see :mod:`qmargin_spk.scoring.scored_system`).
 """
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from qmargin_spk.scoring.report import format_interval
 from qmargin_spk.utils.markdown import markdown_table
@@ -42,8 +43,13 @@ def list_table(summary: dict, entry: dict) -> str:
             cells += [_difference(difference["min_dcf"][p], percent=False) for p in p_targets]
             cells += [_difference(difference["tar_at_far"][far], percent=True) for far in fars]
             rows.append(cells)
-        text += ["", f"Differences to the baseline {summary['baseline']} (experiment - baseline), "
-                 "paired over the same resamples:", "", markdown_table(header, rows)]
+        text += [
+            "",
+            f"Differences to the baseline {summary['baseline']} (experiment - baseline), "
+            "paired over the same resamples:",
+            "",
+            markdown_table(header, rows),
+        ]
     return "\n".join(text) + "\n"
 
 
@@ -78,9 +84,13 @@ def wide_table(summary: dict) -> str:
                     value = None if difference is None else _lookup(difference, kind, key)
                     cells.append("—" if value is None else _difference(value, percent=kind != "min_dcf"))
             rows.append(cells)
-        text += ["", f"Differences to the baseline {summary['baseline']} (experiment - baseline; EER and TAR "
-                 "in percentage points), with their intervals and paired bootstrap p-values:", "",
-                 markdown_table(header, rows)]
+        text += [
+            "",
+            f"Differences to the baseline {summary['baseline']} (experiment - baseline; EER and TAR "
+            "in percentage points), with their intervals and paired bootstrap p-values:",
+            "",
+            markdown_table(header, rows),
+        ]
     return "\n".join(text) + "\n"
 
 

@@ -12,6 +12,7 @@ fraction of the batch width. The cache is keyed on the model id, the utterance -
 path mapping and every extraction setting (batch policy included), written
 atomically, and reused only when the key matches.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +20,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -175,7 +176,9 @@ class _Progress:
             if s.row in self.failures:
                 continue
             try:
-                wavs.append(load_audio(self.files[s.row], sample_rate, start=s.start, num_samples=None if s.whole else s.length))
+                wavs.append(
+                    load_audio(self.files[s.row], sample_rate, start=s.start, num_samples=None if s.whole else s.length)
+                )
             except AudioError as err:
                 self.failures[s.row] = str(err)
                 continue
@@ -194,7 +197,13 @@ class _Progress:
         done = dict(self.resumed)
         if self.sums is not None:
             complete = ((self.counts == self.expected) & (self.expected > 0)).nonzero().flatten().tolist()
-            done.update({row: (self.sums[row] / self.counts[row]).to(torch.float32) for row in complete if row not in self.failures})
+            done.update(
+                {
+                    row: (self.sums[row] / self.counts[row]).to(torch.float32)
+                    for row in complete
+                    if row not in self.failures
+                }
+            )
         return done
 
     def vectors(self) -> torch.Tensor:
@@ -282,9 +291,7 @@ def _load_cache(cache_path: str | os.PathLike | None, key: str) -> EmbeddingTabl
     return EmbeddingTable(list(stored["utt_ids"]), stored["vectors"])
 
 
-def _segments(
-    files: list[str], chunk_seconds: float | None, sample_rate: int, skip: Iterable[int] = ()
-) -> list[Piece]:
+def _segments(files: list[str], chunk_seconds: float | None, sample_rate: int, skip: Iterable[int] = ()) -> list[Piece]:
     """Pieces of every file (except rows in ``skip``), longest first, lengths from the headers.
 
     Every unusable header is found before anything is embedded, and all are named in one error.

@@ -1,18 +1,32 @@
 """Scoring stage: trial lists -> embeddings -> scores -> metrics, plots and reports."""
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
-from qmargin_spk.metrics import DEFAULT_FARS, DEFAULT_P_TARGETS, bootstrap_metrics, compute_metrics, det_available, plot_det
+from qmargin_spk.data.trials import (
+    TrialFiles,
+    check_trial_files,
+    check_trial_labels,
+    read_trial_lists,
+    unique_utterances,
+)
+from qmargin_spk.metrics import (
+    DEFAULT_FARS,
+    DEFAULT_P_TARGETS,
+    bootstrap_metrics,
+    compute_metrics,
+    det_available,
+    plot_det,
+)
 from qmargin_spk.scoring.backends import asnorm_scores, cosine_scores, speaker_means
-from qmargin_spk.scoring.embeddings import EmbedFn, EmbeddingTable, extract_embeddings
+from qmargin_spk.scoring.embeddings import EmbeddingTable, EmbedFn, extract_embeddings
 from qmargin_spk.scoring.report import write_results, write_score_file
-from qmargin_spk.data.trials import TrialFiles, check_trial_files, check_trial_labels, read_trial_lists, unique_utterances
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +86,11 @@ def score_trial_lists(
     check_trial_files(trial_lists, test_root, max_missing_listed)
     check_trial_labels(trial_lists)
     settings = dict(
-        batch_size=batch_size, chunk_seconds=chunk_seconds, sample_rate=sample_rate,
-        max_padding=max_padding, max_batch_seconds=max_batch_seconds,
+        batch_size=batch_size,
+        chunk_seconds=chunk_seconds,
+        sample_rate=sample_rate,
+        max_padding=max_padding,
+        max_batch_seconds=max_batch_seconds,
     )
     test_paths = {utt: test_root / utt for utt in unique_utterances(trial_lists).tolist()}
     test_table = extract_embeddings(test_paths, embed_fn, out_dir / "embeddings" / "test.pt", model_id, **settings)
@@ -97,8 +114,15 @@ def score_trial_lists(
         metrics = compute_metrics(scores, trials.labels, p_targets=p_targets, fars=fars)
         intervals = None
         if bootstrap_resamples:
-            intervals = bootstrap_metrics(scores, trials.labels, trials.enrol, trials.test, n_resamples=bootstrap_resamples,
-                                          p_targets=p_targets, fars=fars).to_dict()
+            intervals = bootstrap_metrics(
+                scores,
+                trials.labels,
+                trials.enrol,
+                trials.test,
+                n_resamples=bootstrap_resamples,
+                p_targets=p_targets,
+                fars=fars,
+            ).to_dict()
         det_file = None
         if det_available():
             det_file = out_dir / f"{trials.name}.{backend}.det.png"

@@ -7,12 +7,13 @@ settings: each run replaces the entries of the lists it scored and keeps the oth
 under a lock, so runs on different lists (one after the other or at the same time)
 all end up in it.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -65,11 +66,19 @@ def results_table(results: Sequence[dict]) -> str:
     rows = []
     for result in results:
         metrics, intervals = result["metrics"], result.get("intervals") or {}
-        cells = [result["list"], result["backend"], str(result["n_trials"]),
-                 _with_interval(metrics["eer"], intervals.get("eer"), 100, 3)]
-        cells += [_with_interval(metrics["min_dcf"][p]["value"], intervals.get("min_dcf", {}).get(p), 1, 4) for p in priors]
-        cells += [_with_interval(metrics["tar_at_far"][far]["tar"], intervals.get("tar_at_far", {}).get(far), 100, 2)
-                  for far in fars]
+        cells = [
+            result["list"],
+            result["backend"],
+            str(result["n_trials"]),
+            _with_interval(metrics["eer"], intervals.get("eer"), 100, 3),
+        ]
+        cells += [
+            _with_interval(metrics["min_dcf"][p]["value"], intervals.get("min_dcf", {}).get(p), 1, 4) for p in priors
+        ]
+        cells += [
+            _with_interval(metrics["tar_at_far"][far]["tar"], intervals.get("tar_at_far", {}).get(far), 100, 2)
+            for far in fars
+        ]
         rows.append(cells)
     return markdown_table(header, rows) + "\n"
 
@@ -111,15 +120,18 @@ def _merge(stored: dict | None, run: dict, json_path: str | os.PathLike) -> dict
     identity = json.loads(json.dumps({key: value for key, value in run.items() if key != "results"}))  # as stored
     if {key: value for key, value in stored.items() if key != "results"} != identity:
         dropped = [entry.get("list") for entry in stored["results"]]
-        logger.warning("%s: dropping the results of lists %s, scored with another model or other settings", json_path, dropped)
+        logger.warning(
+            "%s: dropping the results of lists %s, scored with another model or other settings", json_path, dropped
+        )
         return run
     fresh = {entry["list"]: entry for entry in run["results"]}
     results = [fresh.pop(entry["list"], entry) for entry in stored["results"]]
     return {**run, "results": results + list(fresh.values())}
 
 
-def format_interval(value: float | None, low: float | None, high: float | None, factor: float = 1.0,
-                    digits: int = 3) -> str:
+def format_interval(
+    value: float | None, low: float | None, high: float | None, factor: float = 1.0, digits: int = 3
+) -> str:
     """``value [low, high]`` (each times ``factor``), ``value`` alone without bounds, ``n/a`` without a value."""
     if value is None:
         return "n/a"

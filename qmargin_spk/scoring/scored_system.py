@@ -11,13 +11,14 @@ re-extraction). The system's label, loss and loss settings come from the results
 Without an entry the label is the folder name. Mistakes in the inputs raise
 :class:`CompareError` with a one-line message.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -163,7 +164,5 @@ def _read_list(path: Path, entry: dict, backend: str, results_file: Path) -> Sco
         raise CompareError(f"{score_file}: no trials")
     expected = entry.get("n_trials")
     if expected is not None and expected != labels.size:
-        raise CompareError(
-            f"{score_file}: {labels.size} trials but {results_file} says {expected}; re-run stage 3"
-        )
+        raise CompareError(f"{score_file}: {labels.size} trials but {results_file} says {expected}; re-run stage 3")
     return ScoredList(name, score_file, enrol, test, scores, labels)

@@ -17,14 +17,15 @@ is plain YAML text with tags kept (``!new:``, ``!ref``...): the run's record, wh
 
 HyperPyYAML's own ``!include:`` resolves a file alone under one key, so it cannot give this.
 """
+
 from __future__ import annotations
 
 import difflib
 import io
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import ruamel.yaml
 from hyperpyyaml.core import recursive_update
@@ -98,8 +99,9 @@ def fragment_path(kind: str, name: str, search: list[Path]) -> Path:
     raise CompositionError(f"no {kind} fragment {name!r} (known: {', '.join(known) or 'none'})")
 
 
-def compose(experiment_file: str | Path, choices: Mapping[str, str] | None = None,
-            overrides: Mapping | None = None) -> Composition:
+def compose(
+    experiment_file: str | Path, choices: Mapping[str, str] | None = None, overrides: Mapping | None = None
+) -> Composition:
     """Compose ``experiment_file`` with fragment ``choices`` (from flags) and ``overrides`` (key -> value).
 
     A complete HyperPyYAML file (one that names no fragment, such as a run's record) is taken as it
@@ -111,8 +113,9 @@ def compose(experiment_file: str | Path, choices: Mapping[str, str] | None = Non
     if not is_composed(tree):
         if choices:
             flags = ", ".join(f"--{kind} {name}" for kind, name in choices.items())
-            raise CompositionError(f"{experiment_file} names no fragments (backbone/loss/setting), so {flags} "
-                                   "cannot replace one")
+            raise CompositionError(
+                f"{experiment_file} names no fragments (backbone/loss/setting), so {flags} cannot replace one"
+            )
         recorded = dict(tree.get(RECORD_KEY) or {})
         sources = {key: "experiment" for key in tree}
         for kind in KINDS:
@@ -125,8 +128,10 @@ def compose(experiment_file: str | Path, choices: Mapping[str, str] | None = Non
     named = {kind: tree.pop(kind, None) for kind in KINDS}
     missing = [kind for kind in KINDS if named[kind] is None and kind not in choices]
     if missing:
-        raise CompositionError(f"{experiment_file}: names no {' and no '.join(missing)} fragment "
-                               f"(add '{missing[0]}: NAME' or pass --{missing[0]} NAME)")
+        raise CompositionError(
+            f"{experiment_file}: names no {' and no '.join(missing)} fragment "
+            f"(add '{missing[0]}: NAME' or pass --{missing[0]} NAME)"
+        )
     chosen = {kind: choices.get(kind, named[kind]) for kind in KINDS}
     paths = {kind: fragment_path(kind, chosen[kind], search) for kind in KINDS}
     fragments = {kind: _fragment(paths[kind], chosen["setting"], kind) for kind in KINDS}
@@ -140,16 +145,20 @@ def compose(experiment_file: str | Path, choices: Mapping[str, str] | None = Non
             for key in dropped:
                 del tree[key]
             if dropped:
-                notices.append(f"--{kind} {choices[kind]} replaces {named[kind]}: dropped {', '.join(dropped)} "
-                               f"that {experiment_file.name} set for {named[kind]}")
+                notices.append(
+                    f"--{kind} {choices[kind]} replaces {named[kind]}: dropped {', '.join(dropped)} "
+                    f"that {experiment_file.name} set for {named[kind]}"
+                )
 
     composed = ruamel.yaml.comments.CommentedMap()
     sources: dict[str, str] = {}
     for kind in KINDS:
         for key, value in fragments[kind].items():
             if key in sources and key not in tree:
-                raise CompositionError(f"key {key!r} is defined by both {paths[sources[key]]} and {paths[kind]}: "
-                                       f"remove it from one, or set it in {experiment_file}")
+                raise CompositionError(
+                    f"key {key!r} is defined by both {paths[sources[key]]} and {paths[kind]}: "
+                    f"remove it from one, or set it in {experiment_file}"
+                )
             sources.setdefault(key, kind)
             composed[key] = value
     for key, value in tree.items():
@@ -175,16 +184,21 @@ def _fragment(path: Path, setting: str, kind: str, strict: bool = True) -> dict:
         for key, value in (per_setting[setting] or {}).items():
             tree[key] = value
     elif strict and kind == "backbone":
-        raise CompositionError(f"{path}: no sizes for setting {setting!r} under '{PER_SETTING}' "
-                               f"(has: {', '.join(per_setting) or 'none'})")
+        raise CompositionError(
+            f"{path}: no sizes for setting {setting!r} under '{PER_SETTING}' (has: {', '.join(per_setting) or 'none'})"
+        )
     return tree
 
 
 def _record(chosen: Mapping[str, str], experiment_file: Path, sources: Mapping[str, str]) -> dict:
     """The ``composed_from`` entry: fragment names, the experiment file, and the keys each fragment defined."""
     record = ruamel.yaml.comments.CommentedMap(
-        {**chosen, "experiment_file": experiment_file.name,
-         "keys": {kind: [key for key, source in sources.items() if source == kind] for kind in KINDS}})
+        {
+            **chosen,
+            "experiment_file": experiment_file.name,
+            "keys": {kind: [key for key, source in sources.items() if source == kind] for kind in KINDS},
+        }
+    )
     record.fa.set_block_style()
     for kind in KINDS:
         keys = ruamel.yaml.comments.CommentedSeq(record["keys"][kind])
@@ -203,7 +217,9 @@ def _apply_overrides(tree: dict, overrides: Mapping, sources: dict[str, str], ex
     try:
         recursive_update(tree, dict(overrides))
     except TypeError as err:
-        raise CompositionError(f"overrides {sorted(overrides)} do not fit the structure of {experiment_file}: {err}") from None
+        raise CompositionError(
+            f"overrides {sorted(overrides)} do not fit the structure of {experiment_file}: {err}"
+        ) from None
 
 
 def _dump(tree: Mapping) -> str:

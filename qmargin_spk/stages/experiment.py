@@ -11,13 +11,15 @@ cohort, test root and lists, the fine-tuning ``lm_*`` keys) may be set there.
 ``EXP/data/`` manifests (stage 1), ``EXP/save/`` checkpoints (stage 2), ``EXP/scores/`` results
 (stage 3), ``EXP/model/`` the packaged model (stage 4).
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from hyperpyyaml import load_hyperpyyaml
@@ -33,8 +35,15 @@ RECORD_FILE = "hyperparams.yaml"
 FINETUNE_RECORD = "finetune.json"
 # Keys outside the backbone and loss fragments that also shape the trained model: front-end,
 # features and training data. The fine-tuning stage's lm_* keys never do.
-SHAPING_KEYS = ("sample_rate", "n_mels", "frontend_description", "train_manifest", "data_folder", "speed_factors",
-                "speed_as_new_class")
+SHAPING_KEYS = (
+    "sample_rate",
+    "n_mels",
+    "frontend_description",
+    "train_manifest",
+    "data_folder",
+    "speed_factors",
+    "speed_as_new_class",
+)
 _ABSENT = object()
 
 
@@ -53,8 +62,13 @@ class Experiment:
     # ---------------------------------------------------------------- construction
 
     @classmethod
-    def for_training(cls, folder: str | Path, hparams_file: str | Path, choices: Mapping[str, str] | None = None,
-                     overrides: Mapping | None = None) -> "Experiment":
+    def for_training(
+        cls,
+        folder: str | Path,
+        hparams_file: str | Path,
+        choices: Mapping[str, str] | None = None,
+        overrides: Mapping | None = None,
+    ) -> Experiment:
         """The experiment as composed for stage 2; refused when the folder's record shaped another model."""
         folder = Path(folder)
         experiment = cls(folder, _compose(hparams_file, choices, {**(overrides or {}), "output_folder": str(folder)}))
@@ -64,8 +78,13 @@ class Experiment:
         return experiment
 
     @classmethod
-    def from_record(cls, folder: str | Path, hparams_file: str | Path | None = None,
-                    choices: Mapping[str, str] | None = None, overrides: Mapping | None = None) -> "Experiment":
+    def from_record(
+        cls,
+        folder: str | Path,
+        hparams_file: str | Path | None = None,
+        choices: Mapping[str, str] | None = None,
+        overrides: Mapping | None = None,
+    ) -> Experiment:
         """The experiment as trained (its record), with this stage's ``overrides`` on keys that do not shape the model.
 
         ``hparams_file`` and ``choices``, when given, must compose to the same model as the record.
@@ -80,8 +99,10 @@ class Experiment:
             # a fine-tuned experiment's record holds the fine-tuning overrides: the request gets them too
             requested = cls(folder, _compose(hparams_file, choices, {**overrides, **recorded.finetune_overrides}))
         elif choices:
-            raise StageError("--backbone/--loss/--setting pick fragments for training; this stage reads them from "
-                             f"{folder / RECORD_FILE}")
+            raise StageError(
+                "--backbone/--loss/--setting pick fragments for training; this stage reads them from "
+                f"{folder / RECORD_FILE}"
+            )
         experiment = cls(folder, _compose(folder / RECORD_FILE, None, overrides))
         if requested is not None:
             requested.refuse_shaping_changes(recorded, "this stage")
@@ -104,16 +125,21 @@ class Experiment:
         keys = [key for kind in ("backbone", "loss") for key in self.composition.keys_of(kind)]
         return [key for key in dict.fromkeys([*keys, *SHAPING_KEYS]) if not key.startswith("lm_")]
 
-    def refuse_shaping_changes(self, recorded: "Experiment", who: str) -> None:
+    def refuse_shaping_changes(self, recorded: Experiment, who: str) -> None:
         """:class:`StageError` naming every shaping key on which this experiment differs from ``recorded``."""
         mine, theirs = self.hparams, recorded.hparams
-        changed = [key for key in recorded.shaping_keys()
-                   if _plain(mine.get(key, _ABSENT)) != _plain(theirs.get(key, _ABSENT))]
+        changed = [
+            key for key in recorded.shaping_keys() if _plain(mine.get(key, _ABSENT)) != _plain(theirs.get(key, _ABSENT))
+        ]
         if changed:
-            differences = "; ".join(f"{key}: {_shown(theirs.get(key, _ABSENT))} in the record, "
-                                    f"{_shown(mine.get(key, _ABSENT))} from {who}" for key in changed)
-            raise StageError(f"{recorded.record_path} was trained with other settings ({differences}): keep the "
-                             "record's values, or train a new experiment in another folder")
+            differences = "; ".join(
+                f"{key}: {_shown(theirs.get(key, _ABSENT))} in the record, {_shown(mine.get(key, _ABSENT))} from {who}"
+                for key in changed
+            )
+            raise StageError(
+                f"{recorded.record_path} was trained with other settings ({differences}): keep the "
+                "record's values, or train a new experiment in another folder"
+            )
 
     # ---------------------------------------------------------------- contents
 
@@ -179,9 +205,14 @@ class Experiment:
         loss = settings.pop("loss")
         label = loss if settings.get("head", "dense") == "dense" else f"{loss}_{settings['head']}"
         finetuned_from = self.finetuned_from
-        return {"name": self.folder.name, "label": label, **{kind: self.composition.choices.get(kind) for kind in KINDS},
-                "loss": loss, "loss_settings": settings,
-                "finetuned_from": None if finetuned_from is None else Path(finetuned_from).name}
+        return {
+            "name": self.folder.name,
+            "label": label,
+            **{kind: self.composition.choices.get(kind) for kind in KINDS},
+            "loss": loss,
+            "loss_settings": settings,
+            "finetuned_from": None if finetuned_from is None else Path(finetuned_from).name,
+        }
 
     # ---------------------------------------------------------------- the trained model
 
@@ -196,7 +227,7 @@ class Experiment:
         return checkpoints
 
     def averaged_embedder(self, device: str = "cpu") -> tuple[torch.nn.Module, str]:
-        """The embedder holding the averaged weights, in eval mode, and the model's identity (SHA-256 of its weights)."""
+        """The embedder holding the averaged weights (eval mode) and the model's identity (SHA-256 of its weights)."""
         try:
             checkpoints = self.load_averaged_model()
         except FileNotFoundError as err:
@@ -206,8 +237,9 @@ class Experiment:
         return self.hparams["embedder"].to(device).eval(), identity
 
 
-def composed_hparams(hparams_file: str | Path, choices: Mapping[str, str] | None = None,
-                     overrides: Mapping | None = None) -> dict:
+def composed_hparams(
+    hparams_file: str | Path, choices: Mapping[str, str] | None = None, overrides: Mapping | None = None
+) -> dict:
     """The loaded hparams of a composed experiment outside any experiment folder (tests, benchmarks).
 
     Models are built exactly as the training stage builds them; ``output_folder`` defaults to a
@@ -234,9 +266,11 @@ def read_record(folder: str | Path, for_training: bool = False) -> Experiment | 
         if for_training:
             logger.warning("%s predates composed experiments: replacing it with this run's record", path)
             return None
-        raise StageError(f"{path} was written before experiments were composed: rewrite it by running stage 2 again "
-                         "with the experiment file and overrides it was trained with (e.g. run.sh --stage 2 "
-                         "--stop_stage 2 ...; a finished run does not train again)")
+        raise StageError(
+            f"{path} was written before experiments were composed: rewrite it by running stage 2 again "
+            "with the experiment file and overrides it was trained with (e.g. run.sh --stage 2 "
+            "--stop_stage 2 ...; a finished run does not train again)"
+        )
     return Experiment(folder, _compose(path, None, {"output_folder": str(Path(folder))}))
 
 
@@ -259,7 +293,7 @@ def _compose(hparams_file: str | Path, choices: Mapping[str, str] | None, overri
 
 
 def _plain(value: Any) -> Any:
-    """A comparable form of an hparams value: data as it is, objects by their class, partials by function and keywords."""
+    """A comparable form of an hparams value: data as is, objects by their class, partials by function and keywords."""
     if value is _ABSENT or isinstance(value, (str, int, float, bool, type(None))):
         return value
     if isinstance(value, (list, tuple)):

@@ -1,10 +1,11 @@
 """Stage 4 (and 7): an experiment's averaged embedding model -> a model folder (``EXP/model``)."""
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from qmargin_spk.inference.package import code_version, package_model
 from qmargin_spk.stages.experiment import Experiment
@@ -12,8 +13,12 @@ from qmargin_spk.stages.experiment import Experiment
 logger = logging.getLogger(__name__)
 
 
-def package_stage(folder: str | Path, hparams_file: str | Path | None = None, choices: Mapping[str, str] | None = None,
-                  overrides: Mapping | None = None) -> Path:
+def package_stage(
+    folder: str | Path,
+    hparams_file: str | Path | None = None,
+    choices: Mapping[str, str] | None = None,
+    overrides: Mapping | None = None,
+) -> Path:
     """Write ``EXP/model`` (``model.json``, averaged weights, SpeechBrain hparams, model card); returns it.
 
     ``model.json`` describes the model with the run's resolved ``frontend_description`` and
@@ -35,8 +40,13 @@ def package_stage(folder: str | Path, hparams_file: str | Path | None = None, ch
         "code_version": code_version(),
         "experiment": description,
     }
-    out = package_model(experiment.model_folder, hparams["frontend_description"], hparams["backbone_description"],
-                        embedder.embedding_model.state_dict(), meta)
+    out = package_model(
+        experiment.model_folder,
+        hparams["frontend_description"],
+        hparams["backbone_description"],
+        embedder.embedding_model.state_dict(),
+        meta,
+    )
     logger.info("packaged %s (model %s) into %s", experiment.folder, identity[:16], out)
     return out
 

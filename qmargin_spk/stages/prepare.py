@@ -1,30 +1,51 @@
 """Stage 1 (prepare): decode, scan and check the data; write manifests (and tar shards when asked)."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from qmargin_spk.data.manifest import read_manifest
 from qmargin_spk.data.prepare import prepare
 from qmargin_spk.data.shards import write_shards
 
 
-def prepare_stage(train_roots: Sequence[str | os.PathLike], test_root: str | os.PathLike,
-                  trial_files: Sequence[str | os.PathLike], out: str | os.PathLike, data_format: str = "files",
-                  min_duration: float = 0.5, allow_overlap: bool = False, num_workers: int = 4,
-                  utts_per_shard: int = 1000, seed: int = 0) -> dict:
+def prepare_stage(
+    train_roots: Sequence[str | os.PathLike],
+    test_root: str | os.PathLike,
+    trial_files: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    data_format: str = "files",
+    min_duration: float = 0.5,
+    allow_overlap: bool = False,
+    num_workers: int = 4,
+    utts_per_shard: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Write ``out/train.csv``, ``out/test.csv`` and the listings (``out/shards/`` too for ``data_format='shards'``).
 
     Re-running with unchanged inputs does nothing new (:func:`qmargin_spk.data.prepare.prepare`).
     Returns the summary printed by the recipe: counts, skipped files and, with shards, their folder.
     """
-    result = prepare(train_roots, test_root, trial_files, out, min_duration=min_duration,
-                     allow_overlap=allow_overlap, num_workers=num_workers)
+    result = prepare(
+        train_roots,
+        test_root,
+        trial_files,
+        out,
+        min_duration=min_duration,
+        allow_overlap=allow_overlap,
+        num_workers=num_workers,
+    )
     summary = result.to_json()
     if data_format == "shards":
         folder = Path(out) / "shards"
-        index = write_shards(read_manifest(result.train_manifest), folder, utts_per_shard=utts_per_shard, seed=seed,
-                             num_workers=num_workers)
+        index = write_shards(
+            read_manifest(result.train_manifest),
+            folder,
+            utts_per_shard=utts_per_shard,
+            seed=seed,
+            num_workers=num_workers,
+        )
         summary["shards"] = {"folder": str(folder), "count": len(index.shards), "utterances": index.num_utterances}
     return summary

@@ -7,11 +7,12 @@ fragments (``--x NAME`` or ``--x=NAME``); ``--key=value`` pairs override hparams
 by design; SpeechBrain's own flags (``--device``, ``--distributed_backend`` ...) are run options.
 Paths never go through YAML text: they arrive as values parsed by the script's argument parser.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import ruamel.yaml
 import speechbrain as sb
@@ -37,16 +38,20 @@ def stage_parser(doc: str, hparams_required: bool = True) -> argparse.ArgumentPa
     Stages after training read the experiment's record, so their hparams file is optional.
     """
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0], allow_abbrev=False)
-    parser.add_argument("hparams", nargs=None if hparams_required else "?",
-                        help="experiment file (hparams/*.yaml) or a run's record (EXP/hyperparams.yaml)")
+    parser.add_argument(
+        "hparams",
+        nargs=None if hparams_required else "?",
+        help="experiment file (hparams/*.yaml) or a run's record (EXP/hyperparams.yaml)",
+    )
     parser.add_argument("--exp", required=True, help="experiment folder (the hparams' output_folder)")
     for kind in KINDS:
         parser.add_argument(f"--{kind}", metavar="NAME", help=f"{kind} fragment (hparams/{kind}s/ or settings/)")
     return parser
 
 
-def parse_stage_arguments(parser: argparse.ArgumentParser, argv: list[str], values: Callable[[argparse.Namespace], dict]
-                          ) -> StageArguments:
+def parse_stage_arguments(
+    parser: argparse.ArgumentParser, argv: list[str], values: Callable[[argparse.Namespace], dict]
+) -> StageArguments:
     """Parse ``argv``; the rest goes to SpeechBrain's run options and the overrides, with ``values(args)`` on top."""
     args, rest = parser.parse_known_args(argv, namespace=StageArguments())
     _, run_opts, yaml_text = sb.parse_arguments([args.hparams or "-", *rest])
@@ -55,7 +60,9 @@ def parse_stage_arguments(parser: argparse.ArgumentParser, argv: list[str], valu
         try:
             overrides.update(ruamel.yaml.YAML().load(line) or {})
         except ruamel.yaml.YAMLError as err:
-            parser.error(f"override '--{line.replace(': ', '=', 1)}' is not valid YAML ({getattr(err, 'problem', err)})")
+            parser.error(
+                f"override '--{line.replace(': ', '=', 1)}' is not valid YAML ({getattr(err, 'problem', err)})"
+            )
     overrides.update(values(args))
     args.choices = {kind: getattr(args, kind) for kind in KINDS if getattr(args, kind) is not None}
     args.run_opts, args.overrides = run_opts, overrides

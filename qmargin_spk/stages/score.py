@@ -1,9 +1,10 @@
 """Stage 3 (and 6): the experiment's averaged model embeds the trial lists; scores, metrics, plots, reports."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -15,8 +16,13 @@ from qmargin_spk.stages.experiment import Experiment
 logger = logging.getLogger(__name__)
 
 
-def score_stage(folder: str | Path, hparams_file: str | Path | None = None, choices: Mapping[str, str] | None = None,
-                overrides: Mapping | None = None, device: str | None = None) -> dict:
+def score_stage(
+    folder: str | Path,
+    hparams_file: str | Path | None = None,
+    choices: Mapping[str, str] | None = None,
+    overrides: Mapping | None = None,
+    device: str | None = None,
+) -> dict:
     """Embed every trial utterance with the model of the experiment in ``folder`` and write scores, metrics and plots.
 
     The experiment is its record (``EXP/hyperparams.yaml``); ``overrides`` set the scoring keys
@@ -36,12 +42,20 @@ def score_stage(folder: str | Path, hparams_file: str | Path | None = None, choi
     if backend == "asnorm" or hparams.get("subtract_mean", False):
         cohort_paths, cohort_speakers = cohort_utterances(hparams["train_manifest"], hparams["cohort_utts_per_speaker"])
     run = score_trial_lists(
-        embed, model_id, Path(hparams["test_root"]) / "wav", hparams["trial_files"],
-        experiment.scores_folder, backend=backend,
-        cohort_paths=cohort_paths, cohort_speakers=cohort_speakers, top_n=hparams["asnorm_top_n"],
+        embed,
+        model_id,
+        Path(hparams["test_root"]) / "wav",
+        hparams["trial_files"],
+        experiment.scores_folder,
+        backend=backend,
+        cohort_paths=cohort_paths,
+        cohort_speakers=cohort_speakers,
+        top_n=hparams["asnorm_top_n"],
         subtract_mean=hparams.get("subtract_mean", None) if cohort_paths is not None else False,
-        batch_size=hparams["extract_batch_size"], chunk_seconds=hparams["extract_chunk_seconds"],
-        sample_rate=hparams["sample_rate"], experiment=experiment.describe(),
+        batch_size=hparams["extract_batch_size"],
+        chunk_seconds=hparams["extract_chunk_seconds"],
+        sample_rate=hparams["sample_rate"],
+        experiment=experiment.describe(),
         bootstrap_resamples=hparams.get("bootstrap_resamples", 1000),
         max_batch_seconds=hparams.get("extract_max_batch_seconds", 300.0),
     )
@@ -59,7 +73,10 @@ def _report_calibrated(experiment: Experiment, run: dict) -> None:
         return
     calibration = Calibration.load(path)
     if calibration.uses_quality:
-        logger.warning("%s uses quality measures: run `qmargin-spk score --model %s` for calibrated results",
-                       path, experiment.model_folder)
+        logger.warning(
+            "%s uses quality measures: run `qmargin-spk score --model %s` for calibrated results",
+            path,
+            experiment.model_folder,
+        )
         return
     print(calibrate_run(calibration, run, experiment.scores_folder), end="")

@@ -1,12 +1,12 @@
 """Stage 2 (train) and stage 5 (large-margin fine-tuning): a composed experiment in, checkpoints out."""
+
 from __future__ import annotations
 
 import logging
 import numbers
 import os
+from collections.abc import Mapping
 from pathlib import Path
-
-from typing import Mapping
 
 import speechbrain as sb
 import torch
@@ -16,7 +16,7 @@ from qmargin_spk.data.dataset import SpeakerLabelEncoder
 from qmargin_spk.data.manifest import read_manifest
 from qmargin_spk.losses.registry import HeadSettingsError
 from qmargin_spk.models import count_parameters
-from qmargin_spk.stages.experiment import RECORD_FILE, Experiment, StageError, read_record
+from qmargin_spk.stages.experiment import RECORD_FILE, Experiment, StageError
 from qmargin_spk.stages.runner import world_size
 from qmargin_spk.training.brain import SpeakerBrain
 
@@ -24,10 +24,16 @@ logger = logging.getLogger(__name__)
 
 # hparams keys the stage checks before anything runs: key -> (type, smallest allowed value)
 _NUMERIC_KEYS = {
-    "number_of_epochs": (numbers.Integral, 1), "batch_size": (numbers.Integral, 1),
-    "num_workers": (numbers.Integral, 0), "warmup_epochs": (numbers.Real, 0), "base_lr": (numbers.Real, 0),
-    "final_lr": (numbers.Real, 0), "crop_seconds": (numbers.Real, 0), "scale": (numbers.Real, 0),
-    "margin": (numbers.Real, 0), "keep_checkpoints": (numbers.Integral, 1),
+    "number_of_epochs": (numbers.Integral, 1),
+    "batch_size": (numbers.Integral, 1),
+    "num_workers": (numbers.Integral, 0),
+    "warmup_epochs": (numbers.Real, 0),
+    "base_lr": (numbers.Real, 0),
+    "final_lr": (numbers.Real, 0),
+    "crop_seconds": (numbers.Real, 0),
+    "scale": (numbers.Real, 0),
+    "margin": (numbers.Real, 0),
+    "keep_checkpoints": (numbers.Integral, 1),
 }
 # An epoch with fewer optimiser steps than this gets a warning.
 FEW_STEPS = 10
@@ -51,11 +57,17 @@ def steps_per_epoch(num_utterances: int, batch_size: int, processes: int, steps:
     """
     steps = num_utterances // (batch_size * processes) if steps is None else steps
     if steps == 0:
-        raise StageError(f"batch_size {batch_size} x {processes} processes exceeds the {num_utterances} training "
-                         "utterances: an epoch would have no step (lower batch_size or use fewer processes)")
+        raise StageError(
+            f"batch_size {batch_size} x {processes} processes exceeds the {num_utterances} training "
+            "utterances: an epoch would have no step (lower batch_size or use fewer processes)"
+        )
     if steps < FEW_STEPS:
-        logger.warning("an epoch has only %d optimiser steps (%d utterances, global batch %d)",
-                       steps, num_utterances, batch_size * processes)
+        logger.warning(
+            "an epoch has only %d optimiser steps (%d utterances, global batch %d)",
+            steps,
+            num_utterances,
+            batch_size * processes,
+        )
     return steps
 
 
@@ -72,8 +84,13 @@ def choose_threads(requested: int | None, num_workers: int) -> int:
     return max(1, cores // local_processes - num_workers)
 
 
-def train_stage(folder: str | Path, hparams_file: str | Path, run_opts: dict, choices: Mapping[str, str] | None = None,
-                overrides: Mapping | None = None) -> SpeakerBrain:
+def train_stage(
+    folder: str | Path,
+    hparams_file: str | Path,
+    run_opts: dict,
+    choices: Mapping[str, str] | None = None,
+    overrides: Mapping | None = None,
+) -> SpeakerBrain:
     """Train (or resume) the experiment composed from ``hparams_file`` in ``folder``; returns the fitted Brain.
 
     The composed experiment is written to ``EXP/hyperparams.yaml`` (the run's record) when training
@@ -83,8 +100,14 @@ def train_stage(folder: str | Path, hparams_file: str | Path, run_opts: dict, ch
     return _run(Experiment.for_training(folder, hparams_file, choices, overrides), run_opts)
 
 
-def finetune_stage(init_folder: str | Path, folder: str | Path, run_opts: dict, hparams_file: str | Path | None = None,
-                   choices: Mapping[str, str] | None = None, overrides: Mapping | None = None) -> SpeakerBrain:
+def finetune_stage(
+    init_folder: str | Path,
+    folder: str | Path,
+    run_opts: dict,
+    hparams_file: str | Path | None = None,
+    choices: Mapping[str, str] | None = None,
+    overrides: Mapping | None = None,
+) -> SpeakerBrain:
     """Large-margin fine-tuning: a new run in ``folder`` from the trained experiment ``init_folder``.
 
     The initial experiment's record with its ``lm_overrides`` (longer crops, ``lm_margin``, small LR,
@@ -128,10 +151,13 @@ def _initialise_from(experiment: Experiment, head: torch.nn.Module, initial: Exp
     saved = torch.load(checkpoints[-1].paramfiles["classifier"], map_location="cpu", weights_only=True)
     prototypes = saved["classifier.weight"] if "classifier.weight" in saved else saved["weight"]  # dense or fused heads
     if prototypes.shape[0] < head.num_classes:
-        raise StageError(f"{initial.folder} has {prototypes.shape[0]} classes, fewer than this run's {head.num_classes}")
+        raise StageError(
+            f"{initial.folder} has {prototypes.shape[0]} classes, fewer than this run's {head.num_classes}"
+        )
     head.load_full_weight(prototypes[: head.num_classes])
-    logger.info("initialised from %s (embedding model: average of %s)", initial.folder,
-                [c.path.name for c in checkpoints])
+    logger.info(
+        "initialised from %s (embedding model: average of %s)", initial.folder, [c.path.name for c in checkpoints]
+    )
 
 
 def _plain_values(mapping: Mapping) -> dict:
@@ -171,11 +197,23 @@ def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Expe
     steps = steps_per_epoch(num_utterances, hparams["batch_size"], world_size(), known_steps)
     hparams["lr_scheduler"].configure(global_batch=global_batch, steps_per_epoch=steps)
     if if_main_process():
-        logger.info("%s; embedding model: %d parameters; %d classes; %d training utterances; "
-                    "peak LR %.4g at global batch %d; %d threads per process",
-                    head.loss_settings(), count_parameters(hparams["embedding_model"]),
-                    train_data.num_classes, num_utterances, hparams["lr_scheduler"].peak_lr, global_batch, threads)
-    brain = SpeakerBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
-                         run_opts=run_opts, checkpointer=hparams["checkpointer"])
+        logger.info(
+            "%s; embedding model: %d parameters; %d classes; %d training utterances; "
+            "peak LR %.4g at global batch %d; %d threads per process",
+            head.loss_settings(),
+            count_parameters(hparams["embedding_model"]),
+            train_data.num_classes,
+            num_utterances,
+            hparams["lr_scheduler"].peak_lr,
+            global_batch,
+            threads,
+        )
+    brain = SpeakerBrain(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
     brain.fit(hparams["epoch_counter"], train_data, train_loader_kwargs=loader_kwargs)
     return brain

@@ -4,6 +4,7 @@ The hparams choose the head (``classifier``, any head of :mod:`qmargin_spk.losse
 and labels in, loss out, with ``margin``, ``scale`` and ``stats``). Everything else, checkpoints
 included, is identical across losses.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from qmargin_spk.training.epoch_stats import EpochStatistics
 
 logger = logging.getLogger(__name__)
+
 
 def sum_gradients(state, bucket):  # no annotations: DDP checks them, and this module's are strings
     """DDP communication hook: all-reduce SUM of a ``dist.GradBucket`` (DDP's default divides by the world size)."""
@@ -59,8 +61,9 @@ class SpeakerBrain(sb.Brain):
                 continue
             if not on_cpu:
                 module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-            wrapped = DistributedDataParallel(module, device_ids=None if on_cpu else [self.device],
-                                              find_unused_parameters=self.find_unused_parameters)
+            wrapped = DistributedDataParallel(
+                module, device_ids=None if on_cpu else [self.device], find_unused_parameters=self.find_unused_parameters
+            )
             if model_parallel:
                 wrapped.register_comm_hook(None, sum_gradients)
             self.modules[name] = wrapped
@@ -100,9 +103,18 @@ class SpeakerBrain(sb.Brain):
         if should_step:  # the LR of the step about to be taken
             self.hparams.lr_scheduler.step(*self.optimizers_dict.values())
 
-    def fit(self, epoch_counter, train_set, valid_set=None, progressbar=None, train_loader_kwargs={},  # noqa: B006
-            valid_loader_kwargs={}):  # noqa: B006 (SpeechBrain's signature)
+    def fit(
+        self,
+        epoch_counter,
+        train_set,
+        valid_set=None,
+        progressbar=None,
+        train_loader_kwargs={},  # noqa: B006
+        valid_loader_kwargs=None,
+    ):  # noqa: B006 (SpeechBrain's signature)
         """SpeechBrain's ``fit``; keeps the training set (to reseed its crops) and shuffles with our generator."""
+        if valid_loader_kwargs is None:
+            valid_loader_kwargs = {}
         self.train_set = train_set
         train_loader_kwargs = {**train_loader_kwargs, "generator": self.shuffle_generator}
         return super().fit(epoch_counter, train_set, valid_set, progressbar, train_loader_kwargs, valid_loader_kwargs)
@@ -127,15 +139,20 @@ class SpeakerBrain(sb.Brain):
         if tensorboard is not None:
             tensorboard.log_stats(stats_meta={"epoch": epoch}, train_stats=stats)
         self.checkpointer.save_and_keep_only(
-            meta={"epoch": epoch, "loss": stage_loss}, end_of_epoch=True,
+            meta={"epoch": epoch, "loss": stage_loss},
+            end_of_epoch=True,
             num_to_keep=self.hparams.keep_checkpoints,
             ckpt_predicate=lambda ckpt: ckpt.meta.get("end-of-epoch", False),
         )
 
     def epoch_statistics(self, stage_loss: float) -> dict[str, float]:
         """Loss, LR, margin and the head's statistics of the epoch so far."""
-        return {"loss": float(stage_loss), "lr": self.optimizer.param_groups[0]["lr"], "margin": self._head().margin,
-                **self.epoch_stats.summary()}
+        return {
+            "loss": float(stage_loss),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "margin": self._head().margin,
+            **self.epoch_stats.summary(),
+        }
 
     def _tensorboard_logger(self):
         """SpeechBrain's TensorBoard logger when ``tensorboard_dir`` is set (main process only)."""

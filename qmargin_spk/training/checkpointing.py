@@ -8,6 +8,7 @@ the folder (:meth:`AtomicCheckpointer.claim`, an exclusive lock), never by a rea
 scoring stage. Everything is stored as plain tensors and loaded with ``weights_only=True``: a
 crafted checkpoint file cannot run code.
 """
+
 from __future__ import annotations
 
 import errno
@@ -80,15 +81,18 @@ class AtomicCheckpointer(Checkpointer):
         final_dir = ddp_broadcast(final_dir, src=0)
         temporary_name = _TMP_PREFIX + final_dir.name
         try:
-            saved = super().save_checkpoint(meta=meta, end_of_epoch=end_of_epoch, name=temporary_name,
-                                            verbosity=logging.DEBUG)
+            saved = super().save_checkpoint(
+                meta=meta, end_of_epoch=end_of_epoch, name=temporary_name, verbosity=logging.DEBUG
+            )
         except RuntimeError as err:  # torch.save reports a full disk as "basic_ios::clear" / "failed writing"
             raise _storage_error(self.checkpoints_dir, err) from err
         ddp_barrier()
         if not if_main_process():
             return None
         os.replace(saved.path, final_dir)
-        logger.log(verbosity, "Saved %s checkpoint %s", "an end-of-epoch" if end_of_epoch else "an intra-epoch", final_dir)
+        logger.log(
+            verbosity, "Saved %s checkpoint %s", "an end-of-epoch" if end_of_epoch else "an intra-epoch", final_dir
+        )
         paramfiles = {key: final_dir / path.name for key, path in saved.paramfiles.items()}
         return Checkpoint(final_dir, saved.meta, paramfiles)
 
@@ -97,8 +101,11 @@ def _storage_error(folder, err: RuntimeError) -> Exception:
     """The OS-level reason behind a failed ``torch.save`` (a full disk is the usual one)."""
     free = shutil.disk_usage(folder).free
     if free < 64 * 2**20:
-        return OSError(errno.ENOSPC, f"No space left on device while saving a checkpoint in {folder} "
-                                     f"({free} bytes free); the previous checkpoints are intact")
+        return OSError(
+            errno.ENOSPC,
+            f"No space left on device while saving a checkpoint in {folder} "
+            f"({free} bytes free); the previous checkpoints are intact",
+        )
     return OSError(errno.EIO, f"Saving a checkpoint in {folder} failed ({err}); the previous checkpoints are intact")
 
 
@@ -112,22 +119,34 @@ class RNGState:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         if kind != "MT19937":
             raise ValueError(f"unsupported NumPy bit generator {kind}")
-        torch.save({
-            "python_version": torch.tensor(version),
-            "python_internal": torch.tensor(internal, dtype=torch.int64),
-            "python_gauss": torch.tensor([] if gauss is None else [gauss], dtype=torch.float64),
-            "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-            "numpy_pos": torch.tensor(pos),
-            "numpy_gauss": torch.tensor([has_gauss, cached], dtype=torch.float64),
-            "torch": torch.get_rng_state(),
-        }, path)
+        torch.save(
+            {
+                "python_version": torch.tensor(version),
+                "python_internal": torch.tensor(internal, dtype=torch.int64),
+                "python_gauss": torch.tensor([] if gauss is None else [gauss], dtype=torch.float64),
+                "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+                "numpy_pos": torch.tensor(pos),
+                "numpy_gauss": torch.tensor([has_gauss, cached], dtype=torch.float64),
+                "torch": torch.get_rng_state(),
+            },
+            path,
+        )
 
     @mark_as_loader
     def load(self, path, end_of_epoch=False) -> None:
         state = torch.load(path, weights_only=True)
         gauss = state["python_gauss"].tolist()
-        random.setstate((int(state["python_version"]), tuple(state["python_internal"].tolist()), gauss[0] if gauss else None))
+        random.setstate(
+            (int(state["python_version"]), tuple(state["python_internal"].tolist()), gauss[0] if gauss else None)
+        )
         has_gauss, cached = state["numpy_gauss"].tolist()
-        np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]),
-                             int(has_gauss), float(cached)))
+        np.random.set_state(
+            (
+                "MT19937",
+                state["numpy_keys"].numpy().astype(np.uint32),
+                int(state["numpy_pos"]),
+                int(has_gauss),
+                float(cached),
+            )
+        )
         torch.set_rng_state(state["torch"])

@@ -3,6 +3,7 @@
 A run killed after logging epoch N but before its checkpoint replays epoch N when resumed;
 logging it again replaces the old line instead of adding a second ``epoch: N``.
 """
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Running statistics of a training epoch, from the heads' per-batch :class:`PosteriorStats`."""
+
 from __future__ import annotations
 
 import json

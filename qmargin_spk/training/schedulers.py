@@ -4,6 +4,7 @@ LR: linear warm-up to the peak, then exponential decay to a final value (WeSpeak
 Q-Margin paper's speaker schedule). The peak is ``base_lr * global_batch / reference_batch``,
 so changing the number of processes or the batch size rescales it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,15 +24,19 @@ class WarmupExponentialLR:
     shortened to the whole run, with a warning naming both hparams keys.
     """
 
-    def __init__(self, base_lr: float, final_lr: float, warmup_epochs: float, total_epochs: int,
-                 reference_batch: int = 256) -> None:
+    def __init__(
+        self, base_lr: float, final_lr: float, warmup_epochs: float, total_epochs: int, reference_batch: int = 256
+    ) -> None:
         if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
             raise ValueError(f"hparams key 'number_of_epochs' must be an integer >= 1, got {total_epochs!r}")
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, (int, float)) or warmup_epochs < 0:
             raise ValueError(f"hparams key 'warmup_epochs' must be a number >= 0, got {warmup_epochs!r}")
         if warmup_epochs > total_epochs:
-            logger.warning("warmup_epochs (%s) exceeds number_of_epochs (%s): warming up over the whole run",
-                           warmup_epochs, total_epochs)
+            logger.warning(
+                "warmup_epochs (%s) exceeds number_of_epochs (%s): warming up over the whole run",
+                warmup_epochs,
+                total_epochs,
+            )
             warmup_epochs = total_epochs
         self.base_lr = base_lr
         self.final_lr = final_lr

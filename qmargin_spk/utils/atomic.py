@@ -9,6 +9,7 @@ A kill leaves the temporary file behind. Temporaries are named
 own target whose writer is gone (same host, process no longer alive); a concurrent
 writer's temporary (live process, or another host) is never touched.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,10 +19,11 @@ import os
 import re
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 logger = logging.getLogger(__name__)
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"

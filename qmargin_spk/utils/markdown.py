@@ -3,10 +3,11 @@
 Cells are escaped so that any text stays in its cell: ``|`` becomes ``\\|`` and line breaks
 become spaces (a Markdown table row is one line).
 """
+
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 # The delimiter row's cell for each alignment; None leaves the renderer's default (left).
 _RULES = {None: "---", "left": ":---", "right": "---:", "center": ":---:"}

@@ -10,6 +10,7 @@ differences to the baseline), ``DIR/<list>.md``, ``DIR/<list>.det.png`` and
 ``DIR/comparison.json``, and prints the summary. This is ``qmargin-spk compare`` with the
 published names of the VoxCeleb1 lists (Vox1-O, Vox1-E, Vox1-H, in that order). See docs/evidence.md.
 """
+
 from __future__ import annotations
 
 import argparse

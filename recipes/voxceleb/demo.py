@@ -9,6 +9,7 @@ Each name of ``--losses`` is a loss fragment (hparams/losses/), optionally with 
 setting, so only the loss differs. Extra ``--key=value`` arguments go to every run (hparams
 overrides, e.g. ``--number_of_epochs=4``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,10 @@ def loss_flags(name: str) -> list[str]:
     if (fragments / f"{loss}.yaml").is_file() and head in HEADS:
         return ["--loss", loss, f"--head={head}"]
     known = sorted(p.stem for p in fragments.glob("*.yaml"))
-    raise SystemExit(f"demo.py: error: no loss {name!r}: a loss fragment ({', '.join(known)}) "
-                     f"or <loss>_<head> with a head of {sorted(HEADS)}")
+    raise SystemExit(
+        f"demo.py: error: no loss {name!r}: a loss fragment ({', '.join(known)}) "
+        f"or <loss>_<head> with a head of {sorted(HEADS)}"
+    )
 
 
 def ensure_corpus(root: Path, seed: int, preset: str = "demo") -> CorpusPaths:
@@ -50,9 +53,23 @@ def ensure_corpus(root: Path, seed: int, preset: str = "demo") -> CorpusPaths:
 
 def run_loss(loss: str, corpus: CorpusPaths, exp: Path, fragments: list[str], overrides: list[str]) -> float:
     """Run all stages of the recipe for the loss name ``loss`` on the demo experiment; returns the wall time."""
-    command = ["bash", str(REPO / "recipes" / "voxceleb" / "run.sh"), "--train_root", str(corpus.train_root),
-               "--test_root", str(corpus.test_root), "--trials", str(corpus.trials), "--exp", str(exp),
-               "--hparams", str(BASE_EXPERIMENT), *fragments, *loss_flags(loss), *overrides]
+    command = [
+        "bash",
+        str(REPO / "recipes" / "voxceleb" / "run.sh"),
+        "--train_root",
+        str(corpus.train_root),
+        "--test_root",
+        str(corpus.test_root),
+        "--trials",
+        str(corpus.trials),
+        "--exp",
+        str(exp),
+        "--hparams",
+        str(BASE_EXPERIMENT),
+        *fragments,
+        *loss_flags(loss),
+        *overrides,
+    ]
     start = time.time()
     subprocess.run(command, check=True, env={**os.environ, "PYTHON": sys.executable})
     return time.time() - start
@@ -66,26 +83,42 @@ def verdict(summary: dict, baseline: str) -> str:
             eer = difference["eer"]
             low, high, p_value = 100 * eer["low"], 100 * eer["high"], eer["p_value"]
             significant = p_value < 0.05
-            lines.append(f"{entry['label']}: {name} - {baseline} EER {100 * eer['difference']:+.2f} points "
-                         f"[{low:+.2f}, {high:+.2f}], p = {p_value:.3f}: "
-                         + ("a significant difference at the 5 % level." if significant else
-                            "no significant difference at the 5 % level (the interval covers zero)."))
+            lines.append(
+                f"{entry['label']}: {name} - {baseline} EER {100 * eer['difference']:+.2f} points "
+                f"[{low:+.2f}, {high:+.2f}], p = {p_value:.3f}: "
+                + (
+                    "a significant difference at the 5 % level."
+                    if significant
+                    else "no significant difference at the 5 % level (the interval covers zero)."
+                )
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "exp" / "demo")
-    parser.add_argument("--losses", nargs="+", default=["qmargin", "aam"],
-                        help="loss fragments (hparams/losses/), or <loss>_<head> such as qmargin_sparse")
+    parser.add_argument(
+        "--losses",
+        nargs="+",
+        default=["qmargin", "aam"],
+        help="loss fragments (hparams/losses/), or <loss>_<head> such as qmargin_sparse",
+    )
     parser.add_argument("--backbone", help="backbone fragment of every run (default: the demo experiment's)")
     parser.add_argument("--setting", help="setting fragment of every run (default: demo_cpu)")
-    parser.add_argument("--corpus_seed", "--seed", dest="corpus_seed", type=int, default=0,
-                        help="seed of the synthetic corpus (not of training: that is the hparams' seed)")
+    parser.add_argument(
+        "--corpus_seed",
+        "--seed",
+        dest="corpus_seed",
+        type=int,
+        default=0,
+        help="seed of the synthetic corpus (not of training: that is the hparams' seed)",
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="synthetic corpus size")
     args, overrides = parser.parse_known_args()
-    fragments = [flag for kind in ("backbone", "setting") if getattr(args, kind)
-                 for flag in (f"--{kind}", getattr(args, kind))]
+    fragments = [
+        flag for kind in ("backbone", "setting") if getattr(args, kind) for flag in (f"--{kind}", getattr(args, kind))
+    ]
     for loss in args.losses:
         loss_flags(loss)  # every name is checked before anything runs
     corpus = ensure_corpus(args.out / "corpus", args.corpus_seed, args.preset)
@@ -93,8 +126,9 @@ def main() -> None:
         seconds = run_loss(loss, corpus, args.out / loss, fragments, overrides)
         print(f"{loss}: recipe {seconds:.0f} s")
     baseline = "aam" if "aam" in args.losses else args.losses[0]
-    summary = compare_experiments([args.out / loss for loss in args.losses], args.out / "comparison",
-                                  baseline=args.out / baseline)
+    summary = compare_experiments(
+        [args.out / loss for loss in args.losses], args.out / "comparison", baseline=args.out / baseline
+    )
     text = summary["table"] + "\n" + verdict(summary, baseline)
     atomic_write_text(args.out / "comparison.md", text)
     print("\nDemo: synthetic corpus, ECAPA-TDNN (CPU setting), cosine scoring, 95 % speaker-bootstrap intervals\n")

@@ -7,6 +7,7 @@
 Starts from the averaged model of ``--init`` with its record's ``lm_overrides`` (longer crops,
 larger margin, small LR, no speed classes); score the result with stage 3 like any experiment.
 """
+
 import sys
 
 from qmargin_spk.stages.experiment import StageError
@@ -19,9 +20,11 @@ def main(argv: list[str]) -> int:
     parser = stage_parser(__doc__, hparams_required=False)  # --exp: the new experiment folder of the fine-tuned model
     parser.add_argument("--init", required=True, help="trained experiment folder to start from")
     args = parse_stage_arguments(parser, argv, lambda args: {})
-    return stage_main("finetune_lm.py", lambda: finetune_stage(args.init, args.exp, args.run_opts, args.hparams,
-                                                               args.choices, args.overrides),
-                      (StageError, SaveFolderBusyError, FileNotFoundError))
+    return stage_main(
+        "finetune_lm.py",
+        lambda: finetune_stage(args.init, args.exp, args.run_opts, args.hparams, args.choices, args.overrides),
+        (StageError, SaveFolderBusyError, FileNotFoundError),
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The model is described by the experiment's record (``EXP/hyperparams.yaml``). Th
 ``qmargin_spk.inference.SpeakerModel.from_folder``, SpeechBrain's ``EncoderClassifier.from_hparams``
 and, after ``qmargin-spk export``, onnxruntime alone.
 """
+
 import sys
 
 from qmargin_spk.inference.package import ModelFolderError
@@ -17,8 +18,11 @@ from qmargin_spk.stages.runner import parse_stage_arguments, stage_main, stage_p
 
 def main(argv: list[str]) -> int:
     args = parse_stage_arguments(stage_parser(__doc__, hparams_required=False), argv, lambda args: {})
-    return stage_main("package.py", lambda: print(package_stage(args.exp, args.hparams, args.choices, args.overrides)),
-                      (StageError, ModelFolderError))
+    return stage_main(
+        "package.py",
+        lambda: print(package_stage(args.exp, args.hparams, args.choices, args.overrides)),
+        (StageError, ModelFolderError),
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Example (VoxCeleb2 dev for training, VoxCeleb1 for the cleaned test lists):
 
 Re-running with unchanged inputs does nothing; see qmargin_spk.data.prepare for details.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,16 +28,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow_overlap", action="store_true", help="only warn when train and test share speakers")
     parser.add_argument("--min_duration", type=float, default=0.5, help="shortest training utterance kept, seconds")
     parser.add_argument("--num_workers", type=int, default=4, help="parallel header reads and ffmpeg processes")
-    parser.add_argument("--data_format", choices=("files", "shards"), default="files",
-                        help="shards: also write the training set as tar shards under OUT/shards")
+    parser.add_argument(
+        "--data_format",
+        choices=("files", "shards"),
+        default="files",
+        help="shards: also write the training set as tar shards under OUT/shards",
+    )
     parser.add_argument("--utts_per_shard", type=int, default=1000, help="utterances per tar shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of the speaker mixing across shards")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = prepare_stage(args.train_root, args.test_root, args.trials, args.out, data_format=args.data_format,
-                                min_duration=args.min_duration, allow_overlap=args.allow_overlap,
-                                num_workers=args.num_workers, utts_per_shard=args.utts_per_shard, seed=args.seed)
+        summary = prepare_stage(
+            args.train_root,
+            args.test_root,
+            args.trials,
+            args.out,
+            data_format=args.data_format,
+            min_duration=args.min_duration,
+            allow_overlap=args.allow_overlap,
+            num_workers=args.num_workers,
+            utts_per_shard=args.utts_per_shard,
+            seed=args.seed,
+        )
     except PrepareError as err:
         print(f"prepare failed: {err}", file=sys.stderr)
         return 1

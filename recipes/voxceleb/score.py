@@ -8,6 +8,7 @@ The experiment is its record, ``EXP/hyperparams.yaml`` (written by stage 2); an 
 fragment flag or override given here must agree with it on every key that shapes the model.
 ``--exp``, ``--test_root`` and ``--trials`` are taken as paths, never as YAML.
 """
+
 import sys
 
 from qmargin_spk.data.trials import MissingTrialFilesError
@@ -21,9 +22,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--test_root", required=True, help="VoxCeleb1-layout folder holding wav/")
     parser.add_argument("--trials", action="append", required=True, help="trial list (repeatable)")
     args = parse_stage_arguments(parser, argv, lambda args: {"test_root": args.test_root, "trial_files": args.trials})
-    return stage_main("score.py", lambda: score_stage(args.exp, args.hparams, args.choices, args.overrides,
-                                                      device=args.run_opts.get("device")),
-                      (StageError, MissingTrialFilesError, FileNotFoundError, ValueError))
+    return stage_main(
+        "score.py",
+        lambda: score_stage(args.exp, args.hparams, args.choices, args.overrides, device=args.run_opts.get("device")),
+        (StageError, MissingTrialFilesError, FileNotFoundError, ValueError),
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 ``--exp`` is taken as a path, never as YAML; ``--key=value`` overrides hparams keys. The composed
 experiment is written to ``EXP/hyperparams.yaml``, which every later stage reads.
 """
+
 import sys
 
 from qmargin_spk.stages.experiment import StageError
@@ -19,9 +20,11 @@ from qmargin_spk.training.checkpointing import SaveFolderBusyError
 
 def main(argv: list[str]) -> int:
     args = parse_stage_arguments(stage_parser(__doc__), argv, lambda args: {})
-    return stage_main("train.py", lambda: train_stage(args.exp, args.hparams, args.run_opts, args.choices,
-                                                      args.overrides),
-                      (StageError, SaveFolderBusyError, FileNotFoundError))
+    return stage_main(
+        "train.py",
+        lambda: train_stage(args.exp, args.hparams, args.run_opts, args.choices, args.overrides),
+        (StageError, SaveFolderBusyError, FileNotFoundError),
+    )
 
 
 if __name__ == "__main__":
