@@ -209,7 +209,7 @@ def run_score(args: argparse.Namespace) -> None:
     if args.cohort is not None:
         cohort_paths, cohort_speakers = cohort_utterances(args.cohort, args.cohort_per_speaker)
     model = _load_model(args)
-    model_id = model.info["checkpoint_sha256"][:16]
+    model_id = model.identity
     bar = _progress_bar("embedding")
 
     def embed_fn(wavs, rel_lens):

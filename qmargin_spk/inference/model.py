@@ -18,6 +18,7 @@ no such entry.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from qmargin_spk.inference.package import (
     read_model_info,
 )
 from qmargin_spk.models.embedder import SpeakerEmbedder
+from qmargin_spk.models.identity import model_identity
 from qmargin_spk.models.registry import build_backbone, build_embedder
 
 AudioItem = str | os.PathLike | np.ndarray | torch.Tensor
@@ -94,6 +96,11 @@ class SpeakerModel:
         embedder = build_embedder(frontend, embedding_model)
         calibration, cohort = _load_calibration(folder, info)
         return cls(embedder, info, calibration, cohort, device)
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """The model's identity: SHA-256 over its loaded weights (as stage 3 computes it for the same weights)."""
+        return model_identity(self.embedder.embedding_model.state_dict())
 
     @property
     def sample_rate(self) -> int:

@@ -1,6 +1,6 @@
-"""The head contract: what the training loop holds between the embeddings and the loss.
+"""The dense head: SpeechBrain's cosine classifier followed by any loss module.
 
-Every head maps ``(embeddings [B, D] or [B, 1, D], labels [B] or [B, 1]) -> mean loss`` and exposes
+Every head (the contract is :class:`~qmargin_spk.losses.registry.SpeakerHead`) maps ``(embeddings [B, D] or [B, 1, D], labels [B] or [B, 1]) -> mean loss`` and exposes
 ``margin`` and ``scale`` (set by the schedules between steps) and ``stats``, the
 :class:`~qmargin_spk.losses.stats.PosteriorStats` of its last batch. Its ``weight`` is the
 ``[C, D]`` prototype matrix. Three heads exist:
@@ -12,8 +12,8 @@ Every head maps ``(embeddings [B, D] or [B, 1, D], labels [B] or [B, 1]) -> mean
 - :class:`~qmargin_spk.losses.sharded_head.ShardedQMarginHead`: the same with the prototypes split
   across processes.
 
-Recipes build a head as ``head_factory(num_classes=C, embedding_dim=D)`` (a ``!name:`` entry of
-the hparams loss block), so the number of classes comes from the training data.
+Recipes build a head with :func:`~qmargin_spk.losses.registry.build_head`, the ``classifier`` entry
+of a loss fragment, which the training stage calls with the number of classes of its data.
 """
 
 from __future__ import annotations

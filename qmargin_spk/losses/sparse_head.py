@@ -16,13 +16,9 @@ without ever holding the ``B x C`` logits (``docs/loss.md``, "Candidates"):
   gradient is dense (zero off the touched rows) or, with ``sparse_grad=True``, a sparse COO tensor
   for optimisers that take one (SGD without weight decay, ``SparseAdam``).
 
-It follows the head contract of ``heads.py`` (embeddings, labels -> loss; ``margin``, ``scale``,
-``stats``); the recipe selects it in the loss block (``hparams/*_qmargin_sparse.yaml``)::
-
-    classifier: !name:qmargin_spk.losses.SparseQMarginHead
-        alpha: !ref <alpha>
-        scale: !ref <scale>
-        margin: !ref <margin>
+It keeps the head contract (:class:`~qmargin_spk.losses.registry.SpeakerHead`: embeddings, labels
+-> loss; ``margin``, ``scale``, ``stats``); an experiment selects it with ``head: sparse`` on the
+qmargin loss fragment (``hparams/*_qmargin_sparse.yaml``), and ``build_head`` builds it.
 
 ``[B, 1, D]`` embeddings and ``[B, 1]`` labels are accepted. A margin scheduler sets ``margin``;
 ``stats`` holds the :class:`PosteriorStats` of the last batch. The ``weight`` entry of the state dict

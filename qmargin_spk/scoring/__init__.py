@@ -1,4 +1,4 @@
-"""Scoring: trial lists, embedding extraction, cosine / AS-norm back-ends, reports, the scoring stage, comparisons."""
+"""Scoring: trial lists, embedding extraction, cosine / AS-norm back-ends, the AS-norm cohort, reports, comparisons."""
 
 from qmargin_spk.data.trials import (
     MissingTrialFilesError,

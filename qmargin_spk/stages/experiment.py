@@ -73,7 +73,7 @@ class Experiment:
         folder = Path(folder)
         experiment = cls(folder, _compose(hparams_file, choices, {**(overrides or {}), "output_folder": str(folder)}))
         recorded = read_record(folder, for_training=True)
-        if recorded is not None:
+        if recorded is not None and any((folder / "save").glob("CKPT+*")):  # a run that trained: resume it only
             experiment.refuse_shaping_changes(recorded, "training again")
         return experiment
 
@@ -94,10 +94,11 @@ class Experiment:
         recorded = read_record(folder)
         if recorded is None:
             raise StageError(f"{folder / RECORD_FILE}: no record of a training run: run stage 2 first")
+        # A fine-tuned experiment's record holds the fine-tuning stage's keys, which win over the stage's overrides.
+        overrides = {**overrides, **recorded.finetune_overrides}
         requested = None
         if hparams_file is not None and Path(hparams_file).resolve() != (folder / RECORD_FILE).resolve():
-            # a fine-tuned experiment's record holds the fine-tuning overrides: the request gets them too
-            requested = cls(folder, _compose(hparams_file, choices, {**overrides, **recorded.finetune_overrides}))
+            requested = cls(folder, _compose(hparams_file, choices, overrides))
         elif choices:
             raise StageError(
                 "--backbone/--loss/--setting pick fragments for training; this stage reads them from "
@@ -131,6 +132,8 @@ class Experiment:
         changed = [
             key for key in recorded.shaping_keys() if _plain(mine.get(key, _ABSENT)) != _plain(theirs.get(key, _ABSENT))
         ]
+        settings = [key for key in changed if _is_data(theirs.get(key)) and _is_data(mine.get(key))]
+        changed = settings or changed  # objects built from the changed settings would only repeat them
         if changed:
             differences = "; ".join(
                 f"{key}: {_shown(theirs.get(key, _ABSENT))} in the record, {_shown(mine.get(key, _ABSENT))} from {who}"
@@ -303,6 +306,15 @@ def _plain(value: Any) -> Any:
     if isinstance(value, functools.partial):
         return ("partial", _qualified(value.func), _plain(value.keywords))
     return _qualified(type(value))
+
+
+def _is_data(value: Any) -> bool:
+    """Whether an hparams value is plain data (a setting), not an object built from settings."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_data(item) for item in value)
+    if isinstance(value, Mapping):
+        return all(_is_data(item) for item in value.values())
+    return isinstance(value, (str, int, float, bool, type(None)))
 
 
 def _qualified(obj: Any) -> str:

@@ -125,15 +125,13 @@ def finetune_stage(
 
 
 def _run(experiment: Experiment, run_opts: dict, init_from: Experiment | None = None) -> SpeakerBrain:
-    """Check the settings, write the record, claim the save folder and train."""
+    """Check the settings, claim the save folder and train (the record is written once training can start)."""
     hparams = experiment.hparams
     check_numeric_hparams(hparams)
     threads = choose_threads(hparams.get("num_threads"), hparams["num_workers"])
     torch.set_num_threads(threads)
     hparams["checkpointer"].claim()
     try:
-        if if_main_process():
-            experiment.write_record()
         return _train(experiment, run_opts, threads, init_from)
     finally:
         hparams["checkpointer"].release()
@@ -208,6 +206,8 @@ def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Expe
             global_batch,
             threads,
         )
+    if if_main_process():  # data, head and schedule are in place: this run is the one the record describes
+        experiment.write_record()
     brain = SpeakerBrain(
         modules=hparams["modules"],
         opt_class=hparams["opt_class"],
