@@ -86,3 +86,26 @@ def audio_dir(tmp_path_factory):
     for seed, (name, seconds) in enumerate(lengths.items()):
         write_wav(root / name, seconds, seed=seed + (0 if name.startswith("a") else 100))
     return root
+
+
+def fill_the_disk(monkeypatch, part: str = "") -> None:
+    """Every atomic write of a file whose name holds ``part`` fails as on a full disk (ENOSPC at its fsync)."""
+    import errno
+    import os
+
+    from qmargin_spk.utils import atomic
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith(".tmp") and part in Path(name).name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+
+
+def write_leftovers(folder) -> list[Path]:
+    """Temporary files and staging or retired folders that a failed write could leave under ``folder``."""
+    return [path for path in Path(folder).rglob(".*") if path.name.endswith((".tmp", ".old"))]

@@ -150,6 +150,7 @@ def test_verify_prints_score_llr_and_decision(model_dir, audio_dir, capsys):
                 "weights": [10.0],
                 "offset": 2.0 - 10.0 * expected.score,
                 "prior": 0.5,
+                "fit": {"model_identity": SpeakerModel.from_folder(model_dir).identity},  # fitted for this model
             }
         )
     )
@@ -263,6 +264,7 @@ def test_calibrate_then_score_reports_calibrated_results(model_dir, audio_dir, t
     before, after = stored["fit"]["cllr_before"], stored["fit"]["cllr_after"]
     assert after < before and f"Cllr before: {before:.4f}  after: {after:.4f}" in out
     assert stored["fit"]["model_sha256"] == json.loads((model_dir / "model.json").read_text())["checkpoint_sha256"]
+    assert stored["fit"]["model_identity"] == SpeakerModel.from_folder(model_dir).identity
 
     status, out, _ = run_cli(
         capsys, "score", "--model", model_dir, "--trials", trials, "--root", audio_dir, "--out", tmp_path / "cli"
@@ -343,3 +345,52 @@ def test_a_user_mistake_in_a_process_has_no_traceback(model_dir, tmp_path):
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().endswith("a.wav: no such audio file")
+
+
+@pytest.mark.parametrize(
+    "lines, first",
+    [
+        (["1 a/1.wav a/2.wav", "0 a/1.wav b/8.wav", "0 a/2.wav b/9.wav"], "list.txt:2: b/8.wav (and 1 more)"),
+        (["1 a/1.wav a/2.wav", "0 a/1.wav bad/1.wav", "0 a/2.wav bad/2.wav"], "bad/1.wav: unreadable audio"),
+    ],
+    ids=["missing trial files", "unreadable audio"],
+)
+def test_an_error_listing_many_files_is_one_line_naming_the_first_and_counting_the_rest(
+    model_dir, audio_dir, tmp_path, capsys, lines, first
+):
+    root = Path(shutil.copytree(audio_dir, tmp_path / "root"))
+    (root / "bad").mkdir()
+    (root / "bad" / "1.wav").write_bytes(b"")
+    (root / "bad" / "2.wav").write_bytes(b"RIFF")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    argv = ["score", "--model", model_dir, "--trials", tmp_path / "list.txt", "--root", root, "--out", tmp_path / "o"]
+    status, out, err = run_cli(capsys, *argv)
+    assert status == 1 and err.count("\n") == 1
+    assert first in err and err.rstrip().endswith("(and 1 more)")
+
+
+def test_a_full_disk_while_scoring_is_one_line_naming_the_file_not_written(
+    model_dir, audio_dir, tmp_path, capsys, monkeypatch
+):
+    from conftest import fill_the_disk, write_leftovers
+
+    few = tmp_path / "few.txt"  # two short trials: little to embed
+    few.write_text("1 a/2.wav a/4.wav\n0 a/2.wav b/1.wav\n")
+    fill_the_disk(monkeypatch, "results")
+    out_dir = tmp_path / "out"
+    argv = ["score", "--model", model_dir, "--trials", few, "--root", audio_dir, "--out", out_dir]
+    status, _, err = run_cli(capsys, *argv)
+    assert status == 1 and "Traceback" not in err
+    last = err.splitlines()[-1]  # after the progress bar
+    assert last == f"qmargin-spk: error: {out_dir}/results.cosine.json: not written (No space left on device)"
+    assert not write_leftovers(out_dir) and not (out_dir / "results.cosine.json").exists()
+
+
+def test_one_line_of_a_long_list_keeps_its_first_file_and_counts_the_rest():
+    from qmargin_spk.utils.messages import one_line
+
+    listed = "\n".join(f"  lists/t.txt:{n}: a/{n}.wav" for n in range(1, 11))
+    err = FileNotFoundError(f"25 of 40 utterances are missing under /root:\n{listed}\n  ... and 15 more")
+    assert one_line(err) == "25 of 40 utterances are missing under /root: lists/t.txt:1: a/1.wav (and 24 more)"
+    single = "list.txt:3: label must be 0 or 1, got '2'"
+    assert one_line(ValueError(single)) == single

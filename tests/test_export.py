@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -115,6 +116,15 @@ def test_onnx_metadata_and_unequal_lengths(exported):
     np.testing.assert_allclose(runtime.embed(wavs, batch_size=3), exported["model"].embed(wavs), atol=1e-4)
     with pytest.raises(ValueError, match="waveform 1"):
         runtime.embed([wavs[0], np.zeros((2, 10), np.float32)])
+
+
+def test_exports_carry_the_identity_of_the_model_folder(tiny_model, exported, tmp_path):
+    identity = json.loads((tiny_model[0] / "model.json").read_text())["model_identity"]
+    assert OnnxSpeakerModel(exported["onnx"]).identity == identity
+    assert OnnxSpeakerModel(exported["int8"]).identity == identity  # the model it was quantised from
+    extra = {"model.json": ""}
+    torch.jit.load(str(export_torchscript(exported["model"], tmp_path / "m.pt")), _extra_files=extra)
+    assert json.loads(extra["model.json"])["model_identity"] == identity
 
 
 def test_onnx_runs_with_torch_blocked(exported, tmp_path):

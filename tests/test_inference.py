@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import socket
@@ -120,6 +121,11 @@ def test_broken_folders_are_clear_errors(tmp_path, tiny_model):
         SpeakerModel.from_folder(copy)
     (copy / "model.json").write_text(json.dumps(info))
     (copy / "embedding_model.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelFolderError, match="embedding_model.ckpt: SHA-256 .* differs"):
+        SpeakerModel.from_folder(copy)
+    (copy / "model.json").write_text(
+        json.dumps({**info, "checkpoint_sha256": hashlib.sha256(b"not a checkpoint").hexdigest()})
+    )
     with pytest.raises(ModelFolderError, match="embedding_model.ckpt: cannot load"):
         SpeakerModel.from_folder(copy)
 
@@ -232,9 +238,10 @@ def test_verify_without_calibration(tiny_model, audio_dir, tmp_path):
     asnorm = json.loads(json.dumps(metrics))
     asnorm["min_dcf"]["0.01"]["threshold"] = -9.0
     metrics["min_dcf"]["0.01"]["threshold"] = plain.score + 1e-3
+    identity = SpeakerModel.from_folder(folder).identity  # stored thresholds count for results of this model only
     results = [
-        {"list": "asn", "backend": "asnorm", "n_trials": 4, "metrics": asnorm},
-        {"list": "veri", "backend": "cosine", "n_trials": 4, "metrics": metrics},
+        {"list": "asn", "backend": "asnorm", "n_trials": 4, "metrics": asnorm, "model_id": identity},
+        {"list": "veri", "backend": "cosine", "n_trials": 4, "metrics": metrics, "model_id": identity},
     ]
     other = package_model(
         tmp_path / "m",

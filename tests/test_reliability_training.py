@@ -1,4 +1,4 @@
-"""Issue 9, training side: each defect an adversarial run found, reproduced, and kept fixed."""
+"""Training runs that go wrong (too few steps, crafted checkpoints, busy save folders, bad keys), kept fixed."""
 
 import errno
 import os
@@ -170,6 +170,73 @@ def test_non_numeric_hparam_error_names_its_key(data_folder, tmp_path):
         train_stage(
             tmp_path / "exp", HPARAMS, RUN_OPTS, None, overrides(data_folder, tmp_path / "exp", number_of_epochs="abc")
         )
+
+
+@pytest.mark.e2e
+def test_zero_crop_seconds_is_refused_before_training_starts(data_folder, tmp_path):
+    exp = tmp_path / "exp"
+    with pytest.raises(StageError, match=r"^hparams key 'crop_seconds' must be a number > 0, got 0$"):
+        train_stage(exp, HPARAMS, RUN_OPTS, None, overrides(data_folder, exp, crop_seconds=0))
+    assert not (exp / "hyperparams.yaml").exists() and not list((exp / "save").glob("*"))
+
+
+@pytest.fixture(scope="module")
+def demo_hparams():
+    from qmargin_spk.stages.experiment import composed_hparams
+
+    return composed_hparams(HPARAMS, overrides={"channels": 16, "embedding_dim": 16})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "rule"),
+    [
+        ("crop_seconds", 0, "a number > 0"),
+        ("crop_seconds", None, "a number > 0"),
+        ("crop_seconds", float("nan"), "a number > 0"),
+        ("lm_crop_seconds", -1.0, "a number > 0"),
+        ("extract_chunk_seconds", 0.0, "null or a number > 0"),
+        ("extract_max_batch_seconds", 0, "a number > 0"),
+        ("extract_batch_size", 0, "an integer >= 1"),
+        ("extract_batch_size", 2.5, "an integer >= 1"),
+        ("cohort_utts_per_speaker", 0, "an integer >= 1"),
+        ("asnorm_top_n", 1, "an integer >= 2"),
+        ("bootstrap_resamples", -1, "an integer >= 0"),
+        ("shuffle_buffer", 0, "an integer >= 1"),
+        ("average_checkpoints", 0, "an integer >= 1"),
+        ("keep_checkpoints", 0, "an integer >= 1"),
+        ("warmup_epochs", -0.5, "a number >= 0"),
+        ("final_lr", 0, "a number > 0"),
+        ("num_threads", 0, "null or an integer >= 1"),
+        ("batch_size", True, "an integer >= 1"),
+    ],
+)
+def test_each_duration_and_size_key_is_refused_naming_key_value_and_rule(demo_hparams, key, value, rule):
+    from qmargin_spk.stages.numeric_hparams import check_numeric_hparams
+
+    with pytest.raises(StageError) as caught:
+        check_numeric_hparams({**demo_hparams, key: value})
+    assert str(caught.value) == f"hparams key {key!r} must be {rule}, got {value!r}"
+
+
+def test_zero_is_allowed_where_the_rule_is_not_strict_and_null_where_it_is_optional(demo_hparams):
+    from qmargin_spk.stages.numeric_hparams import check_numeric_hparams
+
+    allowed = {"warmup_epochs": 0, "bootstrap_resamples": 0, "margin": 0.0, "num_workers": 0}
+    check_numeric_hparams({**demo_hparams, **allowed, "extract_chunk_seconds": None, "num_threads": None})
+    check_numeric_hparams({**demo_hparams, "extract_chunk_seconds": 1.5, "crop_seconds": 1e-3})
+
+
+@pytest.mark.e2e
+def test_scoring_stage_checks_its_keys_before_loading_the_model(data_folder, tmp_path):
+    from qmargin_spk.stages.score import score_stage
+
+    exp = tmp_path / "exp"
+    Experiment.for_training(exp, HPARAMS, None, overrides(data_folder, exp)).write_record()  # no checkpoint
+    for key, value, rule in [("extract_batch_size", 0, "an integer >= 1"), ("asnorm_top_n", 0, "an integer >= 2")]:
+        with pytest.raises(StageError, match=rf"^hparams key '{key}' must be {rule}, got {value}$"):
+            score_stage(exp, overrides={key: value}, device="cpu")
+    with pytest.raises(StageError, match="no trained model"):  # with valid keys, the next problem is the model
+        score_stage(exp, device="cpu")
 
 
 def test_huge_alpha_is_a_clear_error():

@@ -1,5 +1,4 @@
-"""Issue 9, items 8 and 12 (trial lists): paths outside the wav root, encodings, BOM,
-duplicate trials, lists with one class only."""
+"""Trial lists: paths outside the wav root, encodings, BOM, duplicate trials, lists with one class only."""
 
 from __future__ import annotations
 

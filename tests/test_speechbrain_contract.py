@@ -44,3 +44,11 @@ def test_overridden_checkpointer_methods_keep_their_signatures_and_calls():
     assert list(inspect.signature(Checkpointer._new_checkpoint_dirpath).parameters) == ["self"]
     # The atomic save relies on save_checkpoint naming a given folder through _custom_checkpoint_dirpath.
     assert "_custom_checkpoint_dirpath(name)" in inspect.getsource(Checkpointer.save_checkpoint)
+
+
+def test_speaker_recognition_decides_with_greater_than_and_takes_a_threshold():
+    from speechbrain.inference.speaker import SpeakerRecognition
+
+    # The model card's thresholds (qmargin_spk.inference.decisions) assume `score > threshold` in verify_batch.
+    assert "threshold" in inspect.signature(SpeakerRecognition.verify_batch).parameters
+    assert "return score, score > threshold" in inspect.getsource(SpeakerRecognition.verify_batch)

@@ -87,6 +87,16 @@ class Calibration:
         """Whether inputs other than the score are needed."""
         return len(self.inputs) > 1
 
+    def fitted_for(self, identity: str, checkpoint_sha256: str | None = None) -> bool:
+        """Whether the fit was made with the model of ``identity`` (``fit["model_identity"]``).
+
+        A calibration that names no identity (written before calibrations recorded one) counts only when its
+        ``fit["model_sha256"]`` is ``checkpoint_sha256``, the verified hash of the weights file it ships with.
+        """
+        if "model_identity" in self.fit:
+            return self.fit["model_identity"] == identity
+        return checkpoint_sha256 is not None and self.fit.get("model_sha256") == checkpoint_sha256
+
     def llrs(self, values: Mapping[str, ArrayLike]) -> np.ndarray:
         """LLRs (float64) of trials whose inputs are given by name (``values["score"]``, ...)."""
         return _design_matrix(values, self.inputs) @ np.asarray(self.weights) + self.offset

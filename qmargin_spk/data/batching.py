@@ -13,7 +13,9 @@ each at least ``1 - max_padding`` times as long as its first (longest) one, and 
 ``max_samples`` samples of padded audio (rows x width) unless it is a single piece. Zero
 padding changes a convolutional embedder's output near the end of a row, and an exported
 graph takes no lengths, so the default ``max_padding = 0`` lets only equal lengths share a
-batch and each embedding is that of the item alone.
+batch and each embedding is that of the item alone. Every piece must be at least the model's
+shortest input (:func:`check_min_length`; the minimum is probed by
+:func:`qmargin_spk.models.min_input.shortest_input`), which is checked before anything is embedded.
 """
 
 from __future__ import annotations
@@ -60,6 +62,40 @@ def plan_pieces(lengths: Mapping[int, int], chunk_seconds: float | None, sample_
         pieces.extend(Piece(row, start, end - start, len(bounds) == 1) for start, end in bounds)
     pieces.sort(key=lambda piece: -piece.length)
     return pieces
+
+
+class TooShortError(ValueError):
+    """Audio shorter than the shortest input the model can embed; the message names the items."""
+
+
+def check_min_length(
+    pieces: Sequence[Piece], min_samples: int | None, sample_rate: int, name: Callable[[int], str], max_listed: int = 10
+) -> None:
+    """:class:`TooShortError` (one line) naming the items, up to ``max_listed``, with a piece under ``min_samples``.
+
+    ``name(row)`` describes an item (its file); None or 1 for ``min_samples``: no minimum.
+    """
+    if not min_samples or min_samples <= 1:
+        return
+    short: dict[int, Piece] = {}
+    for piece in pieces:
+        if piece.length < min_samples and (piece.row not in short or piece.length < short[piece.row].length):
+            short[piece.row] = piece
+    if not short:
+        return
+    rows = sorted(short)
+    shown = [
+        f"{name(row)} ({short[row].length / sample_rate:g} s{'' if short[row].whole else ' chunks'})"
+        for row in rows[:max_listed]
+    ]
+    more = f" and {len(rows) - max_listed} more" if len(rows) > max_listed else ""
+    hint = "; raise chunk_seconds" if any(not piece.whole for piece in short.values()) else ""
+    minimum = f"{min_samples / sample_rate:g} s ({min_samples} samples at {sample_rate} Hz)"
+    if len(rows) == 1:
+        raise TooShortError(f"{shown[0]} is shorter than the model's minimum input of {minimum}{hint}")
+    raise TooShortError(
+        f"{len(rows)} inputs are shorter than the model's minimum input of {minimum}: " + ", ".join(shown) + more + hint
+    )
 
 
 def check_batching(

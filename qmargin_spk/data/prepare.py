@@ -7,7 +7,8 @@ is found here, once:
 
 - m4a files are decoded with ffmpeg into the same root's ``wav/`` tree (threads
   running ffmpeg processes; resumable; failures listed, not fatal);
-- unreadable, empty, non-mono, NaN/inf (and, for training, too short) files, and
+- unreadable, empty, non-mono, NaN/inf and too short files (training: under
+  ``min_duration``; test: under the model's shortest input, when given), and
   dangling or looping symbolic links, are skipped, one reason per file in
   ``skipped.txt`` (samples are read only where their coding can hold NaN/inf, see
   :func:`~qmargin_spk.data.audio.check_finite_samples`);
@@ -34,8 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import subprocess
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from qmargin_spk.data.audio import AudioError, audio_info, check_finite_samples
+from qmargin_spk.data.m4a import FfmpegMissingError, convert_m4a
 from qmargin_spk.data.manifest import ManifestRow, utterance_id, write_manifest
 from qmargin_spk.data.trials import (
     MissingTrialFilesError,
@@ -112,53 +112,6 @@ def _check_layout(root: Path) -> None:
         raise PrepareError(f"{root}: no wav/ or aac/ folder (expected <root>/wav/<spk>/<video>/<utt>.wav)")
 
 
-# --- m4a -> wav -------------------------------------------------------------------
-
-
-def _decode_m4a(source: Path, target: Path, sample_rate: int) -> str | None:
-    """Decode one file with ffmpeg through a temporary name; return an error message or None."""
-    partial = target.with_name(f".{target.name}.partial")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    command = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(source), "-ac", "1", "-ar", str(sample_rate)]
-    command += ["-acodec", "pcm_s16le", "-f", "wav", str(partial)]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0 or not partial.is_file():
-        partial.unlink(missing_ok=True)
-        lines = completed.stderr.strip().splitlines()
-        return lines[-1] if lines else f"ffmpeg exited with status {completed.returncode}"
-    os.replace(partial, target)
-    return None
-
-
-def convert_m4a(roots: Iterable[Path], sample_rate: int, num_workers: int) -> list[tuple[Path, str]]:
-    """Decode every ``aac/**.m4a`` that has no ``wav/`` counterpart yet; return the failures.
-
-    Outputs appear only complete (temporary name, then rename), so an interrupted
-    run resumes where it stopped. ffmpeg runs as child processes, so threads suffice
-    to keep ``num_workers`` of them busy.
-    """
-    pending = [
-        (source, root / "wav" / source.relative_to(root / "aac").with_suffix(".wav"))
-        for root in roots
-        for source in _audio_files(root / "aac", "m4a")
-    ]
-    pending = [(source, target) for source, target in pending if not target.exists()]
-    if not pending:
-        return []
-    if shutil.which("ffmpeg") is None:
-        raise PrepareError(
-            f"ffmpeg not found on PATH: it is needed to decode {len(pending)} m4a files "
-            f"(first: {pending[0][0]}); install it (e.g. apt-get install ffmpeg) and re-run"
-        )
-    logger.info("decoding %d m4a files with ffmpeg (%d workers)", len(pending), num_workers)
-    with ThreadPoolExecutor(num_workers) as pool:
-        errors = list(pool.map(lambda job: _decode_m4a(*job, sample_rate), pending))
-    failures = [(source, error) for (source, _), error in zip(pending, errors) if error is not None]
-    if failures:
-        logger.warning("%d of %d m4a files failed to decode, e.g. %s: %s", len(failures), len(pending), *failures[0])
-    return failures
-
-
 # --- scanning ---------------------------------------------------------------------
 
 
@@ -171,8 +124,11 @@ class RootScan:
     resampled: list[tuple[Path, int]]
 
 
-def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: int) -> RootScan:
-    """Check every wav under ``root/wav`` (header; samples if they may be NaN/inf); sort usable files from the rest."""
+def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: int, min_samples: int = 0) -> RootScan:
+    """Check every wav under ``root/wav`` (header; samples if they may be NaN/inf); sort usable files from the rest.
+
+    Files under ``min_samples`` (the model's shortest input, at ``sample_rate``) are skipped.
+    """
     paths = _audio_files(root / "wav", "wav")
     if not paths:
         raise PrepareError(f"{root}: no audio files under {root / 'wav'} (expected <spk>/<video>/<utt>.wav)")
@@ -190,6 +146,8 @@ def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: in
         for path, (info, problem) in zip(paths, pool.map(probe, paths, chunksize=64)):
             if info is not None and info.duration < min_duration:
                 problem = f"too short ({info.duration:.2f} s < min_duration {min_duration} s)"
+            elif info is not None and info.frames * sample_rate // info.sample_rate < min_samples:
+                problem = f"too short for the model ({info.duration:g} s < its minimum {min_samples / sample_rate:g} s)"
             if problem is not None:
                 scan.skipped.append((path, problem))
                 continue
@@ -325,11 +283,13 @@ def prepare(
     sample_rate: int = 16000,
     allow_overlap: bool = False,
     num_workers: int = 4,
+    test_min_samples: int = 0,
 ) -> PrepareResult:
     """Decode, scan and check the data; write manifests and listings to ``out_dir``.
 
     ``min_duration`` (seconds) applies to training files only: a test file is kept if
-    it is readable, since trial lists may need it. Raises :class:`PrepareError` for a
+    it is readable and at least ``test_min_samples`` long (the model's shortest input at
+    ``sample_rate``; trials naming a shorter file are refused). Raises :class:`PrepareError` for a
     missing layout, a root without usable audio, duplicate training ids, overlapping
     speakers (unless ``allow_overlap``) and bad trial lists.
     """
@@ -338,6 +298,7 @@ def prepare(
     trial_paths = [Path(os.path.abspath(t)) for t in trial_files]
     out_dir = Path(out_dir)
     settings = {"min_duration": min_duration, "sample_rate": sample_rate, "allow_overlap": allow_overlap}
+    settings |= {"test_min_samples": test_min_samples} if test_min_samples else {}  # earlier fingerprints stay valid
     if not train_roots:
         raise PrepareError("no training root given")
     for root in [*train_roots, test_root]:
@@ -354,11 +315,14 @@ def prepare(
             return PrepareResult.from_json(done["result"] | {"reused": True})
         marker.unlink()
 
-    failures = convert_m4a([*train_roots, test_root], sample_rate, num_workers)
+    try:
+        failures = convert_m4a([*train_roots, test_root], sample_rate, num_workers)
+    except FfmpegMissingError as err:
+        raise PrepareError(str(err)) from None
     fingerprint = input_fingerprint(train_roots, test_root, trial_paths, settings)  # the inputs as scanned below
 
     train = [scan_root(root, sample_rate, min_duration, num_workers) for root in train_roots]
-    test = scan_root(test_root, sample_rate, 0.0, num_workers)
+    test = scan_root(test_root, sample_rate, 0.0, num_workers, test_min_samples)
     train_rows = [row for scan in train for row in scan.rows]
     duplicates = [utt for utt, count in Counter(row.id for row in train_rows).items() if count > 1]
     if duplicates:

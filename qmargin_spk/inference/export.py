@@ -16,7 +16,8 @@ The graph takes ``wav`` ``[batch, samples]`` (float32, mono, at the model's samp
 rate, both axes dynamic) and returns ``embedding`` ``[batch, D]`` (not normalised).
 Every row is treated as a whole utterance: there is no length input, so batch only
 utterances of equal length (as :class:`SpeakerModel` does) or run them one at a time.
-The ONNX file carries the model's settings in its metadata and runs with
+The ONNX file (and the TorchScript file's ``model.json`` extra file) carries the model's settings
+and its identity (``model_identity``, as in the folder's ``model.json``) in its metadata; it runs with
 ``onnxruntime`` and ``numpy`` alone (:mod:`qmargin_spk.inference.onnx_runtime`).
 
 ``quantize="int8"`` adds dynamic int8 quantisation of the embedding network's weights
@@ -169,6 +170,8 @@ def _metadata(model: SpeakerModel) -> dict:
         "input": "wav [batch, samples] float32 mono, whole utterances of equal length per batch",
         "output": "embedding [batch, D], not normalised; score with the cosine",
         "checkpoint_sha256": model.info.get("checkpoint_sha256"),
+        "model_identity": model.identity,  # model.json's, which loading checked against the weights
+        "min_samples": model.min_samples,  # the shortest input the model embeds
     }
 
 

@@ -12,13 +12,15 @@ inputs (fixed-length crops, or ``chunk_seconds``).
 Decisions. With a ``calibration.json`` the score becomes a natural-log LLR and the
 decision is ``LLR >= log((1 - p_target) / p_target)`` (Bayes). Without one there is no
 LLR; the decision then uses the minDCF threshold at ``p_target`` measured on the first
-cosine-scored list of ``model.json`` (``source`` says which), and is None when there is
-no such entry.
+cosine-scored list of ``model.json`` with this model (``source`` says which), and is None
+when there is no such entry (:mod:`qmargin_spk.inference.decisions`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import os
 import pickle
 from collections.abc import Callable, Sequence
@@ -31,16 +33,26 @@ from numpy.typing import ArrayLike
 
 from qmargin_spk.calibration import Calibration, bayes_threshold, trial_quality, utterance_quality
 from qmargin_spk.data.audio import audio_info, load_audio
-from qmargin_spk.data.batching import Piece, check_batching, embed_pieces, max_batch_samples, plan_pieces
+from qmargin_spk.data.batching import (
+    Piece,
+    check_batching,
+    check_min_length,
+    embed_pieces,
+    max_batch_samples,
+    plan_pieces,
+)
+from qmargin_spk.inference.decisions import own_results, stored_threshold
 from qmargin_spk.inference.package import (
     CALIBRATION_FILE,
     CHECKPOINT_FILE,
+    MODEL_JSON,
     ModelFolderError,
     model_description,
     read_model_info,
 )
 from qmargin_spk.models.embedder import SpeakerEmbedder
 from qmargin_spk.models.identity import model_identity
+from qmargin_spk.models.min_input import shortest_input
 from qmargin_spk.models.registry import build_backbone, build_embedder
 
 AudioItem = str | os.PathLike | np.ndarray | torch.Tensor
@@ -80,27 +92,57 @@ class SpeakerModel:
         self.calibration = calibration
         self.cohort = cohort
         self.device = torch.device(device)
+        self.folder: Path | None = None  # set by from_folder, for messages
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> SpeakerModel:
-        """Load a model folder (ModelFolderError naming the folder when it is incomplete or inconsistent)."""
+    def from_folder(
+        cls, folder: str | os.PathLike, device: str | torch.device = "cpu", calibrated: bool = True
+    ) -> SpeakerModel:
+        """Load a model folder (ModelFolderError naming the file when it is incomplete or inconsistent).
+
+        ``calibrated=False`` leaves out the folder's calibration (``qmargin-spk calibrate`` replaces it).
+
+        Nothing in the folder runs: the registry builds the model from ``model.json`` (``hyperparams.yaml``
+        is never read), the weights file must have ``model.json``'s ``checkpoint_sha256`` and hold tensors
+        only, the loaded weights must have its ``model_identity``, and a calibration must name this model.
+        """
         folder = Path(folder)
         info = read_model_info(folder)
-        frontend, backbone = model_description(info)  # the registry builds the model: no YAML is evaluated
+        frontend, backbone = model_description(info, folder / MODEL_JSON)
         embedding_model = build_backbone(backbone)
         try:
-            weights = torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-            embedding_model.load_state_dict(weights, strict=True)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            embedding_model.load_state_dict(_read_weights(folder, info), strict=True)
+        except RuntimeError as err:
             raise ModelFolderError(f"{folder / CHECKPOINT_FILE}: cannot load into the model ({err})") from err
+        identity = model_identity(embedding_model.state_dict())
+        claimed = info.get("model_identity")
+        if claimed is not None and claimed != identity:
+            raise ModelFolderError(
+                f"{folder / MODEL_JSON}: model_identity {claimed} but the weights in {CHECKPOINT_FILE} have "
+                f"identity {identity}"
+            )
         embedder = build_embedder(frontend, embedding_model)
-        calibration, cohort = _load_calibration(folder, info)
-        return cls(embedder, info, calibration, cohort, device)
+        calibration, cohort = _load_calibration(folder, info, identity) if calibrated else (None, None)
+        model = cls(embedder, info, calibration, cohort, device)
+        model.folder = folder
+        model.__dict__["identity"] = identity  # the cached_property's value, computed from these loaded weights
+        return model
 
     @functools.cached_property
     def identity(self) -> str:
         """The model's identity: SHA-256 over its loaded weights (as stage 3 computes it for the same weights)."""
         return model_identity(self.embedder.embedding_model.state_dict())
+
+    @functools.cached_property
+    def min_samples(self) -> int:
+        """The shortest input (samples) the model embeds: ``model.json``'s ``min_samples``, else probed once."""
+        stored = self.info.get("min_samples")
+        if stored is None:  # a folder packaged before min_samples was recorded
+            return shortest_input(self.embedder, self.sample_rate)
+        if isinstance(stored, bool) or not isinstance(stored, int) or stored < 1:
+            where = MODEL_JSON if self.folder is None else self.folder / MODEL_JSON
+            raise ModelFolderError(f"{where}: min_samples must be a positive integer, got {stored!r}")
+        return stored
 
     @property
     def sample_rate(self) -> int:
@@ -190,6 +232,7 @@ class SpeakerModel:
         )
         lengths = [self._length(item, index) for index, item in enumerate(items)]
         pieces = plan_pieces(dict(enumerate(lengths)), chunk_seconds, self.sample_rate)
+        check_min_length(pieces, self.min_samples, self.sample_rate, lambda row: _item_name(items[row], row))
         on_batch, close = _progress_bar(progress, len(pieces))
 
         def embed(wavs: np.ndarray) -> np.ndarray:
@@ -241,25 +284,62 @@ class SpeakerModel:
         return trial_quality(per_side, [0], [1])
 
     def _stored_threshold(self, p_target: float) -> tuple[float, str] | None:
-        """The minDCF threshold at ``p_target`` of the first cosine-scored list in ``model.json``, if any."""
-        for entry in self.info.get("results", []):
-            if entry.get("backend") != "cosine":
-                continue
-            point = entry.get("metrics", {}).get("min_dcf", {}).get(f"{p_target:g}")
-            if point is not None:
-                return float(point["threshold"]), f"uncalibrated: minDCF threshold of {entry['list']} (cosine)"
-        return None
+        """The minDCF threshold at ``p_target`` of the first cosine-scored list of *this model* in ``model.json``.
+
+        Results that name no model (folders packaged before results did) are not used: when only they
+        hold a threshold, an error says so.
+        """
+        own, unnamed = own_results(self.info, self.identity)
+        stored = stored_threshold(own, p_target)
+        if stored is None and stored_threshold(unnamed, p_target) is not None:
+            where = MODEL_JSON if self.folder is None else self.folder / MODEL_JSON
+            raise ModelFolderError(
+                f"{where}: its results name no model, so their thresholds cannot be trusted for these weights: "
+                "re-run stage 4 (package) or calibrate the folder (qmargin-spk calibrate)"
+            )
+        return stored
 
 
-def _load_calibration(folder: Path, info: dict) -> tuple[Calibration | None, np.ndarray | None]:
-    """The folder's calibration and, for quality inputs, its cohort; checks it belongs to these weights."""
+def _read_weights(folder: Path, info: dict) -> dict:
+    """The weights file's state dict: its SHA-256 must be ``model.json``'s, and it must hold tensors only."""
+    path = folder / CHECKPOINT_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ModelFolderError(f"{path}: unreadable ({err.strerror})") from err
+    actual, claimed = hashlib.sha256(data).hexdigest(), info["checkpoint_sha256"]
+    if actual != claimed:
+        raise ModelFolderError(
+            f"{path}: SHA-256 {actual} differs from model.json's checkpoint_sha256 {claimed} (changed or damaged)"
+        )
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelFolderError(
+            f"{path}: cannot load: not a weights-only checkpoint, refused ({_unpickling_reason(err)})"
+        ) from err
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise ModelFolderError(f"{path}: cannot load ({_unpickling_reason(err)})") from err
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """The line of torch's (multi-line) load error that says what was found."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    details = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))]
+    return details[-1] if details else (lines[0] if lines else type(err).__name__)
+
+
+def _load_calibration(folder: Path, info: dict, identity: str) -> tuple[Calibration | None, np.ndarray | None]:
+    """The folder's calibration and, for quality inputs, its cohort; it must have been fitted for this model."""
     path = folder / CALIBRATION_FILE
     if not path.is_file():
         return None, None
     calibration = Calibration.load(path)
-    fitted_for = calibration.fit.get("model_sha256")
-    if fitted_for is not None and fitted_for != info["checkpoint_sha256"]:
-        raise ModelFolderError(f"{path} was fitted for other weights: recalibrate (qmargin-spk calibrate)")
+    if not calibration.fitted_for(identity, info["checkpoint_sha256"]):
+        fitted = calibration.fit.get("model_identity") or "none recorded"
+        raise ModelFolderError(
+            f"{path} was fitted for model {fitted}, not this one ({identity}): recalibrate (qmargin-spk calibrate)"
+        )
     if not calibration.uses_quality:
         return calibration, None
     if not calibration.cohort or "file" not in calibration.cohort:
@@ -295,6 +375,11 @@ def _normalised(vectors: np.ndarray) -> np.ndarray:
     if np.any(norms == 0):
         raise ValueError("cannot normalise an all-zero embedding")
     return vectors / norms
+
+
+def _item_name(item: AudioItem, index: int) -> str:
+    """The file's path, or ``waveform <index>``."""
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"waveform {index}"
 
 
 def _describe(item: AudioItem) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qmargin_spk.data.batching import check_batching, embed_pieces, max_batch_samples, plan_pieces
+from qmargin_spk.data.batching import check_batching, check_min_length, embed_pieces, max_batch_samples, plan_pieces
 
 METADATA_KEY = "qmargin_spk"  # the same as qmargin_spk.inference.export.METADATA_KEY (that module needs torch)
 
@@ -40,6 +40,10 @@ class OnnxSpeakerModel:
         self.metadata = json.loads(metadata[METADATA_KEY])
         self.sample_rate = int(self.metadata["sample_rate"])
         self.embedding_dim = int(self.metadata["embedding_dim"])
+        self.identity: str | None = self.metadata.get("model_identity")  # the model's identity (None: older export)
+        # the shortest input (samples) the model embeds; None: an older export, not checked
+        stored = self.metadata.get("min_samples")
+        self.min_samples: int | None = None if stored is None else int(stored)
 
     def embed_batch(self, wavs: np.ndarray) -> np.ndarray:
         """Raw embeddings ``[B, D]`` of equal-length waveforms ``[B, T]``."""
@@ -55,7 +59,8 @@ class OnnxSpeakerModel:
         """L2-normalised float32 embeddings ``[N, D]`` of 1-D waveforms at :attr:`sample_rate`.
 
         Batched as :class:`SpeakerModel` batches (:mod:`qmargin_spk.data.batching`), with the
-        same ``chunk_seconds`` and ``max_batch_seconds``.
+        same ``chunk_seconds`` and ``max_batch_seconds``. A waveform (or chunk) shorter than
+        :attr:`min_samples` is a ValueError naming it (:class:`~qmargin_spk.data.batching.TooShortError`).
         """
         check_batching(
             batch_size, max_batch_seconds=max_batch_seconds, chunk_seconds=chunk_seconds, sample_rate=self.sample_rate
@@ -67,6 +72,7 @@ class OnnxSpeakerModel:
             if wav.ndim != 1 or wav.size == 0:
                 raise ValueError(f"waveform {index}: expected a non-empty 1-D array (mono), got shape {wav.shape}")
         pieces = plan_pieces({row: wav.size for row, wav in enumerate(arrays)}, chunk_seconds, self.sample_rate)
+        check_min_length(pieces, self.min_samples, self.sample_rate, lambda row: f"waveform {row}")
         out = embed_pieces(
             pieces,
             len(arrays),

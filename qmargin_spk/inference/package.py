@@ -11,7 +11,8 @@ A model folder ``DIR/`` holds
     settings, number of training speakers, scored lists with their metrics, code version).
     Our loader builds the model from this file alone.
 ``embedding_model.ckpt``
-    The embedding network's state dict (tensors only: loadable with ``weights_only=True``).
+    The embedding network's state dict (tensors only: loadable with ``weights_only=True``); the
+    loader checks its SHA-256 against ``checkpoint_sha256`` and its identity against ``model_identity``.
 ``hyperparams.yaml``
     Generated from ``model.json`` for SpeechBrain's ``EncoderClassifier.from_hparams(source=DIR,
     savedir=...)``: ``compute_features``, ``mean_var_norm``, ``embedding_model``, ``modules``
@@ -19,10 +20,12 @@ A model folder ``DIR/`` holds
     ``<source>/embedding_model.ckpt``, so the folder loads wherever it is moved). qmargin_spk
     never reads it back.
 ``README.md``
-    A model card generated from ``model.json``.
+    A model card generated from ``model.json`` and the calibration, with the cosine threshold
+    SpeechBrain's ``verify_batch`` needs (:mod:`qmargin_spk.inference.decisions`).
 ``calibration.json`` (optional)
-    Written by ``qmargin-spk calibrate`` (:mod:`qmargin_spk.calibration`); a quality-measure
-    calibration also needs its cohort embeddings, ``calibration_cohort.npy``.
+    Written by ``qmargin-spk calibrate`` (:mod:`qmargin_spk.calibration`), naming the model identity
+    it was fitted for; a quality-measure calibration also needs its cohort embeddings,
+    ``calibration_cohort.npy``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pathlib import Path
 import torch
 
 from qmargin_spk.calibration import Calibration
+from qmargin_spk.inference.decisions import speechbrain_card
 from qmargin_spk.models.identity import model_identity
 from qmargin_spk.models.registry import (
     DescriptionError,
@@ -54,7 +58,7 @@ from qmargin_spk.models.registry import (
     validate_frontend,
 )
 from qmargin_spk.scoring.report import results_table
-from qmargin_spk.utils.atomic import _umask
+from qmargin_spk.utils.atomic import _umask, write_error
 
 MODEL_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # format 1: ECAPA-TDNN settings under "model" (before the registry)
@@ -98,8 +102,11 @@ class ModelFolderError(ValueError):
     """A model folder (or what is given to build one) is missing something or is inconsistent."""
 
 
-def model_description(info: Mapping) -> tuple[dict, dict]:
-    """``(frontend, backbone)`` registry descriptions of a ``model.json`` (format 1 converted), validated."""
+def model_description(info: Mapping, path: str | os.PathLike = MODEL_JSON) -> tuple[dict, dict]:
+    """``(frontend, backbone)`` registry descriptions of a ``model.json`` (format 1 converted), validated.
+
+    An unknown architecture, front-end or setting is one :class:`ModelFolderError` naming ``path``.
+    """
     if info.get("format") == 1:
         model = info["model"]
         channels = int(model["channels"])
@@ -124,7 +131,7 @@ def model_description(info: Mapping) -> tuple[dict, dict]:
         check_compatible(frontend, backbone)
         return validate_frontend(frontend), validate_backbone(backbone)
     except DescriptionError as err:
-        raise ModelFolderError(f"model.json: {err}") from None
+        raise ModelFolderError(f"{path}: {err}") from None
 
 
 def hparams_text(frontend: Mapping, backbone: Mapping) -> str:
@@ -173,8 +180,9 @@ def package_model(
     stored in ``model.json``, read by the model card and by :class:`SpeakerModel` when present:
     ``loss`` (name), ``loss_settings`` (dict), ``n_training_speakers``, ``results`` (the entries
     of the scoring stage's ``results.<backend>.json``), ``code_version`` (:func:`code_version`),
-    ``experiment``. A ``calibration`` is written too; without one, a ``calibration.json`` of the
-    folder being replaced is kept if it was fitted for the same weights.
+    ``experiment``. A ``calibration`` is written too, recording the model's identity (one that names
+    another model is refused); without one, a ``calibration.json`` of the folder being replaced is
+    kept if it was fitted for the same model. The card's SpeechBrain thresholds follow the calibration.
 
     The folder is assembled in a temporary sibling and renamed into place, so a reader
     sees the old complete folder or the new one (the old one is moved aside and deleted
@@ -210,20 +218,26 @@ def package_model(
     }
     info_text = json.dumps(info, indent=2, allow_nan=False) + "\n"  # fails here on meta that is not JSON
 
+    if calibration is not None:
+        calibration = _for_this_model(calibration, info["model_identity"], info["checkpoint_sha256"])
+
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         (staging / HPARAMS_FILE).write_text(hparams_text(frontend, backbone), encoding="utf-8")
         (staging / CHECKPOINT_FILE).write_bytes(checkpoint)
         (staging / MODEL_JSON).write_text(info_text, encoding="utf-8")
-        (staging / CARD_FILE).write_text(model_card(info), encoding="utf-8")
         if calibration is not None:
-            _with_model_hash(calibration, info["checkpoint_sha256"]).save(staging / CALIBRATION_FILE)
+            calibration.save(staging / CALIBRATION_FILE)
         else:
-            _keep_matching_calibration(out_dir, staging, info["checkpoint_sha256"])
+            calibration = _keep_matching_calibration(out_dir, staging, info)
+        (staging / CARD_FILE).write_text(model_card(info, calibration), encoding="utf-8")
         os.chmod(staging, 0o777 & ~_umask())
         _swap_into_place(staging, out_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        failed = write_error(err, out_dir, staging)  # a full disk: one line naming the folder not written
+        if failed is not None:
+            raise failed from err
         raise
     return out_dir
 
@@ -251,8 +265,11 @@ def read_model_info(folder: str | os.PathLike) -> dict:
     return info
 
 
-def model_card(info: Mapping) -> str:
-    """The folder's ``README.md``: what the model is, how to load it, how it scored."""
+def model_card(info: Mapping, calibration: Calibration | None = None) -> str:
+    """The folder's ``README.md``: what the model is, how to load it, how it scored, SpeechBrain's thresholds.
+
+    ``calibration``: the folder's (its cosine thresholds replace the stored minDCF thresholds).
+    """
     frontend, backbone = model_description(info)
     architecture = backbone.pop("architecture")
     features = ", ".join(f"{key} {value}" for key, value in frontend.items() if key not in ("name", "normalisation"))
@@ -303,6 +320,7 @@ def model_card(info: Mapping) -> str:
     ]
     if info.get("results"):
         lines += ["## Results", "", results_table(info["results"]).rstrip("\n"), ""]
+    lines += speechbrain_card(info, calibration)
     return "\n".join(lines)
 
 
@@ -317,21 +335,27 @@ def _checked_state_dict(backbone: Mapping, state_dict: Mapping[str, torch.Tensor
     return weights
 
 
-def _with_model_hash(calibration: Calibration, checkpoint_sha256: str) -> Calibration:
-    """The calibration, recording which weights it was fitted for."""
-    return replace(calibration, fit={**calibration.fit, "model_sha256": checkpoint_sha256})
+def _for_this_model(calibration: Calibration, identity: str, checkpoint_sha256: str) -> Calibration:
+    """The calibration, recording the model it was fitted for (ModelFolderError when it names another one)."""
+    fitted = calibration.fit.get("model_identity")
+    if fitted is not None and fitted != identity:
+        raise ModelFolderError(f"the calibration was fitted for model {fitted}, not the packaged one ({identity})")
+    return replace(calibration, fit={**calibration.fit, "model_identity": identity, "model_sha256": checkpoint_sha256})
 
 
-def _keep_matching_calibration(old_dir: Path, staging: Path, checkpoint_sha256: str) -> None:
-    """Copy the old folder's calibration (and cohort) into ``staging`` if it was fitted for these weights."""
+def _keep_matching_calibration(old_dir: Path, staging: Path, info: Mapping) -> Calibration | None:
+    """Copy the old folder's calibration (and cohort) into ``staging`` if it was fitted for ``info``'s model."""
     old = old_dir / CALIBRATION_FILE
     if not old.is_file():
-        return
+        return None
     with contextlib.suppress(ValueError):
-        if Calibration.load(old).fit.get("model_sha256") == checkpoint_sha256:
+        calibration = Calibration.load(old)
+        if calibration.fitted_for(info["model_identity"], info["checkpoint_sha256"]):
             shutil.copy2(old, staging / CALIBRATION_FILE)
             if (old_dir / COHORT_FILE).is_file():
                 shutil.copy2(old_dir / COHORT_FILE, staging / COHORT_FILE)
+            return calibration
+    return None
 
 
 def _swap_into_place(staging: Path, out_dir: Path) -> None:

@@ -8,9 +8,11 @@ equal length share a batch (``max_padding=0``), and a batch never holds more tha
 ``max_batch_seconds`` of padded audio, so one very long file is embedded alone and
 memory stays bounded (the plan is :mod:`qmargin_spk.data.batching`'s, shared with
 ``SpeakerModel`` and the ONNX runner). ``embed_fn`` gets the padded batch and each row's length as a
-fraction of the batch width. The cache is keyed on the model id, the utterance ->
-path mapping and every extraction setting (batch policy included), written
-atomically, and reused only when the key matches.
+fraction of the batch width. The cache is keyed on the model id, the front-end
+settings, the utterance -> path mapping with each file's content fingerprint
+(:func:`~qmargin_spk.data.fingerprint.audio_fingerprint`: size, mtime and edge blocks)
+and every extraction setting (batch policy included), written atomically, and reused
+only when the key matches; the partial file's entries are matched by path and fingerprint.
 """
 
 from __future__ import annotations
@@ -28,13 +30,22 @@ import numpy as np
 import torch
 
 from qmargin_spk.data.audio import AudioError, audio_info, load_audio, pad_waveforms
-from qmargin_spk.data.batching import Piece, batch_pieces, check_batching, max_batch_samples, plan_batches, plan_pieces
+from qmargin_spk.data.batching import (
+    Piece,
+    batch_pieces,
+    check_batching,
+    check_min_length,
+    max_batch_samples,
+    plan_batches,
+    plan_pieces,
+)
+from qmargin_spk.data.fingerprint import audio_fingerprints
 from qmargin_spk.utils.atomic import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
 EmbedFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: file fingerprints and front-end settings in the keys
 MAX_LISTED_FAILURES = 10
 
 
@@ -68,6 +79,8 @@ def extract_embeddings(
     max_padding: float = 0.0,
     max_batch_seconds: float = 300.0,
     save_every_seconds: float = 300.0,
+    frontend: Mapping | None = None,
+    min_samples: int | None = None,
 ) -> EmbeddingTable:
     """Embed every utterance of ``paths`` (utt id -> audio file) with ``embed_fn``.
 
@@ -75,7 +88,11 @@ def extract_embeddings(
     under ``torch.no_grad``; it receives CPU float32 tensors and moves them where it
     needs. Utterances longer than 1.5 ``chunk_seconds`` are cut into near-equal chunks
     of about ``chunk_seconds`` whose embeddings are averaged. ``cache_path`` None
-    disables the cache.
+    disables the cache. ``model_id`` (the weights' identity) and ``frontend`` (the
+    front-end settings, a JSON-able mapping) name the model in the cache key; a file
+    whose content fingerprint changed is embedded again. A segment shorter than
+    ``min_samples`` (the model's shortest input) stops the run before anything is
+    embedded, naming the files (:class:`~qmargin_spk.data.batching.TooShortError`).
 
     Batching: at most ``batch_size`` segments, each at least ``1 - max_padding`` times
     as long as the batch's longest (0: equal lengths only, so no padding and results
@@ -100,15 +117,19 @@ def extract_embeddings(
         "max_padding": max_padding,
         "max_batch_seconds": max_batch_seconds,
     }
-    key = _digest({"model_id": model_id, **settings, "utterances": [[utt, str(paths[utt])] for utt in utt_ids]})
+    model = {"model_id": model_id, "frontend": None if frontend is None else dict(frontend)}
+    files = [str(paths[utt]) for utt in utt_ids]
+    fingerprints = audio_fingerprints(files)  # None for a file that cannot be opened: _segments names it
+    key = _digest({**model, **settings, "utterances": [list(entry) for entry in zip(utt_ids, files, fingerprints)]})
     cached = _load_cache(cache_path, key)
     if cached is not None:
         logger.info("embeddings of %d utterances reused from %s", len(utt_ids), cache_path)
         return cached
 
-    files = [str(paths[utt]) for utt in utt_ids]
-    progress = _Progress(files, _partial_path(cache_path), _digest({"model_id": model_id, **settings}))
+    settings_key = _digest({**model, **settings})
+    progress = _Progress(files, fingerprints, cache_path, settings_key)
     segments = _segments(files, chunk_seconds, sample_rate, skip=progress.resumed.keys())
+    check_min_length(segments, min_samples, sample_rate, files.__getitem__)
     progress.expect(segments)
     max_samples = max_batch_samples(max_batch_seconds, sample_rate)
     last_save = time.monotonic()
@@ -138,6 +159,10 @@ def extract_embeddings(
                 "model_id": model_id,
                 "utt_ids": table.utt_ids,
                 "vectors": table.vectors,
+                # per file, as in the partial file: a later run reuses the entries of unchanged files
+                "settings_key": settings_key,
+                "paths": files,
+                "fingerprints": fingerprints,
             },
             cache_path,
         )
@@ -149,16 +174,27 @@ def extract_embeddings(
 class _Progress:
     """What an extraction has finished, kept on disk (``<cache>.partial``) so a failed run resumes.
 
-    The partial file holds the embeddings of finished utterances with their paths,
-    under a key of the model and the settings (not of the utterance set, so a run
-    on a subset or superset reuses it). Failed files are remembered and skipped.
+    The partial file holds the embeddings of finished utterances with their paths and
+    content fingerprints, under a key of the model and the settings (not of the utterance
+    set, so a run on a subset or superset reuses it); an entry is reused only for the same
+    path with the same fingerprint. The complete cache of an earlier run with the same
+    settings is read the same way, so only new and changed files are embedded again.
+    Failed files are remembered and skipped.
     """
 
-    def __init__(self, files: list[str], path: Path | None, settings_key: str) -> None:
+    def __init__(
+        self, files: list[str], fingerprints: list[str | None], cache_path: str | os.PathLike | None, settings_key: str
+    ) -> None:
         self.files = files
-        self.path = path
+        self.fingerprints = fingerprints
+        self.path = _partial_path(cache_path)
         self.settings_key = settings_key
-        self.resumed, self.others_stored = _load_partial(path, settings_key, files)
+        wanted = list(zip(files, fingerprints))
+        earlier, _ = _load_entries(None if cache_path is None else Path(cache_path), settings_key, wanted)
+        self.resumed, self.others_stored = _load_entries(self.path, settings_key, wanted)
+        self.resumed = earlier | self.resumed
+        if self.resumed:
+            logger.info("resuming extraction: %d of %d embeddings reused", len(self.resumed), len(files))
         self.expected = torch.zeros(len(files), dtype=torch.float64)
         self.counts = torch.zeros(len(files), dtype=torch.float64)
         self.sums: torch.Tensor | None = None
@@ -223,6 +259,7 @@ class _Progress:
                 "format": CACHE_FORMAT,
                 "settings_key": self.settings_key,
                 "paths": [self.files[row] for row in rows],
+                "fingerprints": [self.fingerprints[row] for row in rows],
                 "vectors": torch.stack([done[row] for row in rows]),
             },
             self.path,
@@ -256,28 +293,29 @@ def _partial_path(cache_path: str | os.PathLike | None) -> Path | None:
     return None if cache_path is None else Path(f"{cache_path}.partial")
 
 
-def _load_partial(path: Path | None, settings_key: str, files: list[str]) -> tuple[dict[int, torch.Tensor], bool]:
-    """Rows of ``files`` whose embedding a partial file with these settings holds (same path),
-    and whether it holds embeddings of other files too."""
+def _load_entries(
+    path: Path | None, settings_key: str, files: list[tuple[str, str | None]]
+) -> tuple[dict[int, torch.Tensor], bool]:
+    """Rows of ``files`` (path, fingerprint) whose embedding a partial or cache file with these settings
+    holds (same path and fingerprint), and whether it holds embeddings of other files too."""
     if path is None or not path.is_file():
         return {}, False
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - an unreadable partial file only costs recomputation
-        logger.warning("ignoring unreadable partial embeddings %s: %s", path, err)
+    except Exception as err:  # noqa: BLE001 - an unreadable file only costs recomputation
+        logger.warning("ignoring unreadable embeddings %s: %s", path, err)
         return {}, False
     if not isinstance(stored, dict) or stored.get("settings_key") != settings_key:
         return {}, False
-    by_path = dict(zip(stored["paths"], stored["vectors"]))
-    resumed = {row: by_path[file] for row, file in enumerate(files) if file in by_path}
-    if resumed:
-        logger.info("resuming extraction: %d of %d embeddings from %s", len(resumed), len(files), path)
-    return resumed, len(resumed) < len(by_path)
+    by_file = dict(zip(zip(stored["paths"], stored["fingerprints"]), stored["vectors"]))
+    resumed = {row: by_file[file] for row, file in enumerate(files) if file[1] is not None and file in by_file}
+    return resumed, len(resumed) < len(by_file)
 
 
 def _digest(description: Mapping[str, object]) -> str:
-    """SHA-256 of what determines the embeddings (never the audio bytes), with the cache format."""
-    return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **description}).encode("utf-8")).hexdigest()
+    """SHA-256 of what determines the embeddings (model, settings, files' fingerprints), with the cache format."""
+    text = json.dumps({"format": CACHE_FORMAT, **description}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _load_cache(cache_path: str | os.PathLike | None, key: str) -> EmbeddingTable | None:
@@ -286,7 +324,7 @@ def _load_cache(cache_path: str | os.PathLike | None, key: str) -> EmbeddingTabl
         return None
     stored = torch.load(cache_path, map_location="cpu", weights_only=True)
     if not isinstance(stored, dict) or stored.get("key") != key:
-        logger.info("embedding cache %s is for other settings or another model: recomputing", cache_path)
+        logger.info("embedding cache %s is for other files, settings or model: embedding what changed", cache_path)
         return None
     return EmbeddingTable(list(stored["utt_ids"]), stored["vectors"])
 

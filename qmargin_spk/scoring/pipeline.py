@@ -55,6 +55,8 @@ def score_trial_lists(
     print_table: bool = True,
     experiment: Mapping | None = None,
     bootstrap_resamples: int = 1000,
+    frontend: Mapping | None = None,
+    min_samples: int | None = None,
 ) -> dict:
     """Score every trial list with one set of embeddings and write all result files to ``out_dir``.
 
@@ -67,9 +69,12 @@ def score_trial_lists(
     as in VoxCeleb ids) form the AS-norm cohort, and their mean embedding is
     subtracted from every embedding when ``subtract_mean`` (default: whenever a
     cohort is given). Embeddings are cached under ``out_dir/embeddings`` keyed on
-    ``model_id``. Writes per list ``<list>.<backend>.scores`` and ``.det.png`` (if
+    ``model_id``, the front-end settings ``frontend`` and each audio file's content
+    fingerprint. Writes per list ``<list>.<backend>.scores`` and ``.det.png`` (if
     matplotlib is installed), and ``results.<backend>.json`` / ``.md`` (with ``experiment``,
     e.g. the loss and its settings, when given); returns the JSON content plus the ``table``.
+    Audio (or a chunk of it) shorter than ``min_samples``, the model's shortest input, stops
+    the run, naming the files, before its extraction embeds anything: no list is scored in part.
     Every metric gets a 95 % speaker-bootstrap interval from ``bootstrap_resamples`` resamples
     (``intervals`` of each result; 0 turns them off).
     """
@@ -92,13 +97,14 @@ def score_trial_lists(
         max_padding=max_padding,
         max_batch_seconds=max_batch_seconds,
     )
+    extraction = dict(settings, frontend=frontend, min_samples=min_samples)
     test_paths = {utt: test_root / utt for utt in unique_utterances(trial_lists).tolist()}
-    test_table = extract_embeddings(test_paths, embed_fn, out_dir / "embeddings" / "test.pt", model_id, **settings)
+    test_table = extract_embeddings(test_paths, embed_fn, out_dir / "embeddings" / "test.pt", model_id, **extraction)
 
     cohort = mean = None
     if cohort_paths is not None:
         cohort_cache = out_dir / "embeddings" / "cohort.pt"
-        cohort_table = extract_embeddings(cohort_paths, embed_fn, cohort_cache, model_id, **settings)
+        cohort_table = extract_embeddings(cohort_paths, embed_fn, cohort_cache, model_id, **extraction)
         cohort, mean = _cohort(cohort_table, cohort_speakers, subtract_mean)
 
     results = []

@@ -8,6 +8,11 @@ flag, experiment file or override given to a later stage that disagrees with the
 that shapes the trained model is refused, naming both values; other keys (scoring back-end,
 cohort, test root and lists, the fine-tuning ``lm_*`` keys) may be set there.
 
+Training again in a folder that holds checkpoints resumes that run: it is refused on the shaping
+keys, the per-process ``batch_size``, training data whose manifest changed since the run started
+(``EXP/train_data.json``, :mod:`qmargin_spk.stages.resume`) and a ``number_of_epochs`` below the
+epochs already trained, unless the run starts afresh.
+
 ``EXP/data/`` manifests (stage 1), ``EXP/save/`` checkpoints (stage 2), ``EXP/scores/`` results
 (stage 3), ``EXP/model/`` the packaged model (stage 4).
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,7 @@ from speechbrain.utils.checkpoints import Checkpoint, Checkpointer, average_chec
 
 from qmargin_spk.models.identity import model_identity
 from qmargin_spk.stages.compose import KINDS, RECORD_KEY, Composition, CompositionError, compose, load_tree
+from qmargin_spk.stages.resume import epochs_trained, record_training_data, training_data_change
 from qmargin_spk.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -44,6 +50,9 @@ SHAPING_KEYS = (
     "speed_factors",
     "speed_as_new_class",
 )
+# Keys that do not shape the model but that a resumed run must keep: the per-process batch size.
+RESUME_KEYS = ("batch_size",)
+AFRESH = "pass --start_afresh to move this run aside (into EXP/previous-<time>/) and train anew"
 _ABSENT = object()
 
 
@@ -68,13 +77,17 @@ class Experiment:
         hparams_file: str | Path,
         choices: Mapping[str, str] | None = None,
         overrides: Mapping | None = None,
+        start_afresh: bool = False,
     ) -> Experiment:
-        """The experiment as composed for stage 2; refused when the folder's record shaped another model."""
+        """The experiment as composed for stage 2; refused when it cannot resume the run the folder holds.
+
+        With ``start_afresh`` nothing is compared: the training stage sets the old run aside.
+        """
         folder = Path(folder)
         experiment = cls(folder, _compose(hparams_file, choices, {**(overrides or {}), "output_folder": str(folder)}))
-        recorded = read_record(folder, for_training=True)
+        recorded = None if start_afresh else read_record(folder, for_training=True)
         if recorded is not None and any((folder / "save").glob("CKPT+*")):  # a run that trained: resume it only
-            experiment.refuse_shaping_changes(recorded, "training again")
+            experiment.refuse_resume_changes(recorded)
         return experiment
 
     @classmethod
@@ -117,31 +130,66 @@ class Experiment:
         return self.folder / RECORD_FILE
 
     def write_record(self) -> None:
-        """Write (or atomically rewrite) ``EXP/hyperparams.yaml`` with this composition."""
+        """Write (or atomically rewrite) ``EXP/hyperparams.yaml`` with this composition, and note the training data."""
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.record_path, self.composition.text)
+        record_training_data(self.folder, self.hparams["train_manifest"])
 
     def shaping_keys(self) -> list[str]:
         """Keys whose values shape the trained model: the backbone's and loss's keys, features and training data."""
         keys = [key for kind in ("backbone", "loss") for key in self.composition.keys_of(kind)]
         return [key for key in dict.fromkeys([*keys, *SHAPING_KEYS]) if not key.startswith("lm_")]
 
-    def refuse_shaping_changes(self, recorded: Experiment, who: str) -> None:
-        """:class:`StageError` naming every shaping key on which this experiment differs from ``recorded``."""
+    def refuse_shaping_changes(
+        self,
+        recorded: Experiment,
+        who: str,
+        keys: list[str] | None = None,
+        more: Sequence[str] = (),
+        afresh: bool = False,
+    ) -> None:
+        """:class:`StageError` naming every shaping key (or each of ``keys``) on which this differs from ``recorded``.
+
+        ``more`` are differences found otherwise (the training data); ``afresh`` names ``--start_afresh`` as a way out.
+        """
         mine, theirs = self.hparams, recorded.hparams
         changed = [
-            key for key in recorded.shaping_keys() if _plain(mine.get(key, _ABSENT)) != _plain(theirs.get(key, _ABSENT))
+            key
+            for key in (recorded.shaping_keys() if keys is None else keys)
+            if _plain(mine.get(key, _ABSENT)) != _plain(theirs.get(key, _ABSENT))
         ]
         settings = [key for key in changed if _is_data(theirs.get(key)) and _is_data(mine.get(key))]
         changed = settings or changed  # objects built from the changed settings would only repeat them
-        if changed:
+        if changed or more:
             differences = "; ".join(
-                f"{key}: {_shown(theirs.get(key, _ABSENT))} in the record, {_shown(mine.get(key, _ABSENT))} from {who}"
-                for key in changed
+                [
+                    *(
+                        f"{key}: {_shown(theirs.get(key, _ABSENT))} in the record, "
+                        f"{_shown(mine.get(key, _ABSENT))} from {who}"
+                        for key in changed
+                    ),
+                    *more,
+                ]
             )
             raise StageError(
                 f"{recorded.record_path} was trained with other settings ({differences}): keep the "
-                "record's values, or train a new experiment in another folder"
+                f"record's values, or train a new experiment in another folder{', or ' + AFRESH if afresh else ''}"
+            )
+
+    def refuse_resume_changes(self, recorded: Experiment) -> None:
+        """:class:`StageError` unless this experiment may resume the run ``recorded`` describes (docs/training.md).
+
+        Refused: the shaping keys, :data:`RESUME_KEYS`, a changed training manifest, and a
+        ``number_of_epochs`` below the epochs the save folder holds. Everything else may change.
+        """
+        data = training_data_change(self.folder, self.hparams["train_manifest"])
+        keys = [*recorded.shaping_keys(), *RESUME_KEYS]
+        self.refuse_shaping_changes(recorded, "training again", keys, [data] if data else [], afresh=True)
+        epochs, trained = self.hparams.get("number_of_epochs"), epochs_trained(self.hparams["checkpointer"])
+        if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs < trained:
+            raise StageError(
+                f"{self.folder / 'save'} holds {trained} trained epochs, more than number_of_epochs={epochs}: "
+                f"a resumed run may raise number_of_epochs, not lower it (or {AFRESH})"
             )
 
     # ---------------------------------------------------------------- contents

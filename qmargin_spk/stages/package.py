@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from qmargin_spk.inference.package import code_version, package_model
-from qmargin_spk.stages.experiment import Experiment
+from qmargin_spk.models.min_input import shortest_input
+from qmargin_spk.stages.experiment import Experiment, StageError
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ def package_stage(
     ``model.json`` describes the model with the run's resolved ``frontend_description`` and
     ``backbone_description`` (the record's, so the folder rebuilds exactly the trained model) and
     names the training loss and its settings, the number of training speakers and the results of
-    every scored list found in ``EXP/scores`` (cosine back-end first).
+    every scored list found in ``EXP/scores`` (cosine back-end first), and ``min_samples``, the
+    shortest input the model embeds (probed; every way of embedding with the folder checks it).
     """
     experiment = Experiment.from_record(folder, hparams_file, choices, overrides)
     hparams = experiment.hparams
@@ -36,9 +38,10 @@ def package_stage(
         "loss": description["loss"],
         "loss_settings": description["loss_settings"],
         "n_training_speakers": None if speakers is None else len(speakers),
-        "results": _scored_lists(experiment.scores_folder),
+        "results": _scored_lists(experiment.scores_folder, identity),
         "code_version": code_version(),
         "experiment": description,
+        "min_samples": shortest_input(embedder, hparams["sample_rate"]),
     }
     out = package_model(
         experiment.model_folder,
@@ -51,12 +54,22 @@ def package_stage(
     return out
 
 
-def _scored_lists(scores: Path) -> list[dict]:
-    """The result entries of the scoring stage's ``results.<backend>.json`` files, cosine first."""
+def _scored_lists(scores: Path, identity: str) -> list[dict]:
+    """The result entries of the scoring stage's ``results.<backend>.json`` files, cosine first, each naming the model.
+
+    Every file must hold results of the model being packaged (its ``model_id`` is ``identity``): the
+    thresholds ``verify`` and the model card take from them are only valid for those weights.
+    """
     files = sorted(scores.glob("results.*.json"), key=lambda path: (path.name != "results.cosine.json", path.name))
     entries = []
     for path in files:
         if path.name.endswith(".calibrated.json"):
             continue
-        entries += json.loads(path.read_text(encoding="utf-8"))["results"]
+        run = json.loads(path.read_text(encoding="utf-8"))
+        if run.get("model_id") != identity:
+            raise StageError(
+                f"{path} holds results of model {run.get('model_id')}, not of the averaged model {identity}: "
+                "re-run stage 3 (score) before packaging"
+            )
+        entries += [{**entry, "model_id": identity} for entry in run["results"]]
     return entries

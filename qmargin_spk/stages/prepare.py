@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from qmargin_spk.data.manifest import read_manifest
 from qmargin_spk.data.prepare import prepare
 from qmargin_spk.data.shards import write_shards
+from qmargin_spk.models.min_input import shortest_input
+from qmargin_spk.stages.experiment import composed_hparams
+
+logger = logging.getLogger(__name__)
 
 
 def prepare_stage(
@@ -22,12 +27,26 @@ def prepare_stage(
     num_workers: int = 4,
     utts_per_shard: int = 1000,
     seed: int = 0,
+    hparams_file: str | os.PathLike | None = None,
+    choices: Mapping[str, str] | None = None,
 ) -> dict:
     """Write ``out/train.csv``, ``out/test.csv`` and the listings (``out/shards/`` too for ``data_format='shards'``).
 
     Re-running with unchanged inputs does nothing new (:func:`qmargin_spk.data.prepare.prepare`).
     Returns the summary printed by the recipe: counts, skipped files and, with shards, their folder.
+
+    With the experiment (``hparams_file`` and fragment ``choices``), test files shorter than its
+    model's shortest input are skipped (``skipped.txt``) and trials naming them are refused: the
+    minimum is probed on the composed model with random weights (it depends on the front-end and
+    the architecture, not on the weights), at the experiment's sample rate.
     """
+    model_input = {}
+    if hparams_file is not None:
+        hparams = composed_hparams(hparams_file, choices)
+        sample_rate = int(hparams["sample_rate"])
+        min_samples = shortest_input(hparams["embedder"], sample_rate)
+        logger.info("the model embeds inputs of at least %d samples (%g s)", min_samples, min_samples / sample_rate)
+        model_input = {"sample_rate": sample_rate, "test_min_samples": min_samples}
     result = prepare(
         train_roots,
         test_root,
@@ -36,6 +55,7 @@ def prepare_stage(
         min_duration=min_duration,
         allow_overlap=allow_overlap,
         num_workers=num_workers,
+        **model_input,
     )
     summary = result.to_json()
     if data_format == "shards":

@@ -18,6 +18,7 @@ import ruamel.yaml
 import speechbrain as sb
 
 from qmargin_spk.stages.compose import KINDS
+from qmargin_spk.utils.messages import is_write_failure, one_line
 
 FRAGMENT_FLAGS = tuple(f"--{kind}" for kind in KINDS)
 
@@ -70,12 +71,16 @@ def parse_stage_arguments(
 
 
 def stage_main(script: str, stage: Callable[[], object], user_errors: tuple[type[BaseException], ...]) -> int:
-    """Run ``stage``; a user mistake (one of ``user_errors``) ends with one line on stderr and exit status 1."""
+    """Run ``stage``; a user mistake (one of ``user_errors``) ends with one line on stderr and exit status 1.
+
+    So does a file that could not be written (a full disk, a quota): the line names it.
+    """
     try:
         stage()
-    except user_errors as err:
-        text = str(err).strip().splitlines() or [type(err).__name__]
-        print(f"{script}: error: {text[0]}", file=sys.stderr)
+    except (*user_errors, OSError) as err:
+        if not isinstance(err, user_errors) and not is_write_failure(err):
+            raise
+        print(f"{script}: error: {one_line(err)}", file=sys.stderr)
         return 1
     return 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,37 +16,15 @@ from qmargin_spk.data.manifest import read_manifest
 from qmargin_spk.losses.registry import HeadSettingsError
 from qmargin_spk.models import count_parameters
 from qmargin_spk.stages.experiment import RECORD_FILE, Experiment, StageError
+from qmargin_spk.stages.numeric_hparams import check_numeric_hparams
+from qmargin_spk.stages.resume import set_aside
 from qmargin_spk.stages.runner import world_size
 from qmargin_spk.training.brain import SpeakerBrain
 
 logger = logging.getLogger(__name__)
 
-# hparams keys the stage checks before anything runs: key -> (type, smallest allowed value)
-_NUMERIC_KEYS = {
-    "number_of_epochs": (numbers.Integral, 1),
-    "batch_size": (numbers.Integral, 1),
-    "num_workers": (numbers.Integral, 0),
-    "warmup_epochs": (numbers.Real, 0),
-    "base_lr": (numbers.Real, 0),
-    "final_lr": (numbers.Real, 0),
-    "crop_seconds": (numbers.Real, 0),
-    "scale": (numbers.Real, 0),
-    "margin": (numbers.Real, 0),
-    "keep_checkpoints": (numbers.Integral, 1),
-}
 # An epoch with fewer optimiser steps than this gets a warning.
 FEW_STEPS = 10
-
-
-def check_numeric_hparams(hparams: dict) -> None:
-    """Raise :class:`StageError` naming the key when a numeric hparam has the wrong type or is too small."""
-    for key, (kind, smallest) in _NUMERIC_KEYS.items():
-        value = hparams.get(key)
-        if value is None and key not in ("number_of_epochs", "batch_size"):
-            continue
-        if isinstance(value, bool) or not isinstance(value, kind) or value < smallest:
-            expected = "an integer" if kind is numbers.Integral else "a number"
-            raise StageError(f"hparams key {key!r} must be {expected} >= {smallest}, got {value!r}")
 
 
 def steps_per_epoch(num_utterances: int, batch_size: int, processes: int, steps: int | None = None) -> int:
@@ -90,14 +67,17 @@ def train_stage(
     run_opts: dict,
     choices: Mapping[str, str] | None = None,
     overrides: Mapping | None = None,
+    start_afresh: bool = False,
 ) -> SpeakerBrain:
     """Train (or resume) the experiment composed from ``hparams_file`` in ``folder``; returns the fitted Brain.
 
     The composed experiment is written to ``EXP/hyperparams.yaml`` (the run's record) when training
-    starts; resuming with settings that shape another model is refused before anything is written.
+    starts; resuming with settings it may not change (docs/training.md) is refused before anything
+    is written. ``start_afresh`` moves a previous run in ``folder`` aside (``EXP/previous-<time>/``) first.
     """
     ddp_init_group(run_opts)
-    return _run(Experiment.for_training(folder, hparams_file, choices, overrides), run_opts)
+    experiment = Experiment.for_training(folder, hparams_file, choices, overrides, start_afresh=start_afresh)
+    return _run(experiment, run_opts, start_afresh=start_afresh)
 
 
 def finetune_stage(
@@ -124,7 +104,9 @@ def finetune_stage(
     return _run(experiment, run_opts, init_from=initial)
 
 
-def _run(experiment: Experiment, run_opts: dict, init_from: Experiment | None = None) -> SpeakerBrain:
+def _run(
+    experiment: Experiment, run_opts: dict, init_from: Experiment | None = None, start_afresh: bool = False
+) -> SpeakerBrain:
     """Check the settings, claim the save folder and train (the record is written once training can start)."""
     hparams = experiment.hparams
     check_numeric_hparams(hparams)
@@ -132,9 +114,18 @@ def _run(experiment: Experiment, run_opts: dict, init_from: Experiment | None = 
     torch.set_num_threads(threads)
     hparams["checkpointer"].claim()
     try:
+        if start_afresh:
+            run_on_main(_start_afresh, args=[experiment])
         return _train(experiment, run_opts, threads, init_from)
     finally:
         hparams["checkpointer"].release()
+
+
+def _start_afresh(experiment: Experiment) -> None:
+    """Move the previous run aside (its save folder still locked by this run), then claim a new, empty one."""
+    set_aside(experiment.folder)
+    experiment.hparams["checkpointer"].release()
+    experiment.hparams["checkpointer"].claim()
 
 
 def _initialise_from(experiment: Experiment, head: torch.nn.Module, initial: Experiment) -> None:

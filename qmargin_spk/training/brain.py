@@ -12,6 +12,7 @@ import logging
 import speechbrain as sb
 import torch
 import torch.distributed as dist
+from speechbrain.utils.checkpoints import mark_as_loader, register_checkpoint_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from qmargin_spk.training.epoch_stats import EpochStatistics
@@ -29,6 +30,7 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", module)
 
 
+@register_checkpoint_hooks
 class SpeakerBrain(sb.Brain):
     """Speaker-embedding training: augment -> embedder -> head (classifier and loss).
 
@@ -44,6 +46,21 @@ class SpeakerBrain(sb.Brain):
         self.shuffle_generator = torch.Generator()
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("epoch_stats", self.epoch_stats)
+
+    @mark_as_loader
+    def _recover(self, path, end_of_epoch):
+        """SpeechBrain's recovery, except that after an end-of-epoch checkpoint the next epoch starts from zero.
+
+        SpeechBrain saves the end-of-epoch checkpoint in ``on_stage_end``, before it resets ``step`` and
+        ``avg_train_loss``, so the checkpoint holds the finished epoch's step count and mean loss. Restored
+        as they are, the next epoch would continue that running mean (its logged loss the mean of two
+        epochs), keep the finished epoch's statistics (reset only at step 0) and make a stream skip
+        ``step`` batches.
+        """
+        super()._recover(path, end_of_epoch)
+        if end_of_epoch:
+            self.step = 0
+            self.avg_train_loss = 0.0
 
     def _wrap_distributed(self):
         """DDP for every trainable module except a model-parallel head (docs/speechbrain.md).

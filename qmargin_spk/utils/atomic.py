@@ -8,6 +8,9 @@ A kill leaves the temporary file behind. Temporaries are named
 ``.<name>.<host>.<pid>.<random>.tmp``, and every write removes the leftovers of its
 own target whose writer is gone (same host, process no longer alive); a concurrent
 writer's temporary (live process, or another host) is never touched.
+
+A write that fails (a full disk, a quota, permissions) raises :class:`WriteError` naming the
+file that was not written, after removing its temporary.
 """
 
 from __future__ import annotations
@@ -29,6 +32,35 @@ logger = logging.getLogger(__name__)
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
+class WriteError(OSError):
+    """A file (or folder) that could not be written; ``filename`` names it, ``errno`` says why (ENOSPC, EDQUOT...)."""
+
+
+def write_error(err: BaseException, target: PathLike, *temporaries: PathLike) -> WriteError | None:
+    """``err`` as a :class:`WriteError` naming ``target`` when it is an ``OSError`` of writing it, else None.
+
+    An error that names no file (a failed ``write``, ``flush`` or ``fsync``), or one whose file
+    starts with ``target`` or one of the ``temporaries``, is the write's.
+    """
+    if not isinstance(err, OSError) or isinstance(err, WriteError):
+        return None
+    if err.filename is not None and not str(err.filename).startswith(tuple(str(p) for p in (target, *temporaries))):
+        return None
+    return WriteError(err.errno, err.strerror or str(err), str(target))
+
+
+@contextlib.contextmanager
+def writing(target: PathLike, *temporaries: PathLike) -> Iterator[None]:
+    """Re-raise an ``OSError`` of writing ``target`` (:func:`write_error`) as a :class:`WriteError` naming it."""
+    try:
+        yield
+    except OSError as err:
+        failed = write_error(err, target, *temporaries)
+        if failed is None:
+            raise
+        raise failed from err
+
+
 @contextlib.contextmanager
 def atomic_open(path: PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success."""
@@ -37,18 +69,19 @@ def atomic_open(path: PathLike, mode: str = "w", encoding: str | None = "utf-8")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with writing(path, path.parent / temporary_prefix(path)):
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
     _fsync_folder(path.parent)
 
 

@@ -3,9 +3,12 @@
 Example (VoxCeleb2 dev for training, VoxCeleb1 for the cleaned test lists):
 
     python recipes/voxceleb/prepare.py --train_root /data/vox2_dev --test_root /data/vox1 \\
-        --trials /data/vox1/veri_test2.txt --trials /data/vox1/list_test_hard2.txt --out exp/data
+        --trials /data/vox1/veri_test2.txt --trials /data/vox1/list_test_hard2.txt --out exp/data \\
+        [--hparams hparams/<experiment>.yaml [--backbone NAME] [--loss NAME] [--setting NAME]]
 
-Re-running with unchanged inputs does nothing; see qmargin_spk.data.prepare for details.
+With ``--hparams`` (the experiment, as run.sh passes it), test files shorter than the model's
+shortest input are skipped and trials naming them refused. Re-running with unchanged inputs
+does nothing; see qmargin_spk.data.prepare for details.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import logging
 import sys
 
 from qmargin_spk.data.prepare import PrepareError
+from qmargin_spk.stages.compose import KINDS
+from qmargin_spk.stages.experiment import StageError
 from qmargin_spk.stages.prepare import prepare_stage
 
 
@@ -36,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--utts_per_shard", type=int, default=1000, help="utterances per tar shard")
     parser.add_argument("--seed", type=int, default=0, help="seed of the speaker mixing across shards")
+    parser.add_argument("--hparams", help="experiment file: test files too short for its model are skipped")
+    for kind in KINDS:
+        parser.add_argument(f"--{kind}", metavar="NAME", help=f"{kind} fragment of the experiment (with --hparams)")
     args = parser.parse_args(argv)
+    choices = {kind: getattr(args, kind) for kind in KINDS if getattr(args, kind) is not None}
+    if choices and args.hparams is None:
+        parser.error(f"--{next(iter(choices))} needs --hparams")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = prepare_stage(
@@ -50,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers,
             utts_per_shard=args.utts_per_shard,
             seed=args.seed,
+            hparams_file=args.hparams,
+            choices=choices,
         )
-    except PrepareError as err:
+    except (PrepareError, StageError) as err:
         print(f"prepare failed: {err}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=1))

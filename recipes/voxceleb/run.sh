@@ -5,12 +5,14 @@
 #       --trials FILE [--trials FILE2 ...] --exp DIR --hparams hparams/<experiment>.yaml \
 #       [--backbone NAME] [--loss NAME] [--setting NAME] \
 #       [--stage N] [--stop_stage M] [--lm_exp DIR] [--data_format files|shards] [--nproc N] \
-#       [--nnodes N --node_rank K --rdzv_endpoint HOST:PORT] [--key=value ...]
+#       [--nnodes N --node_rank K --rdzv_endpoint HOST:PORT] [--start_afresh] [--key=value ...]
 #
 # Stages: 1 prepare (decode m4a, manifests, checks), 2 train, 3 extract + score, 4 package (<exp>/model),
 #         5 large-margin fine-tuning of the trained model into --lm_exp (default: <exp>_lm), 6 score it,
 #         7 package it. The default runs stages 1-4. Each stage can run alone; re-running a finished stage does nothing new
 # (prepare is skipped, training resumes from its last checkpoint, embeddings come from the cache).
+# A resume refuses settings that would change the model (docs/training.md); --start_afresh moves the previous run
+# (<exp>/save, its record, log, scores and model) to <exp>/previous-<time>/ and trains anew.
 # Paths (--exp, --lm_exp, --train_root, --test_root, --trials) reach Python as data, whatever characters
 # they hold. --backbone/--loss/--setting NAME pick fragments of hparams/backbones/, losses/, settings/
 # in place of the experiment file's; --key=value pairs override hparams keys (e.g. --number_of_epochs=2).
@@ -48,8 +50,9 @@ train_roots=()
 trials=()
 overrides=()
 fragments=()
+afresh=()
 
-usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -68,6 +71,7 @@ while [[ $# -gt 0 ]]; do
     --nnodes) nnodes="$2"; shift 2 ;;
     --node_rank) node_rank="$2"; shift 2 ;;
     --rdzv_endpoint) rdzv_endpoint="$2"; shift 2 ;;
+    --start_afresh) afresh=(--start_afresh); shift ;;
     -h|--help) usage 0 ;;
     --*=*) overrides+=("$1"); shift ;;
     *) echo "run.sh: unknown argument '$1'" >&2; usage ;;
@@ -76,6 +80,8 @@ done
 
 [[ -n "$exp" ]] || { echo "run.sh: --exp is required" >&2; exit 1; }
 [[ -z "$hparams" || -f "$hparams" ]] || { echo "run.sh: --hparams must name an existing file (got '$hparams')" >&2; exit 1; }
+prepare_model=()  # stage 1 skips test files too short for the experiment's model when --hparams is given
+[[ -n "$hparams" ]] && prepare_model=(--hparams "$hparams" "${fragments[@]+"${fragments[@]}"}")
 if [[ -z "$hparams" && $stage -le 2 && $stop_stage -ge 2 ]]; then
   [[ -f "$exp/hyperparams.yaml" ]] || { echo "run.sh: stage 2 needs --hparams (an experiment file)" >&2; exit 1; }
   hparams="$exp/hyperparams.yaml"  # repeat (resume) the recorded run
@@ -119,12 +125,13 @@ if run_stage 1; then
   args=(--test_root "$test_root" --out "$exp/data" --data_format "$data_format")
   for r in "${train_roots[@]}"; do args+=(--train_root "$r"); done
   for t in "${trials[@]+"${trials[@]}"}"; do args+=(--trials "$t"); done
-  "$python" "$here/prepare.py" "${args[@]}"
+  "$python" "$here/prepare.py" "${args[@]}" "${prepare_model[@]+"${prepare_model[@]}"}"
 fi
 
 if run_stage 2; then
   echo "== stage 2: train"
-  launch "$here/train.py" "$hparams" --exp "$exp" "${fragments[@]+"${fragments[@]}"}" "${overrides[@]+"${overrides[@]}"}"
+  launch "$here/train.py" "$hparams" --exp "$exp" "${afresh[@]+"${afresh[@]}"}" "${fragments[@]+"${fragments[@]}"}" \
+    "${overrides[@]+"${overrides[@]}"}"
 fi
 
 if run_stage 3; then

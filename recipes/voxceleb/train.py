@@ -4,10 +4,13 @@
     python recipes/voxceleb/train.py hparams/demo_cpu_qmargin.yaml --exp exp/demo [--loss aam] [--key=value ...]
     python recipes/voxceleb/train.py exp/demo/hyperparams.yaml --exp exp/demo      # repeat a recorded run
     torchrun --nproc_per_node=2 recipes/voxceleb/train.py hparams/... --exp DIR --distributed_backend=gloo ...
+    python recipes/voxceleb/train.py hparams/demo_cpu_qmargin.yaml --exp exp/demo --start_afresh --batch_size=64
 
 ``--backbone/--loss/--setting NAME`` pick fragments (hparams/backbones/, losses/, settings/);
 ``--exp`` is taken as a path, never as YAML; ``--key=value`` overrides hparams keys. The composed
-experiment is written to ``EXP/hyperparams.yaml``, which every later stage reads.
+experiment is written to ``EXP/hyperparams.yaml``, which every later stage reads. Run again in a
+folder that holds checkpoints, it resumes that run, and refuses settings a resume may not change
+(docs/training.md); ``--start_afresh`` moves the previous run to ``EXP/previous-<time>/`` and trains anew.
 """
 
 import sys
@@ -19,10 +22,16 @@ from qmargin_spk.training.checkpointing import SaveFolderBusyError
 
 
 def main(argv: list[str]) -> int:
-    args = parse_stage_arguments(stage_parser(__doc__), argv, lambda args: {})
+    parser = stage_parser(__doc__)
+    parser.add_argument(
+        "--start_afresh",
+        action="store_true",
+        help="move a previous run in --exp (checkpoints, record, log, scores, model) to EXP/previous-<time>/ first",
+    )
+    args = parse_stage_arguments(parser, argv, lambda args: {})
     return stage_main(
         "train.py",
-        lambda: train_stage(args.exp, args.hparams, args.run_opts, args.choices, args.overrides),
+        lambda: train_stage(args.exp, args.hparams, args.run_opts, args.choices, args.overrides, args.start_afresh),
         (StageError, SaveFolderBusyError, FileNotFoundError),
     )
 

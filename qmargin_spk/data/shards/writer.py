@@ -5,7 +5,9 @@ The manifest rows are shuffled with a seed (so every shard mixes speakers) and c
 of the manifest is the pair of members ``{i:09d}.json`` (``{"id", "spk_id", "duration", "index": i}``)
 and ``{i:09d}.wav`` (the audio file's bytes as stored; ``.flac`` / ``.ogg`` keep their extension).
 ``shards.json`` indexes them. Each shard is written to a temporary file and renamed; re-running
-keeps the shards whose content (a fingerprint of their rows) is unchanged and rewrites the rest.
+keeps the shards whose content is unchanged and rewrites the rest: a shard's fingerprint covers
+its rows and each source file's content fingerprint (size, mtime and edge blocks,
+:func:`~qmargin_spk.data.fingerprint.audio_fingerprint`), so audio changed in place is rewritten too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qmargin_spk.data.fingerprint import audio_fingerprints
 from qmargin_spk.data.manifest import ManifestRow
 from qmargin_spk.data.shards.index import (
     AUDIO_EXTENSIONS,
@@ -59,11 +62,22 @@ def _metadata(row: ManifestRow, row_number: int) -> dict:
     return {"id": row.id, "spk_id": row.spk_id, "duration": row.duration, "index": int(row_number)}
 
 
-def _fingerprint(rows: Sequence[ManifestRow], numbers: Iterable[int]) -> str:
+def _fingerprint(rows: Sequence[ManifestRow], numbers: Iterable[int], sources: Sequence[str]) -> str:
+    """SHA-1 of the shard's rows and of their audio files' fingerprints (``sources``, one per manifest row)."""
     digest = hashlib.sha1(SHARD_FORMAT.encode())
     for number in numbers:
-        digest.update(json.dumps([_metadata(rows[number], number), rows[number].wav]).encode())
+        digest.update(json.dumps([_metadata(rows[number], number), rows[number].wav, sources[number]]).encode())
     return digest.hexdigest()
+
+
+def _source_fingerprints(paths: Sequence[str], workers: int) -> list[str]:
+    """Content fingerprint of each audio file; FileNotFoundError naming the first that cannot be read."""
+    fingerprints = audio_fingerprints(paths, workers)
+    missing = [path for path, fingerprint in zip(paths, fingerprints) if fingerprint is None]
+    if missing:
+        more = f" (and {len(missing) - 1} more files)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{missing[0]}: cannot read audio to shard{more}")
+    return fingerprints
 
 
 @dataclass(frozen=True)
@@ -115,8 +129,9 @@ def write_shards(
 ) -> ShardIndex:
     """Write ``rows`` as tar shards plus ``shards.json`` under ``out_dir``; returns the index.
 
-    Re-runnable: shards already there with the same rows are kept, any other ``shard-*.tar``
-    is removed or rewritten; the index says ``complete`` only once every shard is written.
+    Re-runnable: shards already there with the same rows and unchanged source files (size,
+    mtime, edge blocks) are kept, any other ``shard-*.tar`` is removed or rewritten; the
+    index says ``complete`` only once every shard is written.
     One writer per folder at a time.
     """
     rows = list(rows)
@@ -125,8 +140,10 @@ def write_shards(
     for row in rows:
         _audio_extension(row.wav)
     plan = plan_shards(len(rows), utts_per_shard, seed)
+    workers = num_workers or os.cpu_count() or 1
+    sources = _source_fingerprints([row.wav for row in rows], workers)
     shards = tuple(
-        ShardInfo(shard_name(k), len(numbers), _fingerprint(rows, numbers)) for k, numbers in enumerate(plan)
+        ShardInfo(shard_name(k), len(numbers), _fingerprint(rows, numbers, sources)) for k, numbers in enumerate(plan)
     )
     previous = _previous_fingerprints(out_dir)
     keep = {s.name for s in shards if previous.get(s.name) == s.fingerprint and (out_dir / s.name).is_file()}
@@ -151,7 +168,7 @@ def write_shards(
         for info, numbers in zip(shards, plan)
         if info.name not in keep
     ]
-    workers = min(len(jobs), num_workers or os.cpu_count() or 1)
+    workers = min(len(jobs), workers)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_write_shard, jobs))
