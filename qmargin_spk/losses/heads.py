@@ -1,7 +1,8 @@
 """The dense head: SpeechBrain's cosine classifier followed by any loss module.
 
-Every head (the contract is :class:`~qmargin_spk.losses.registry.SpeakerHead`) maps ``(embeddings [B, D] or [B, 1, D], labels [B] or [B, 1]) -> mean loss`` and exposes
-``margin`` and ``scale`` (set by the schedules between steps) and ``stats``, the
+Every head (the contract is :class:`~qmargin_spk.losses.registry.SpeakerHead`) maps
+``(embeddings [B, D] or [B, 1, D], labels [B] or [B, 1]) -> mean loss`` and exposes ``margin``
+and ``scale`` (set by the schedules between steps) and ``stats``, the
 :class:`~qmargin_spk.losses.stats.PosteriorStats` of its last batch. Its ``weight`` is the
 ``[C, D]`` prototype matrix. Three heads exist:
 
