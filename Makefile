@@ -12,6 +12,7 @@ $(STAMP): setup.py requirements-lock.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c requirements-lock.txt -r requirements-lock.txt
 	$(PY) -m pip install -q -c requirements-lock.txt -e ".[dev,export]"
+	$(PY) -m pip install -q --no-deps wespeaker-unofficial==0.0.2 speakerlab==0.0.6
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,7 +7,8 @@ equivalents that compute the same numbers:
   exporter refuses. :class:`ExportableFbank` computes the same filterbanks with the
   short-time DFT as a strided convolution whose kernels are the windowed cosine and
   sine bases; the mel matrix, window, hop, padding and dB conversion are taken from the
-  model's own ``Fbank`` (so they cannot drift).
+  model's own ``Fbank`` (so they cannot drift). The Kaldi filterbank (``kaldi_fbank``,
+  :class:`~qmargin_spk.models.kaldi_fbank.KaldiFbank`) exports as it is.
 * ECAPA's attentive pooling builds its mask with ``length_to_mask``, which reads the
   batch size as a Python number, freezing it into a traced graph. During export the
   mask is built by broadcasting instead (:func:`_traceable_masks`; the same values).
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 from qmargin_spk.inference.model import SpeakerModel
+from qmargin_spk.models.kaldi_fbank import KaldiFbank
 from qmargin_spk.utils.atomic import atomic_open
 
 ONNX_FILE = "embedding_model.onnx"
@@ -103,7 +105,8 @@ class ExportableEmbedder(torch.nn.Module):
         norm = embedder.mean_var_norm
         if norm.norm_type != "sentence" or norm.std_norm:
             raise ValueError("only per-sentence mean normalisation (std_norm False) can be exported")
-        setattr(self, FRONT_END_SCOPE, ExportableFbank(embedder.compute_features))
+        features = embedder.compute_features
+        setattr(self, FRONT_END_SCOPE, features if isinstance(features, KaldiFbank) else ExportableFbank(features))
         self.embedding_model = embedder.embedding_model
         self.eval()
 

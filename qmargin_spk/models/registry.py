@@ -23,6 +23,7 @@ from qmargin_spk.models.embedder import SpeakerEmbedder
 
 # Value kinds of a setting: what JSON gives back is what the model receives.
 INT, FLOAT, BOOL, INTS, OPTIONAL_FLOAT = "int", "float", "bool", "list of int", "float or null"
+STR = "str"
 
 
 class DescriptionError(ValueError):
@@ -69,6 +70,29 @@ ARCHITECTURES: dict[str, Architecture] = {
         },
         required=("input_size", "lin_neurons", "channels", "kernel_sizes", "dilations", "attention_channels"),
     ),
+    "resnet34": Architecture(  # WeSpeaker's ResNet34 layout (TSTP pooling); num_blocks defaults to 3, 4, 6, 3
+        target="qmargin_spk.models.resnet.ResNetSpeaker",
+        settings={"feat_dim": INT, "embedding_dim": INT, "base_channels": INT, "num_blocks": INTS},
+        required=("feat_dim", "embedding_dim", "base_channels"),
+        input_key="feat_dim",
+        embedding_key="embedding_dim",
+    ),
+    "campplus": Architecture(  # CAM++ (WeSpeaker / 3D-Speaker layouts, std_mode picks the family); models/campplus.py
+        target="qmargin_spk.models.campplus.CAMPPlus",
+        settings={
+            "feat_dim": INT,
+            "embedding_dim": INT,
+            "growth_rate": INT,
+            "bn_size": INT,
+            "init_channels": INT,
+            "head_channels": INT,
+            "std_mode": STR,
+            "block_layers": INTS,
+        },
+        required=("feat_dim", "embedding_dim", "std_mode"),
+        input_key="feat_dim",
+        embedding_key="embedding_dim",
+    ),
 }
 FEATURES: dict[str, Component] = {
     "fbank": Component(
@@ -83,6 +107,19 @@ FEATURES: dict[str, Component] = {
             "f_max": OPTIONAL_FLOAT,
         },
         required=("sample_rate", "n_mels"),
+    ),
+    "kaldi_fbank": Component(  # Kaldi filterbanks as WeSpeaker / 3D-Speaker compute them; exportable to ONNX
+        target="qmargin_spk.models.kaldi_fbank.KaldiFbank",
+        settings={
+            "sample_rate": INT,
+            "n_mels": INT,
+            "frame_length": FLOAT,
+            "frame_shift": FLOAT,
+            "window_type": STR,
+            "dither": FLOAT,
+            "scale_to_int16": BOOL,
+        },
+        required=("sample_rate", "n_mels", "window_type"),
     ),
 }
 NORMALISATIONS: dict[str, Component] = {
@@ -197,6 +234,8 @@ def _plain(value: Any, kind: str, what: str) -> Any:
         return int(value)
     if kind == BOOL and isinstance(value, bool):
         return bool(value)
+    if kind == STR and isinstance(value, str):
+        return str(value)
     if (
         kind == INTS
         and isinstance(value, (list, tuple))
