@@ -1,13 +1,17 @@
 """Inference speed of the packaged model: PyTorch eager, TorchScript, ONNX Runtime fp32 and int8; prints JSON.
 
-    python bench/inference.py [--models demo_cpu vox2_ecapa_c512 vox2_ecapa_c1024] [--repeats 2]
+    python bench/inference.py [--models demo_cpu vox2_ecapa_c512 ... campplus_demo] [--threads 1 2] [--repeats 2]
 
-For each architecture (random weights: speed does not depend on them) the model is
-packaged, exported, and timed on
+For each architecture (random weights: speed does not depend on them; ECAPA-TDNN at the demo size and
+C = 512 / 1024, ResNet34 and CAM++ at full and demo size) the model is composed from its experiment
+file, packaged, exported, and timed on
 
 * ``rtf``: one utterance of ``--seconds`` (6 s) at 1 and 2 threads; real-time factor =
   compute time / audio duration (lower is faster);
-* ``embeddings_per_second``: batches of ``--batch`` (8) utterances of 2 s, at 1 and 2 threads.
+* ``embeddings_per_second``: batches of ``--batch`` (8) utterances of 2 s, at 1 and 2 threads;
+* ``macs_2s``: multiply-accumulates of one forward pass on 2 s of audio, counted with
+  ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2: convolutions and matrix products,
+  so the front-end's mel matrix product is in and its STFT is not; elementwise operations are not counted).
 
 Times are the best of ``--repeats`` runs after one warm-up: the machine is shared, and
 the minimum is the least disturbed by other load (reported as ``load_average``).
@@ -31,26 +35,40 @@ from qmargin_spk.inference import SpeakerModel, export_onnx, export_torchscript,
 from qmargin_spk.inference.onnx_runtime import OnnxSpeakerModel
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHITECTURES = {
-    "demo_cpu": {"channels": 128, "attention_channels": 64, "embedding_dim": 128},
-    "vox2_ecapa_c512": {"channels": 512, "attention_channels": 128, "embedding_dim": 192},
-    "vox2_ecapa_c1024": {"channels": 1024, "attention_channels": 128, "embedding_dim": 192},
+ECAPA = "vox2_ecapa_qmargin.yaml"
+ARCHITECTURES = {  # name -> (experiment file under hparams/, overrides)
+    "demo_cpu": (ECAPA, {"channels": 128, "attention_channels": 64, "embedding_dim": 128}),
+    "vox2_ecapa_c512": (ECAPA, {"channels": 512, "attention_channels": 128, "embedding_dim": 192}),
+    "vox2_ecapa_c1024": (ECAPA, {"channels": 1024, "attention_channels": 128, "embedding_dim": 192}),
+    "resnet34": ("vox2_resnet34_qmargin.yaml", {}),
+    "resnet34_demo": ("demo_cpu_resnet34_qmargin.yaml", {}),
+    "campplus": ("vox2_campplus_qmargin.yaml", {}),
+    "campplus_demo": ("demo_cpu_campplus_qmargin.yaml", {}),
 }
 SAMPLE_RATE = 16000
-THREADS = (1, 2)
 BATCH_SECONDS = 2
 
 
-def random_model(settings: dict, folder: Path) -> SpeakerModel:
-    """Package a randomly initialised ECAPA-TDNN with these sizes (composed like the vox2 experiment) and load it."""
+def random_model(experiment: str, settings: dict, folder: Path) -> SpeakerModel:
+    """Package a randomly initialised model of the experiment file with these overrides and load it."""
     from qmargin_spk.stages.experiment import composed_hparams
 
-    hparams = composed_hparams(REPO / "hparams" / "vox2_ecapa_qmargin.yaml", overrides=settings)
+    hparams = composed_hparams(REPO / "hparams" / experiment, overrides=settings)
     weights = hparams["embedding_model"].state_dict()
     folder = package_model(
         folder / "model", hparams["frontend_description"], hparams["backbone_description"], weights, {}
     )
     return SpeakerModel.from_folder(folder)
+
+
+def macs_2s(model: SpeakerModel) -> int:
+    """Multiply-accumulates of one forward pass on one 2 s utterance (FlopCounterMode FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    wav = 0.1 * torch.randn(1, BATCH_SECONDS * SAMPLE_RATE)
+    with FlopCounterMode(display=False) as counter:
+        model.embed_batch(wav, torch.ones(1))
+    return counter.get_total_flops() // 2
 
 
 def best_time(run, repeats: int) -> float:
@@ -86,8 +104,9 @@ def runners(model: SpeakerModel, files: dict, threads: int) -> dict:
     }
 
 
-def bench_architecture(name: str, settings: dict, args: argparse.Namespace, scratch: Path) -> dict:
-    model = random_model(settings, scratch / name)
+def bench_architecture(name: str, args: argparse.Namespace, scratch: Path) -> dict:
+    experiment, settings = ARCHITECTURES[name]
+    model = random_model(experiment, settings, scratch / name)
     start = time.perf_counter()
     files = {
         "onnx": export_onnx(model, scratch / name / "m.onnx"),
@@ -99,14 +118,17 @@ def bench_architecture(name: str, settings: dict, args: argparse.Namespace, scra
     single = (0.1 * rng.normal(size=(1, int(args.seconds * SAMPLE_RATE)))).astype(np.float32)
     batch = (0.1 * rng.normal(size=(args.batch, BATCH_SECONDS * SAMPLE_RATE))).astype(np.float32)
     result = {
+        "experiment": experiment,
         "settings": settings,
+        "architecture": model.info["backbone"],
         "parameters": sum(p.numel() for p in model.embedder.parameters()),
+        "macs_2s": macs_2s(model),
         "export_seconds": round(export_seconds, 1),
         "rtf": {},
         "embeddings_per_second": {},
         "int8_cosine_to_fp32_min": None,
     }
-    for threads in THREADS:
+    for threads in args.threads:
         for runtime, run in runners(model, files, threads).items():
             rtf = best_time(lambda: run(single), args.repeats) / args.seconds
             per_second = args.batch / best_time(lambda: run(batch), args.repeats)
@@ -137,11 +159,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="utterance length for the RTF")
     parser.add_argument("--batch", type=int, default=8, help=f"utterances of {BATCH_SECONDS} s per batch")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts to time")
     args = parser.parse_args()
     load_before = os.getloadavg()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        results = {name: bench_architecture(name, ARCHITECTURES[name], args, Path(scratch)) for name in args.models}
+        results = {name: bench_architecture(name, args, Path(scratch)) for name in args.models}
     c512 = results.get("vox2_ecapa_c512")
     print(
         json.dumps(
@@ -154,14 +177,17 @@ def main() -> None:
                 "onnxruntime": __import__("onnxruntime").__version__,
                 "seconds_per_rtf_utterance": args.seconds,
                 "batch": f"{args.batch} x {BATCH_SECONDS} s",
+                "macs": "torch.utils.flop_counter.FlopCounterMode on one 2 s utterance, MACs = FLOPs / 2",
                 "targets": {
                     "onnx_rtf_not_above_eager": all(
                         all(r["onnx_not_slower_than_eager"].values()) for r in results.values()
                     ),
                     "c512_single_thread_rtf_onnx": None
                     if c512 is None
-                    else c512["rtf"]["onnxruntime_fp32"]["1_thread"],
-                    "c512_single_thread_rtf_eager": None if c512 is None else c512["rtf"]["pytorch_eager"]["1_thread"],
+                    else c512["rtf"]["onnxruntime_fp32"].get("1_thread"),
+                    "c512_single_thread_rtf_eager": None
+                    if c512 is None
+                    else c512["rtf"]["pytorch_eager"].get("1_thread"),
                     "c512_single_thread_rtf_target": 0.05,
                 },
                 "total_seconds": round(time.perf_counter() - started, 1),

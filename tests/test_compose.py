@@ -83,7 +83,9 @@ def test_unknown_override_is_refused_naming_the_closest_key(toy):
 
 def test_unknown_fragment_names_the_known_ones(toy):
     with pytest.raises(
-        CompositionError, match=r"no loss fragment 'third' \(known: aam, cosface, entmax, first, qmargin, second\)"
+        CompositionError,
+        match=r"no loss fragment 'third' \(known: aam, cosface, entmax, first, qmargin, second, sphereface2, "
+        r"subcenter_aam\)",
     ):
         compose(toy, {"loss": "third"}, OUT)
     with pytest.raises(CompositionError, match="no sizes for setting 'tiny'"):
@@ -153,6 +155,8 @@ def test_every_registered_loss_reports_the_settings_it_was_built_with(loss):
         "entmax": {"alpha": 1.25, "scale": 7.0},
         "aam": {"scale": 7.0, "margin": 0.1},
         "cosface": {"scale": 7.0, "margin": 0.1},
+        "subcenter_aam": {"scale": 7.0, "margin": 0.1, "sub_centers": 2, "top_k": 1, "penalty": 0.05},
+        "sphereface2": {"scale": 7.0, "margin": 0.1, "lanbuda": 0.6, "t": 2, "margin_type": "C"},
     }[loss]
     head = build_head(3, 4, "dense", loss, **accepted)
     assert head.loss_settings() == {"loss": loss, "head": "dense", **accepted}

@@ -6,6 +6,7 @@
                       [--backend cosine|asnorm --cohort train.csv [--cohort_per_speaker 20] [--top_n 300]]
     qmargin-spk calibrate --model DIR --scores SCOREFILE [--quality --root DIR --cohort LIST]
     qmargin-spk export --model DIR --format onnx|torchscript [--quantize int8]
+    qmargin-spk import speechbrain|wespeaker|3dspeaker SOURCE --out DIR
     qmargin-spk compare EXP [EXP ...] --out DIR [--baseline EXP] [--backend cosine] [--n_resamples N]
     qmargin-spk --version
 
@@ -27,6 +28,7 @@ from qmargin_spk.cli.commands import (
     run_compare,
     run_embed,
     run_export,
+    run_import,
     run_score,
     run_verify,
 )
@@ -146,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quantize", choices=("int8",), help="dynamic int8 weights (onnx only)")
     export.add_argument("--out", type=Path, help="output file (default: inside the model folder)")
     export.set_defaults(run=run_export)
+
+    imported = commands.add_parser(
+        "import",
+        help="turn a published SpeechBrain / WeSpeaker / 3D-Speaker model into a model folder",
+        description="Read a published model folder as its project publishes it (never evaluating its "
+        "files), check every weight against the model it describes, and write a model folder.",
+    )
+    imported.add_argument("source_format", choices=("speechbrain", "wespeaker", "3dspeaker"), metavar="FORMAT")
+    imported.add_argument("source", type=Path, metavar="SOURCE", help="the published folder")
+    imported.add_argument("--out", type=Path, required=True, help="model folder to write (written atomically)")
+    imported.set_defaults(run=run_import)
 
     compare = commands.add_parser(
         "compare",

@@ -176,6 +176,16 @@ def run_export(args: argparse.Namespace) -> None:
         print(f"TorchScript written to {out}")
 
 
+def run_import(args: argparse.Namespace) -> None:
+    from qmargin_spk.inference.importers import import_published
+
+    result = import_published(args.source_format, args.source, args.out)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"{args.source_format} model from {args.source} written to {result.folder}")
+    print(f"source sha256: {result.source_sha256}")
+
+
 def run_compare(
     args: argparse.Namespace, list_labels: dict[str, str] | None = None, list_order: Sequence[str] = ()
 ) -> None:

@@ -302,7 +302,17 @@ def model_card(info: Mapping, calibration: Calibration | None = None) -> str:
         ]
         if experiment.get("finetuned_from"):
             parts.append(f"fine-tuned from `{experiment['finetuned_from']}`")
+        initial = experiment.get("init_model")
+        if isinstance(initial, Mapping):  # stage 2 started from a model folder (train.py --init_model)
+            parts.append(
+                f"started from the model folder `{initial.get('name')}` (model `{initial.get('model_identity')}`)"
+            )
         lines.append("- Experiment: " + ", ".join(parts) + ".")
+    if info.get("source_format"):  # qmargin-spk import (qmargin_spk.inference.importers)
+        lines.append(
+            f"- Imported from the {info['source_format']} folder `{info.get('source')}` (weights SHA-256"
+            f" `{info.get('source_sha256')}`){'; licence: ' + str(info['license']) if info.get('license') else ''}."
+        )
     lines += [
         "",
         "## Use",

@@ -13,6 +13,7 @@ from qmargin_spk.losses.registry import HEADS, LOSSES, SpeakerHead, build_head
 from qmargin_spk.losses.sharded_head import ShardedQMarginHead
 from qmargin_spk.losses.sparse_head import SparseQMarginHead
 from qmargin_spk.losses.stats import PosteriorStats, posterior_statistics
+from qmargin_spk.losses.wespeaker_losses import SphereFace2Loss, SubCenterAAMLoss
 
 __all__ = [
     "AAMLoss",
@@ -27,6 +28,8 @@ __all__ = [
     "SparsePosterior",
     "SparseQMarginHead",
     "SpeakerHead",
+    "SphereFace2Loss",
+    "SubCenterAAMLoss",
     "alpha_divergence_posterior",
     "build_head",
     "fenchel_young_loss",

@@ -36,14 +36,16 @@ class DenseHead(torch.nn.Module):
 
     def __init__(self, num_classes: int, embedding_dim: int, loss: torch.nn.Module) -> None:
         super().__init__()
-        self.classifier = Classifier(input_size=embedding_dim, out_neurons=num_classes)
+        # A sub-center loss (wespeaker_losses.py) asks for K prototypes per class, stored class-major.
+        self.prototypes_per_class = int(getattr(loss, "prototypes_per_class", 1))
+        self.classifier = Classifier(input_size=embedding_dim, out_neurons=num_classes * self.prototypes_per_class)
         self.loss = loss
         self.num_classes = int(num_classes)
         self.stats: PosteriorStats | None = None
 
     @property
     def weight(self) -> torch.nn.Parameter:
-        """The ``[C, D]`` prototypes."""
+        """The ``[C, D]`` prototypes (``[C * K, D]`` for K sub-centers per class: rows ``c K .. c K + K - 1``)."""
         return self.classifier.weight
 
     @property
@@ -67,13 +69,20 @@ class DenseHead(torch.nn.Module):
         embeddings, labels = flatten_batch(embeddings, labels, name="embeddings")
         cosines = self.classifier(embeddings.unsqueeze(1))
         loss = self.loss(cosines, labels.unsqueeze(1))
-        correct = int((cosines.squeeze(1).argmax(dim=-1) == labels).sum())
+        # Rows are class-major, so the best prototype's class is its index // K.
+        correct = int((cosines.squeeze(1).argmax(dim=-1) // self.prototypes_per_class == labels).sum())
         self.stats = replace(self.loss.stats, correct=correct)
         return loss
 
     @torch.no_grad()
     def load_full_weight(self, weight: torch.Tensor) -> None:
-        """Copy a full ``[C, D]`` prototype matrix into the classifier."""
+        """Copy a full ``[C, D]`` (``[C * K, D]`` with sub-centers) prototype matrix into the classifier."""
+        if weight.shape != self.weight.shape:
+            hint = " (sub-centers are never started from one row per class)" if self.prototypes_per_class > 1 else ""
+            raise ValueError(
+                f"this head holds {self.prototypes_per_class} prototype(s) per class, a {list(self.weight.shape)} "
+                f"matrix; cannot load a {list(weight.shape)} one{hint}"
+            )
         self.weight.copy_(weight)
 
     def loss_settings(self) -> dict:

@@ -105,17 +105,7 @@ class AAMLoss(_CosineLoss):
         validate_inputs(cosines, targets, self.alpha)
         targets = targets.long()
         cosines = cosines.float() if cosines.dtype in (torch.float16, torch.bfloat16) else cosines
-        target_cos = cosines.gather(1, targets.unsqueeze(1)).clamp(-1 + 1e-7, 1 - 1e-7)
-        sine = torch.sqrt(1.0 - target_cos * target_cos)
-        shifted = target_cos * math.cos(self.margin) - sine * math.sin(self.margin)
-        if self.easy_margin:
-            shifted = torch.where(target_cos > 0, shifted, target_cos)
-        else:
-            threshold = math.cos(math.pi - self.margin)
-            shifted = torch.where(
-                target_cos > threshold, shifted, target_cos - math.sin(math.pi - self.margin) * self.margin
-            )
-        logits = self.scale * cosines.scatter(1, targets.unsqueeze(1), shifted)
+        logits = self.scale * self._margin_cosines(cosines, targets)
         log_p = F.log_softmax(logits, dim=1)
         with torch.no_grad():
             p_target = log_p.gather(1, targets.unsqueeze(1)).exp()
@@ -127,3 +117,17 @@ class AAMLoss(_CosineLoss):
                 p_target_zero_frac=float((p_target <= 0).float().mean()),
             )
         return F.nll_loss(log_p, targets)
+
+    def _margin_cosines(self, cosines: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``cosines`` with the target's replaced by ``cos(theta_y + margin)`` (subclasses change others too)."""
+        target_cos = cosines.gather(1, targets.unsqueeze(1)).clamp(-1 + 1e-7, 1 - 1e-7)
+        sine = torch.sqrt(1.0 - target_cos * target_cos)
+        shifted = target_cos * math.cos(self.margin) - sine * math.sin(self.margin)
+        if self.easy_margin:
+            shifted = torch.where(target_cos > 0, shifted, target_cos)
+        else:
+            threshold = math.cos(math.pi - self.margin)
+            shifted = torch.where(
+                target_cos > threshold, shifted, target_cos - math.sin(math.pi - self.margin) * self.margin
+            )
+        return cosines.scatter(1, targets.unsqueeze(1), shifted)

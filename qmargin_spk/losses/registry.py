@@ -19,9 +19,10 @@ from qmargin_spk.losses.margin_losses import AAMLoss, AlphaEntmaxLoss, CosFaceLo
 from qmargin_spk.losses.sharded_head import ShardedQMarginHead
 from qmargin_spk.losses.sparse_head import SparseQMarginHead
 from qmargin_spk.losses.stats import PosteriorStats
+from qmargin_spk.losses.wespeaker_losses import SphereFace2Loss, SubCenterAAMLoss
 
 LOSSES: dict[str, type[torch.nn.Module]] = {
-    cls.name: cls for cls in (QMarginLoss, AAMLoss, CosFaceLoss, AlphaEntmaxLoss)
+    cls.name: cls for cls in (QMarginLoss, AAMLoss, CosFaceLoss, AlphaEntmaxLoss, SubCenterAAMLoss, SphereFace2Loss)
 }
 HEADS: dict[str, type[torch.nn.Module]] = {cls.kind: cls for cls in (DenseHead, SparseQMarginHead, ShardedQMarginHead)}
 FUSED_LOSS = "qmargin"  # the sparse and sharded heads compute this loss themselves

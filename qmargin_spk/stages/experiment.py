@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_FILE = "hyperparams.yaml"
 FINETUNE_RECORD = "finetune.json"
+INIT_MODEL_FILE = "init_model.json"  # the model folder a run started from (qmargin_spk.stages.init_model)
 # Keys outside the backbone and loss fragments that also shape the trained model: front-end,
 # features and training data. The fine-tuning stage's lm_* keys never do.
 SHAPING_KEYS = (
@@ -230,6 +231,12 @@ class Experiment:
         """The keys the fine-tuning stage set on the initial experiment's record (empty when not fine-tuned)."""
         return dict(self._finetune_record().get("overrides", {}))
 
+    @property
+    def init_model(self) -> dict | None:
+        """The model folder the run started from (``--init_model``: folder, model identity), or None."""
+        record = self.folder / INIT_MODEL_FILE
+        return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+
     def record_finetune(self, init_from: str | Path, overrides: Mapping) -> None:
         """Note where a fine-tuned experiment started and the keys that made it one."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -256,6 +263,10 @@ class Experiment:
         loss = settings.pop("loss")
         label = loss if settings.get("head", "dense") == "dense" else f"{loss}_{settings['head']}"
         finetuned_from = self.finetuned_from
+        started = self.init_model
+        initial = (
+            {"name": Path(started["folder"]).name, "model_identity": started.get("model_identity")} if started else None
+        )
         return {
             "name": self.folder.name,
             "label": label,
@@ -263,6 +274,7 @@ class Experiment:
             "loss": loss,
             "loss_settings": settings,
             "finetuned_from": None if finetuned_from is None else Path(finetuned_from).name,
+            **({"init_model": initial} if initial else {}),  # only a run started from a model folder names one
         }
 
     # ---------------------------------------------------------------- the trained model

@@ -24,7 +24,17 @@ logger = logging.getLogger(__name__)
 
 TRAIN_DATA_FILE = "train_data.json"
 # What a training run writes in its folder (the manifests in data/ are stage 1's, and stay).
-RUN_OUTPUTS = ("save", "hyperparams.yaml", TRAIN_DATA_FILE, "train_log.txt", "finetune.json", "scores", "model")
+RUN_OUTPUTS = (
+    "save",
+    "hyperparams.yaml",
+    TRAIN_DATA_FILE,
+    "train_log.txt",
+    "finetune.json",
+    "init_model.json",  # this and the next: a run started from a model folder (stages/init_model.py)
+    "init_class_means.pt",
+    "scores",
+    "model",
+)
 PREVIOUS_PREFIX = "previous-"
 
 

@@ -16,6 +16,13 @@ from qmargin_spk.data.manifest import read_manifest
 from qmargin_spk.losses.registry import HeadSettingsError
 from qmargin_spk.models import count_parameters
 from qmargin_spk.stages.experiment import RECORD_FILE, Experiment, StageError
+from qmargin_spk.stages.init_model import (
+    INIT_MODEL_FILE,
+    InitModel,
+    initialise_from_model,
+    prepare_init_model,
+    record_init_model,
+)
 from qmargin_spk.stages.numeric_hparams import check_numeric_hparams
 from qmargin_spk.stages.resume import set_aside
 from qmargin_spk.stages.runner import world_size
@@ -68,8 +75,12 @@ def train_stage(
     choices: Mapping[str, str] | None = None,
     overrides: Mapping | None = None,
     start_afresh: bool = False,
+    init_model: str | Path | None = None,
 ) -> SpeakerBrain:
     """Train (or resume) the experiment composed from ``hparams_file`` in ``folder``; returns the fitted Brain.
+
+    ``init_model``, a model folder, starts the backbone from its weights and the head as hparams
+    ``init_head`` says (:mod:`qmargin_spk.stages.init_model`).
 
     The composed experiment is written to ``EXP/hyperparams.yaml`` (the run's record) when training
     starts; resuming with settings it may not change (docs/training.md) is refused before anything
@@ -77,7 +88,10 @@ def train_stage(
     """
     ddp_init_group(run_opts)
     experiment = Experiment.for_training(folder, hparams_file, choices, overrides, start_afresh=start_afresh)
-    return _run(experiment, run_opts, start_afresh=start_afresh)
+    has_checkpoints = not start_afresh and any((Path(folder) / "save").glob("CKPT+*"))
+    device = str(run_opts.get("device") or "cpu")
+    initial = prepare_init_model(folder, init_model, experiment.hparams, device, has_checkpoints)
+    return _run(experiment, run_opts, start_afresh=start_afresh, init_model=initial)
 
 
 def finetune_stage(
@@ -105,7 +119,11 @@ def finetune_stage(
 
 
 def _run(
-    experiment: Experiment, run_opts: dict, init_from: Experiment | None = None, start_afresh: bool = False
+    experiment: Experiment,
+    run_opts: dict,
+    init_from: Experiment | None = None,
+    start_afresh: bool = False,
+    init_model: InitModel | None = None,
 ) -> SpeakerBrain:
     """Check the settings, claim the save folder and train (the record is written once training can start)."""
     hparams = experiment.hparams
@@ -116,7 +134,7 @@ def _run(
     try:
         if start_afresh:
             run_on_main(_start_afresh, args=[experiment])
-        return _train(experiment, run_opts, threads, init_from)
+        return _train(experiment, run_opts, threads, init_from, init_model)
     finally:
         hparams["checkpointer"].release()
 
@@ -129,21 +147,24 @@ def _start_afresh(experiment: Experiment) -> None:
 
 
 def _initialise_from(experiment: Experiment, head: torch.nn.Module, initial: Experiment) -> None:
-    """Load the averaged embedding model of ``initial`` and the first ``C`` rows of its prototypes.
+    """Load ``initial``'s averaged embedding model, the first ``C`` (``C K``) prototypes and its loss's state.
 
     Classes ``0 .. num_speakers - 1`` are the unperturbed speakers in every run (speed classes come
     after them), so the rows a run without speed classes keeps are the first ones. Every head's
-    checkpoint holds the full ``[C, D]`` prototype matrix.
+    checkpoint holds the full ``[C, D]`` prototype matrix (``[C K, D]``, class-major, with K sub-centers);
+    a loss with parameters (SphereFace2's bias) keeps them too.
     """
     checkpoints = initial.load_averaged_model()
     experiment.hparams["embedding_model"].load_state_dict(initial.hparams["embedding_model"].state_dict())
     saved = torch.load(checkpoints[-1].paramfiles["classifier"], map_location="cpu", weights_only=True)
     prototypes = saved["classifier.weight"] if "classifier.weight" in saved else saved["weight"]  # dense or fused heads
-    if prototypes.shape[0] < head.num_classes:
-        raise StageError(
-            f"{initial.folder} has {prototypes.shape[0]} classes, fewer than this run's {head.num_classes}"
-        )
-    head.load_full_weight(prototypes[: head.num_classes])
+    rows = head.num_classes * getattr(head, "prototypes_per_class", 1)  # sub-centers: K class-major rows per class
+    if prototypes.shape[0] < rows:
+        raise StageError(f"{initial.folder} has {prototypes.shape[0]} prototypes, fewer than this run's {rows}")
+    head.load_full_weight(prototypes[:rows])
+    loss_state = {key.removeprefix("loss."): value for key, value in saved.items() if key.startswith("loss.")}
+    if loss_state:
+        head.loss.load_state_dict(loss_state)
     logger.info(
         "initialised from %s (embedding model: average of %s)", initial.folder, [c.path.name for c in checkpoints]
     )
@@ -154,7 +175,13 @@ def _plain_values(mapping: Mapping) -> dict:
     return {key: list(value) if isinstance(value, (list, tuple)) else value for key, value in mapping.items()}
 
 
-def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Experiment | None) -> SpeakerBrain:
+def _train(
+    experiment: Experiment,
+    run_opts: dict,
+    threads: int,
+    init_from: Experiment | None,
+    init_model: InitModel | None = None,
+) -> SpeakerBrain:
     """The stage's work once the save folder is ours."""
     hparams = experiment.hparams
     sb.create_experiment_directory(hparams["output_folder"])  # SpeechBrain's logging to EXP/log.txt and stdout
@@ -175,8 +202,11 @@ def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Expe
         raise StageError(f"{experiment.record_path}: {err}") from None
     hparams["modules"]["classifier"] = head
     hparams["checkpointer"].add_recoverable("classifier", head)
-    if init_from is not None and not hparams["checkpointer"].find_checkpoints(max_num_checkpoints=1):
+    fresh_run = not hparams["checkpointer"].find_checkpoints(max_num_checkpoints=1)
+    if init_from is not None and fresh_run:
         _initialise_from(experiment, head, init_from)
+    if init_model is not None and init_model.model is not None and fresh_run:
+        initialise_from_model(experiment.folder, hparams, head, init_model.model, rows, labels)
 
     global_batch = hparams["batch_size"] * world_size()
     known_steps = None
@@ -199,6 +229,10 @@ def _train(experiment: Experiment, run_opts: dict, threads: int, init_from: Expe
         )
     if if_main_process():  # data, head and schedule are in place: this run is the one the record describes
         experiment.write_record()
+        if init_model is not None:
+            record_init_model(experiment.folder, init_model.folder, hparams.get("init_head", "class_means"))
+        elif fresh_run:  # a run started from scratch: no model folder to name (left by an earlier start)
+            (experiment.folder / INIT_MODEL_FILE).unlink(missing_ok=True)
     brain = SpeakerBrain(
         modules=hparams["modules"],
         opt_class=hparams["opt_class"],

@@ -5,7 +5,7 @@
 #       --trials FILE [--trials FILE2 ...] --exp DIR --hparams hparams/<experiment>.yaml \
 #       [--backbone NAME] [--loss NAME] [--setting NAME] \
 #       [--stage N] [--stop_stage M] [--lm_exp DIR] [--data_format files|shards] [--nproc N] \
-#       [--nnodes N --node_rank K --rdzv_endpoint HOST:PORT] [--start_afresh] [--key=value ...]
+#       [--nnodes N --node_rank K --rdzv_endpoint HOST:PORT] [--start_afresh] [--init_model DIR] [--key=value ...]
 #
 # Stages: 1 prepare (decode m4a, manifests, checks), 2 train, 3 extract + score, 4 package (<exp>/model),
 #         5 large-margin fine-tuning of the trained model into --lm_exp (default: <exp>_lm), 6 score it,
@@ -13,6 +13,8 @@
 # (prepare is skipped, training resumes from its last checkpoint, embeddings come from the cache).
 # A resume refuses settings that would change the model (docs/training.md); --start_afresh moves the previous run
 # (<exp>/save, its record, log, scores and model) to <exp>/previous-<time>/ and trains anew.
+# --init_model DIR starts stage 2 from a model folder (ours or imported; its front-end and backbone must be the
+# experiment's): its weights, and a head started as the setting's init_head says (fresh or class means).
 # Paths (--exp, --lm_exp, --train_root, --test_root, --trials) reach Python as data, whatever characters
 # they hold. --backbone/--loss/--setting NAME pick fragments of hparams/backbones/, losses/, settings/
 # in place of the experiment file's; --key=value pairs override hparams keys (e.g. --number_of_epochs=2).
@@ -51,8 +53,9 @@ trials=()
 overrides=()
 fragments=()
 afresh=()
+init_model=()
 
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
+usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-1}"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -72,6 +75,7 @@ while [[ $# -gt 0 ]]; do
     --node_rank) node_rank="$2"; shift 2 ;;
     --rdzv_endpoint) rdzv_endpoint="$2"; shift 2 ;;
     --start_afresh) afresh=(--start_afresh); shift ;;
+    --init_model) init_model=(--init_model "$2"); shift 2 ;;
     -h|--help) usage 0 ;;
     --*=*) overrides+=("$1"); shift ;;
     *) echo "run.sh: unknown argument '$1'" >&2; usage ;;
@@ -130,7 +134,8 @@ fi
 
 if run_stage 2; then
   echo "== stage 2: train"
-  launch "$here/train.py" "$hparams" --exp "$exp" "${afresh[@]+"${afresh[@]}"}" "${fragments[@]+"${fragments[@]}"}" \
+  launch "$here/train.py" "$hparams" --exp "$exp" "${afresh[@]+"${afresh[@]}"}" "${init_model[@]+"${init_model[@]}"}" \
+    "${fragments[@]+"${fragments[@]}"}" \
     "${overrides[@]+"${overrides[@]}"}"
 fi
 
