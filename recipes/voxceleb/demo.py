@@ -131,7 +131,8 @@ def main() -> None:
     )
     text = summary["table"] + "\n" + verdict(summary, baseline)
     atomic_write_text(args.out / "comparison.md", text)
-    print("\nDemo: synthetic corpus, ECAPA-TDNN (CPU setting), cosine scoring, 95 % speaker-bootstrap intervals\n")
+    backbone, setting = args.backbone or "ecapa_tdnn", args.setting or "demo_cpu"
+    print(f"\nDemo: synthetic corpus, {backbone} ({setting}), cosine scoring, 95 % speaker-bootstrap intervals\n")
     print(text)
 
 
