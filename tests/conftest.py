@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +114,50 @@ def fill_the_disk(monkeypatch, part: str = "") -> None:
 def write_leftovers(folder) -> list[Path]:
     """Temporary files and staging or retired folders that a failed write could leave under ``folder``."""
     return [path for path in Path(folder).rglob(".*") if path.name.endswith((".tmp", ".old"))]
+
+
+@pytest.fixture(scope="module")
+def wespeaker_models() -> Iterator[types.SimpleNamespace]:
+    """``wespeaker.models.resnet`` and ``.campplus`` without the package's CLI dependencies (bare namespace parents).
+
+    Skips when the reference is not installed (``make install`` adds it with ``--no-deps``).
+    """
+    spec = importlib.util.find_spec("wespeaker")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("reference absent: pip install --no-deps wespeaker-unofficial==0.0.2")
+    root = list(spec.submodule_search_locations)[0]
+    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "wespeaker"}
+    for name, folder in (("wespeaker", root), ("wespeaker.frontend", f"{root}/frontend")):
+        namespace = types.ModuleType(name)
+        namespace.__path__ = [folder]
+        sys.modules[name] = namespace
+    try:
+        yield types.SimpleNamespace(
+            resnet=importlib.import_module("wespeaker.models.resnet"),
+            campplus=importlib.import_module("wespeaker.models.campplus"),
+        )
+    finally:
+        for name in [name for name in sys.modules if name.split(".")[0] == "wespeaker"]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def randomise_batchnorm(model: torch.nn.Module, seed: int, frames: int = 120, feat_dim: int = 80) -> None:
+    """Random affine parameters, then running statistics from one gradient-free train-mode pass; eval mode.
+
+    With random initialisation every BatchNorm is the identity in eval mode, so a wrong key mapping
+    would go unseen by a parity test; this makes every BatchNorm count.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for norm in norms:
+            if norm.affine:
+                norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=generator))
+                norm.bias.copy_(0.2 * torch.randn(norm.bias.shape, generator=generator))
+            norm.momentum = 1.0
+        model.train()
+        model(2.0 * torch.randn(2, frames, feat_dim, generator=generator) + 0.5)
+        for norm in norms:
+            norm.momentum = 0.1
+    model.eval()

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import randomise_batchnorm
 from qmargin_spk.models import build_backbone, build_embedder, count_parameters
 from qmargin_spk.models.campplus import CAMPPlus, ContextMask, StatsPool
 from qmargin_spk.models.registry import DescriptionError, check_compatible, embedding_dim
@@ -38,23 +34,9 @@ NARROW = {"feat_dim": 24, "growth_rate": 4, "bn_size": 2, "init_channels": 16}
 
 
 @pytest.fixture(scope="module")
-def wespeaker_campplus() -> Iterator[type]:
-    """WeSpeaker's ``CAMPPlus``, imported without the package's CLI dependencies (bare namespace parents)."""
-    spec = importlib.util.find_spec("wespeaker")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("reference absent: pip install --no-deps wespeaker-unofficial==0.0.2")
-    root = list(spec.submodule_search_locations)[0]
-    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "wespeaker"}
-    for name, folder in (("wespeaker", root), ("wespeaker.frontend", f"{root}/frontend")):
-        namespace = types.ModuleType(name)
-        namespace.__path__ = [folder]
-        sys.modules[name] = namespace
-    try:
-        yield importlib.import_module("wespeaker.models.campplus").CAMPPlus
-    finally:
-        for name in [name for name in sys.modules if name.split(".")[0] == "wespeaker"]:
-            del sys.modules[name]
-        sys.modules.update(saved)
+def wespeaker_campplus(wespeaker_models) -> type:
+    """WeSpeaker's ``CAMPPlus`` (conftest imports it without the package's CLI dependencies)."""
+    return wespeaker_models.campplus.CAMPPlus
 
 
 @pytest.fixture(scope="module")
@@ -72,23 +54,6 @@ def wespeaker_model(cls: type, **sizes) -> torch.nn.Module:
 
 def speakerlab_model(cls: type, **sizes) -> torch.nn.Module:
     return cls(embedding_size=sizes.pop("embedding_dim", 512), memory_efficient=False, **{"feat_dim": 80, **sizes})
-
-
-def randomise_batchnorm(model: torch.nn.Module, seed: int, feat_dim: int = 80) -> None:
-    """Random affine parameters, then running statistics from one gradient-free train-mode pass; eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    norms = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
-    with torch.no_grad():
-        for norm in norms:
-            if norm.affine:
-                norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=generator))
-                norm.bias.copy_(0.2 * torch.randn(norm.bias.shape, generator=generator))
-            norm.momentum = 1.0
-        model.train()
-        model(2.0 * torch.randn(2, 60, feat_dim, generator=generator) + 0.5)
-        for norm in norms:
-            norm.momentum = 0.1
-    model.eval()
 
 
 def assert_same_embeddings(ours: torch.Tensor, theirs: torch.Tensor) -> None:
@@ -125,7 +90,7 @@ def test_campplus_with_reference_weights_gives_the_reference_embeddings(
     else:
         reference = speakerlab_model(speakerlab_campplus, **sizes)
     feat_dim = sizes.get("feat_dim", 80)
-    randomise_batchnorm(reference, seed=len(frames), feat_dim=feat_dim)
+    randomise_batchnorm(reference, seed=len(frames), frames=60, feat_dim=feat_dim)
     ours = CAMPPlus(**{"feat_dim": 80, **sizes}, embedding_dim=512, std_mode=std_mode).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
     with torch.no_grad():
@@ -156,7 +121,7 @@ def test_std_modes_differ_only_where_a_pooled_channel_is_constant(wespeaker_camp
         wespeaker_model(wespeaker_campplus, **NARROW),
         speakerlab_model(speakerlab_campplus, **NARROW),
     )
-    randomise_batchnorm(wespeaker, seed=5, feat_dim=24)
+    randomise_batchnorm(wespeaker, seed=5, feat_dim=24, frames=60)
     with torch.no_grad():
         wespeaker.xvector.out_nonlinear.batchnorm.bias[0] = -1e4
     speakerlab.load_state_dict(wespeaker.state_dict())
@@ -250,7 +215,7 @@ def test_speechbrain_hparams_build_the_registered_campplus():
     assert isinstance(model, CAMPPlus) and count_parameters(model) == DEMO_PARAMETERS
     assert model.xvector["stats"].std_mode == DEMO["std_mode"]
     reference = build_backbone(DEMO)
-    randomise_batchnorm(reference, seed=4)
+    randomise_batchnorm(reference, seed=4, frames=60)
     model.load_state_dict(reference.state_dict(), strict=True)
     wavs = torch.randn(2, 8000)
     with torch.no_grad():
@@ -266,7 +231,7 @@ def packaged_demo(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 
     torch.manual_seed(1)
     backbone = build_backbone(DEMO)
-    randomise_batchnorm(backbone, seed=1)
+    randomise_batchnorm(backbone, seed=1, frames=60)
     folder = package_model(
         tmp_path_factory.mktemp("campplus") / "model", FBANK, DEMO, backbone.state_dict(), {"code_version": "test"}
     )

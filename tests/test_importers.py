@@ -9,47 +9,20 @@ randomised), written as the project publishes it, imported with the CLI, and the
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import json
-import sys
-import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import randomise_batchnorm
 from qmargin_spk.cli import main
 from qmargin_spk.inference import SpeakerModel
 from qmargin_spk.models.resnet import ResNetSpeaker
 
 SR = 16000
 MIN_COSINE = 0.9999
-
-
-@pytest.fixture(scope="module")
-def wespeaker_models() -> Iterator[types.SimpleNamespace]:
-    """``wespeaker.models.resnet`` and ``.campplus`` without the package's CLI dependencies (bare namespace parents)."""
-    spec = importlib.util.find_spec("wespeaker")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("reference absent: pip install --no-deps wespeaker-unofficial==0.0.2")
-    root = list(spec.submodule_search_locations)[0]
-    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "wespeaker"}
-    for name, folder in (("wespeaker", root), ("wespeaker.frontend", f"{root}/frontend")):
-        namespace = types.ModuleType(name)
-        namespace.__path__ = [folder]
-        sys.modules[name] = namespace
-    try:
-        yield types.SimpleNamespace(
-            resnet=importlib.import_module("wespeaker.models.resnet"),
-            campplus=importlib.import_module("wespeaker.models.campplus"),
-        )
-    finally:
-        for name in [name for name in sys.modules if name.split(".")[0] == "wespeaker"]:
-            del sys.modules[name]
-        sys.modules.update(saved)
 
 
 def waveforms() -> list[torch.Tensor]:
@@ -60,23 +33,6 @@ def waveforms() -> list[torch.Tensor]:
     silent = wav.clone()
     silent[int(0.4 * SR) : int(0.7 * SR)] = 0.0
     return [wav, silent]
-
-
-def randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
-    """Random affine parameters, then running statistics from one gradient-free train-mode pass; eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    norms = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
-    with torch.no_grad():
-        for norm in norms:
-            if norm.affine:
-                norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=generator))
-                norm.bias.copy_(0.2 * torch.randn(norm.bias.shape, generator=generator))
-            norm.momentum = 1.0
-        model.train()
-        model(2.0 * torch.randn(2, 120, 80, generator=generator) + 0.5)
-        for norm in norms:
-            norm.momentum = 0.1
-    model.eval()
 
 
 def import_cli(source_format: str, source: Path, out: Path, capsys) -> tuple[int, str, str]:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +9,7 @@ import pytest
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
+from conftest import randomise_batchnorm
 from qmargin_spk.models import build_backbone, build_embedder, count_parameters
 from qmargin_spk.models.registry import check_compatible, embedding_dim, speechbrain_hparams
 from qmargin_spk.models.resnet import ResNetSpeaker, wespeaker_state_dict
@@ -33,39 +30,9 @@ HPARAMS = Path(__file__).resolve().parents[1] / "hparams"
 
 
 @pytest.fixture(scope="module")
-def wespeaker_resnet() -> Iterator[types.ModuleType]:
-    """``wespeaker.models.resnet`` imported without the package's CLI dependencies (bare namespace parents)."""
-    spec = importlib.util.find_spec("wespeaker")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("reference absent: pip install --no-deps wespeaker-unofficial==0.0.2")
-    root = list(spec.submodule_search_locations)[0]
-    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "wespeaker"}
-    for name, folder in (("wespeaker", root), ("wespeaker.frontend", f"{root}/frontend")):
-        namespace = types.ModuleType(name)
-        namespace.__path__ = [folder]
-        sys.modules[name] = namespace
-    try:
-        yield importlib.import_module("wespeaker.models.resnet")
-    finally:
-        for name in [name for name in sys.modules if name.split(".")[0] == "wespeaker"]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-
-
-def randomise_batchnorm(model: torch.nn.Module, seed: int) -> None:
-    """Random affine parameters, then running statistics of one gradient-free train-mode pass (momentum 1)."""
-    generator = torch.Generator().manual_seed(seed)
-    norms = [module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
-    with torch.no_grad():
-        for norm in norms:
-            norm.weight.copy_(0.5 + torch.rand(norm.weight.shape, generator=generator))
-            norm.bias.copy_(0.2 * torch.randn(norm.bias.shape, generator=generator))
-            norm.momentum = 1.0
-        model.train()
-        model(2.0 * torch.randn(2, 100, 80, generator=generator) + 0.5)
-        for norm in norms:
-            norm.momentum = 0.1
-    model.eval()
+def wespeaker_resnet(wespeaker_models):
+    """WeSpeaker's ``wespeaker.models.resnet`` module (conftest imports it without its CLI dependencies)."""
+    return wespeaker_models.resnet
 
 
 def as_wespeaker_checkpoint(state_dict: dict, classes: int = 7) -> dict:
@@ -104,7 +71,7 @@ def test_resnet34_with_wespeaker_weights_gives_wespeaker_embeddings(wespeaker_re
     reference = wespeaker_resnet.ResNet(
         wespeaker_resnet.BasicBlock, [3, 4, 6, 3], m_channels=base_channels, feat_dim=80, embed_dim=256
     )
-    randomise_batchnorm(reference, seed=base_channels)
+    randomise_batchnorm(reference, seed=base_channels, frames=100)
     ours = ResNetSpeaker(feat_dim=80, embedding_dim=256, base_channels=base_channels).eval()
     ours.load_state_dict(wespeaker_state_dict(as_wespeaker_checkpoint(reference.state_dict())), strict=True)
     with torch.no_grad():
@@ -118,7 +85,7 @@ def test_resnet34_with_wespeaker_weights_gives_wespeaker_embeddings(wespeaker_re
 
 def test_resnet34_pools_only_the_frames_within_each_length():
     model = build_backbone(TINY).eval()
-    randomise_batchnorm(model, seed=3)
+    randomise_batchnorm(model, seed=3, frames=100)
     feats = torch.randn(2, 160, 80)
     with torch.no_grad():
         embeddings = model(feats, torch.tensor([1.0, 0.5])).squeeze(1).numpy()
@@ -181,7 +148,7 @@ def test_packaged_resnet34_gives_the_same_embedding_in_speaker_model_and_speechb
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(1)
     backbone = build_backbone(TINY)
-    randomise_batchnorm(backbone, seed=1)
+    randomise_batchnorm(backbone, seed=1, frames=100)
     folder = package_model(tmp_path / "resnet", frontend, TINY, backbone.state_dict(), {"code_version": "test"})
     wav = 0.1 * torch.randn(12000, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -210,7 +177,7 @@ def test_resnet34_on_kaldi_fbank_exports_to_onnx_with_the_same_embedding(tmp_pat
 
     torch.manual_seed(4)
     backbone = build_backbone(TINY)
-    randomise_batchnorm(backbone, seed=4)
+    randomise_batchnorm(backbone, seed=4, frames=100)
     folder = package_model(tmp_path / "resnet", WESPEAKER_FBANK, TINY, backbone.state_dict(), {"min_samples": 1680})
     model = SpeakerModel.from_folder(folder)
     path = export_onnx(model, tmp_path / "resnet.onnx")
@@ -225,7 +192,7 @@ def test_resnet34_embedder_on_kaldi_fbank_reproduces_wespeakers_pipeline(wespeak
     reference = wespeaker_resnet.ResNet(
         wespeaker_resnet.BasicBlock, [3, 4, 6, 3], m_channels=8, feat_dim=80, embed_dim=256
     )
-    randomise_batchnorm(reference, seed=5)
+    randomise_batchnorm(reference, seed=5, frames=100)
     ours = build_backbone(SMALL)
     ours.load_state_dict(wespeaker_state_dict(reference.state_dict()))
     wav = 0.1 * torch.randn(16000, generator=torch.Generator().manual_seed(5))
