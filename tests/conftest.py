@@ -14,7 +14,8 @@ import pytest
 import soundfile
 import torch
 
-DEMO_HPARAMS = Path(__file__).resolve().parents[1] / "hparams" / "demo_cpu_qmargin.yaml"
+REPO = Path(__file__).resolve().parents[1]
+DEMO_HPARAMS = REPO / "hparams" / "demo_cpu_qmargin.yaml"
 TINY = {"channels": 32, "embedding_dim": 16}
 SR = 16000
 
@@ -161,3 +162,28 @@ def randomise_batchnorm(model: torch.nn.Module, seed: int, frames: int = 120, fe
         for norm in norms:
             norm.momentum = 0.1
     model.eval()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The tiny synthetic corpus, generated once; tests read it and prepare their own copies of its lists."""
+    from qmargin_spk.data.synthetic import PRESETS, generate_corpus
+
+    return generate_corpus(tmp_path_factory.mktemp("corpus"), seed=3, num_workers=1, **PRESETS["tiny"])
+
+
+@pytest.fixture()
+def prepared(corpus, tmp_path):
+    """An experiment folder whose ``data/`` holds the tiny corpus prepared (stage 1)."""
+    from qmargin_spk.data.prepare import prepare
+
+    prepare([corpus.train_root], corpus.test_root, [corpus.trials], tmp_path / "data", num_workers=1)
+    return tmp_path
+
+
+def stage_script(name: str):
+    """The ``main(argv)`` of a recipe stage script, run in this process (what run.sh runs as a command)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / "voxceleb" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

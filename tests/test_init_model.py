@@ -1,6 +1,5 @@
 """Stage 2 from a model folder (``--init_model``): the folder's weights, a class-mean head, checks and resume."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, package_recipe_model, recipe_hparams
+from conftest import TINY, package_recipe_model, recipe_hparams, stage_script
 from qmargin_spk.data.dataset import SpeakerLabelEncoder
 from qmargin_spk.data.manifest import read_manifest
-from qmargin_spk.data.prepare import prepare
-from qmargin_spk.data.synthetic import PRESETS, generate_corpus
 from qmargin_spk.inference import SpeakerModel, package_model
 from qmargin_spk.inference.package import model_card
 from qmargin_spk.stages import init_model as init_model_module
@@ -27,25 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 HPARAMS = str(REPO / "hparams" / "demo_cpu_qmargin.yaml")
 RUN_OPTS = {"device": "cpu", "noprogressbar": True}
 RUN = {**TINY, "batch_size": 8, "num_workers": 0, "num_threads": 1, "number_of_epochs": 1, "warmup_epochs": 0}
-
-
-def stage_script(name: str):
-    """The ``main(argv)`` of a recipe stage script, run in this process."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / "voxceleb" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return generate_corpus(tmp_path_factory.mktemp("corpus"), seed=3, num_workers=1, **PRESETS["tiny"])
-
-
-@pytest.fixture()
-def prepared(corpus, tmp_path):
-    prepare([corpus.train_root], corpus.test_root, [corpus.trials], tmp_path / "data", num_workers=1)
-    return tmp_path
 
 
 def _first_step(monkeypatch) -> tuple[dict, list[float]]:

@@ -1,7 +1,6 @@
 """The VoxCeleb recipe on a tiny synthetic corpus: all stages, resume, DDP, composed experiments and the record."""
 
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -13,11 +12,10 @@ import pytest
 import torch
 from speechbrain.utils.checkpoints import average_checkpoints
 
+from conftest import stage_script
 from qmargin_spk.cli import main as cli_main
 from qmargin_spk.data.dataset import SpeakerLabelEncoder
 from qmargin_spk.data.manifest import read_manifest
-from qmargin_spk.data.prepare import prepare
-from qmargin_spk.data.synthetic import PRESETS, generate_corpus
 from qmargin_spk.inference import SpeakerModel
 from qmargin_spk.losses import AAMLoss, AlphaEntmaxLoss, CosFaceLoss, DenseHead, QMarginLoss, SparseQMarginHead
 from qmargin_spk.stages.experiment import Experiment, last_checkpoints
@@ -39,17 +37,6 @@ LOSSES = {
 SETTINGS = ("demo_cpu", "vox2_ecapa")
 FAST = ["--number_of_epochs=1", "--warmup_epochs=1", "--batch_size=8", "--channels=32", "--embedding_dim=32"]
 RUN_OPTS = {"device": "cpu", "noprogressbar": True}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return generate_corpus(tmp_path_factory.mktemp("corpus"), seed=3, num_workers=1, **PRESETS["tiny"])
-
-
-@pytest.fixture()
-def prepared(corpus, tmp_path):
-    prepare([corpus.train_root], corpus.test_root, [corpus.trials], tmp_path / "data", num_workers=1)
-    return tmp_path
 
 
 def run_recipe(corpus, exp, *extra, hparams="hparams/demo_cpu_qmargin.yaml", trials=None, check=True):
@@ -95,14 +82,6 @@ def test_each_experiment_file_builds_its_loss(prepared, setting, loss):
     assert hparams["loss_name"] == loss.split("_")[0] and hparams["head"] == head.kind
     # Loading the hparams (as the scoring stage does) creates no training files.
     assert not (prepared / "save" / "label_encoder.json").exists()
-
-
-def stage_script(name: str):
-    """The ``main(argv)`` of a recipe stage script, run in this process (what run.sh runs as a command)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / "voxceleb" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def test_all_stages_end_to_end(corpus, tmp_path, capsys):

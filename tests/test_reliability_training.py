@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from qmargin_spk.data.prepare import prepare
-from qmargin_spk.data.synthetic import PRESETS, generate_corpus
 from qmargin_spk.losses import QMarginLoss, SparseQMarginHead
 from qmargin_spk.stages.experiment import Experiment, StageError
 from qmargin_spk.stages.train import choose_threads, steps_per_epoch, train_stage
@@ -26,8 +25,7 @@ RUN_OPTS = {"device": "cpu", "noprogressbar": True}
 
 
 @pytest.fixture(scope="module")
-def data_folder(tmp_path_factory):
-    corpus = generate_corpus(tmp_path_factory.mktemp("corpus"), seed=3, num_workers=1, **PRESETS["tiny"])
+def data_folder(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     prepare([corpus.train_root], corpus.test_root, [corpus.trials], out, num_workers=1)
     return out

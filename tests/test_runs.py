@@ -4,16 +4,14 @@ resume, and one line naming the file when an error lists many files or the disk 
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import fill_the_disk, write_leftovers
+from conftest import fill_the_disk, stage_script, write_leftovers
 from qmargin_spk.data.prepare import prepare
-from qmargin_spk.data.synthetic import PRESETS, generate_corpus
 from qmargin_spk.stages.experiment import StageError
 from qmargin_spk.stages.train import train_stage
 
@@ -21,19 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 HPARAMS = str(REPO / "hparams" / "demo_cpu_qmargin.yaml")
 RUN_OPTS = {"device": "cpu", "noprogressbar": True}
 TINY = {"batch_size": 8, "channels": 16, "embedding_dim": 16, "num_workers": 0, "warmup_epochs": 1}
-
-
-def stage_script(name: str):
-    """The ``main(argv)`` of a recipe stage script, run in this process (what run.sh runs as a command)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / "voxceleb" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return generate_corpus(tmp_path_factory.mktemp("corpus"), seed=3, num_workers=1, **PRESETS["tiny"])
 
 
 @pytest.fixture(scope="module")
