@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from qmargin_spk.losses.fenchel_young import fenchel_young_loss_and_stats
 from qmargin_spk.losses.shapes import flatten_batch
-from qmargin_spk.losses.stats import PosteriorStats
+from qmargin_spk.losses.stats import PosteriorStats, full_support_statistics
 from qmargin_spk.losses.validation import validate_alpha, validate_inputs
 
 
@@ -109,13 +109,7 @@ class AAMLoss(_CosineLoss):
         log_p = F.log_softmax(logits, dim=1)
         with torch.no_grad():
             p_target = log_p.gather(1, targets.unsqueeze(1)).exp()
-            self.stats = PosteriorStats(
-                batch_size=int(targets.shape[0]),
-                support_mean=float(cosines.shape[1]),
-                support_max=float(cosines.shape[1]),
-                p_target_mean=float(p_target.mean()),
-                p_target_zero_frac=float((p_target <= 0).float().mean()),
-            )
+            self.stats = full_support_statistics(p_target, cosines.shape[1])
         return F.nll_loss(log_p, targets)
 
     def _margin_cosines(self, cosines: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -47,3 +47,14 @@ def posterior_statistics(
         p_target_mean=p_target_mean,
         p_target_zero_frac=zero_frac,
     )
+
+
+def full_support_statistics(p_target: torch.Tensor, num_classes: int) -> PosteriorStats:
+    """Statistics of a posterior that gives every class some mass (softmax, sigmoid): support ``num_classes``."""
+    return PosteriorStats(
+        batch_size=int(p_target.shape[0]),
+        support_mean=float(num_classes),
+        support_max=float(num_classes),
+        p_target_mean=float(p_target.mean()),
+        p_target_zero_frac=float((p_target <= 0).float().mean()),
+    )

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from qmargin_spk.losses.margin_losses import AAMLoss, _CosineLoss
-from qmargin_spk.losses.stats import PosteriorStats
+from qmargin_spk.losses.stats import full_support_statistics
 from qmargin_spk.losses.validation import validate_inputs
 
 
@@ -139,13 +139,7 @@ class SphereFace2Loss(_CosineLoss):
         )
         with torch.no_grad():
             p_target = torch.sigmoid(positive.gather(1, targets.unsqueeze(1)))
-            self.stats = PosteriorStats(
-                batch_size=int(targets.shape[0]),
-                support_mean=float(cosines.shape[1]),
-                support_max=float(cosines.shape[1]),
-                p_target_mean=float(p_target.mean()),
-                p_target_zero_frac=float((p_target <= 0).float().mean()),
-            )
+            self.stats = full_support_statistics(p_target, cosines.shape[1])
         return terms.sum(dim=1).mean()
 
     def extra_repr(self) -> str:

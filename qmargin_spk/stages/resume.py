@@ -10,7 +10,6 @@ time>/`` instead of deleting them.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 from speechbrain.utils.checkpoints import Checkpointer
 
 from qmargin_spk.utils.atomic import atomic_write_text
+from qmargin_spk.utils.hashing import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -38,18 +38,9 @@ RUN_OUTPUTS = (
 PREVIOUS_PREFIX = "previous-"
 
 
-def manifest_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of the training manifest's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def record_training_data(folder: str | os.PathLike, manifest: str | os.PathLike) -> None:
     """Write ``EXP/train_data.json``: the training manifest and its SHA-256 (atomically)."""
-    text = json.dumps({"train_manifest": str(manifest), "sha256": manifest_sha256(manifest)}, indent=1) + "\n"
+    text = json.dumps({"train_manifest": str(manifest), "sha256": file_sha256(manifest)}, indent=1) + "\n"
     atomic_write_text(Path(folder) / TRAIN_DATA_FILE, text)
 
 
@@ -66,7 +57,7 @@ def training_data_change(folder: str | os.PathLike, manifest: str | os.PathLike)
         noted = json.loads(noted_path.read_text(encoding="utf-8"))["sha256"]
     except (ValueError, KeyError, TypeError):
         return f"{noted_path}: unreadable, cannot tell whether the training data changed"
-    current = manifest_sha256(manifest)
+    current = file_sha256(manifest)
     if current == noted:
         return None
     return f"training data: {manifest} had SHA-256 {noted[:12]}... when training started, {current[:12]}... now"

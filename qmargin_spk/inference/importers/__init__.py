@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qmargin_spk.inference.importers.common import Imported, SourceError, check_weights, sha256_file
+from qmargin_spk.inference.importers.common import Imported, SourceError, check_weights
 from qmargin_spk.inference.importers.speechbrain import read_speechbrain
 from qmargin_spk.inference.importers.threedspeaker import read_3dspeaker
 from qmargin_spk.inference.importers.wespeaker import read_wespeaker
+from qmargin_spk.utils.hashing import file_sha256
 
 READERS: dict[str, Callable[[Path], Imported]] = {
     "speechbrain": read_speechbrain,
@@ -51,7 +52,7 @@ def import_published(source_format: str, source: str | os.PathLike, out_dir: str
         raise SourceError(f"{source}: no such folder")
     imported = READERS[source_format](source)
     check_weights(imported)
-    digest = sha256_file(imported.weights_file)
+    digest = file_sha256(imported.weights_file)
     meta = {"source": str(source), "source_format": source_format, "source_sha256": digest}
     if imported.license:
         meta["license"] = imported.license

@@ -7,9 +7,7 @@ with the model the descriptions build, key by key and shape by shape, before any
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,15 +118,6 @@ def check_weights(imported: Imported) -> None:
             f"{imported.weights_file}: does not fit {imported.backbone['architecture']} "
             f"({len(problems)} problems): {shown}{more}"
         )
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_license(folder: Path, field_value: Any = None) -> str | None:
