@@ -234,8 +234,7 @@ class Experiment:
     @property
     def init_model(self) -> dict | None:
         """The model folder the run started from (``--init_model``: folder, model identity), or None."""
-        record = self.folder / INIT_MODEL_FILE
-        return json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+        return recorded_init_model(self.folder)
 
     def record_finetune(self, init_from: str | Path, overrides: Mapping) -> None:
         """Note where a fine-tuned experiment started and the keys that made it one."""
@@ -310,6 +309,12 @@ def composed_hparams(
     """
     overrides = {"output_folder": "/nonexistent/qmargin_spk_composed", **(overrides or {})}
     return Experiment(overrides["output_folder"], _compose(hparams_file, choices, overrides)).hparams
+
+
+def recorded_init_model(folder: str | Path) -> dict | None:
+    """The model folder a run started from (``EXP/init_model.json``), or None."""
+    path = Path(folder) / INIT_MODEL_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def read_record(folder: str | Path, for_training: bool = False) -> Experiment | None:

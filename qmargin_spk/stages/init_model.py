@@ -45,7 +45,7 @@ from qmargin_spk.models.registry import (
     validate_backbone,
     validate_frontend,
 )
-from qmargin_spk.stages.experiment import INIT_MODEL_FILE, StageError
+from qmargin_spk.stages.experiment import INIT_MODEL_FILE, StageError, recorded_init_model
 from qmargin_spk.utils.atomic import atomic_torch_save, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -107,12 +107,6 @@ def model_folder_identity(folder: str | Path) -> dict:
         "model_identity": info.get("model_identity"),
         "checkpoint_sha256": info.get("checkpoint_sha256"),
     }
-
-
-def recorded_init_model(exp_folder: str | Path) -> dict | None:
-    """The model folder a run started from (``EXP/init_model.json``), or None."""
-    path = Path(exp_folder) / INIT_MODEL_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def refuse_other_init_model(exp_folder: str | Path, init_model: str | Path | None, has_checkpoints: bool) -> None:
