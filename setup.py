@@ -17,6 +17,7 @@ setup(
         "soundfile>=0.12",
         "numpy>=1.24",
         "scikit-learn>=1.3",
+        "kaldiio>=2.18",  # Kaldi data dirs (wav.scp pipes, ark entries) and ark/scp embeddings
     ],
     extras_require={
         # ruff is pinned: what `make lint` accepts (its rules and its formatting) changes between versions.
