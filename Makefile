@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-quick lint bench clean
+.PHONY: install demo study-demo test test-quick lint bench clean
 
 $(STAMP): setup.py requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) recipes/voxceleb/demo.py
+
+# Q-Margin and AAM over three training seeds on the 200-test-speaker `study` corpus, two runs at a time;
+# prints the verdict pooled over seeds and test speakers (docs/studies.md gives its time on 2 cores).
+study-demo: $(STAMP)
+	$(PY) recipes/voxceleb/demo.py --seeds 1 2 3 --jobs 2 --out exp/study_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -181,6 +181,20 @@ def prepared(corpus, tmp_path):
     return tmp_path
 
 
+@pytest.fixture(scope="session")
+def trained(corpus, tmp_path_factory) -> Path:
+    """A finished one-epoch run of the demo experiment (tiny sizes) with its manifests in EXP/data, as run.sh lays
+    it out; trained once per session: copy it before changing anything in it."""
+    from qmargin_spk.data.prepare import prepare
+    from qmargin_spk.stages.train import train_stage
+
+    exp = tmp_path_factory.mktemp("trained") / "exp"
+    prepare([corpus.train_root], corpus.test_root, [corpus.trials], exp / "data", num_workers=1)
+    tiny = {"batch_size": 8, "channels": 16, "embedding_dim": 16, "num_workers": 0, "warmup_epochs": 1}
+    train_stage(exp, DEMO_HPARAMS, {"device": "cpu", "noprogressbar": True}, None, {**tiny, "number_of_epochs": 1})
+    return exp
+
+
 def stage_script(name: str):
     """The ``main(argv)`` of a recipe stage script, run in this process (what run.sh runs as a command)."""
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / "voxceleb" / f"{name}.py")

@@ -1,7 +1,7 @@
 """Layers point one way, and no import cycle, between modules or between packages.
 
 Layers, lowest first: utils < data < models, losses < metrics < training, scoring, calibration
-< inference < stages < cli. On top of that, metrics reads no data formats, scoring and
+< inference < stages < studies < cli. On top of that, metrics reads no data formats, scoring and
 calibration never import training, and inference imports neither training nor the stages.
 """
 
@@ -21,6 +21,7 @@ LAYERS = [
     ("training", "scoring", "calibration"),
     ("inference",),
     ("stages",),
+    ("studies",),
     ("cli",),
 ]
 EXTRA_FORBIDDEN = {

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from conftest import fill_the_disk, stage_script, write_leftovers
-from qmargin_spk.data.prepare import prepare
 from qmargin_spk.stages.experiment import StageError
 from qmargin_spk.stages.train import train_stage
 
@@ -19,15 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 HPARAMS = str(REPO / "hparams" / "demo_cpu_qmargin.yaml")
 RUN_OPTS = {"device": "cpu", "noprogressbar": True}
 TINY = {"batch_size": 8, "channels": 16, "embedding_dim": 16, "num_workers": 0, "warmup_epochs": 1}
-
-
-@pytest.fixture(scope="module")
-def trained(corpus, tmp_path_factory) -> Path:
-    """A finished one-epoch run with its manifests in EXP/data, as run.sh lays it out."""
-    exp = tmp_path_factory.mktemp("trained") / "exp"
-    prepare([corpus.train_root], corpus.test_root, [corpus.trials], exp / "data", num_workers=1)
-    train_stage(exp, HPARAMS, RUN_OPTS, None, {**TINY, "number_of_epochs": 1})
-    return exp
 
 
 @pytest.fixture(scope="module")

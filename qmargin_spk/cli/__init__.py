@@ -1,6 +1,6 @@
 """``qmargin-spk``: embed, verify, score, calibrate and export with a packaged model folder.
 
-    qmargin-spk embed --model DIR (FILE... | --list wav.scp) --out emb.npz
+    qmargin-spk embed --model DIR (FILE... | --list wav.scp) --out emb.ark|emb.npz|emb/
     qmargin-spk verify --model DIR A.wav B.wav [--p_target 0.01]
     qmargin-spk score --model DIR --trials LIST [--trials LIST2] --root DIR --out DIR
                       [--backend cosine|asnorm --cohort train.csv [--cohort_per_speaker 20] [--top_n 300]]
@@ -8,6 +8,7 @@
     qmargin-spk export --model DIR --format onnx|torchscript [--quantize int8]
     qmargin-spk import speechbrain|wespeaker|3dspeaker SOURCE --out DIR
     qmargin-spk compare EXP [EXP ...] --out DIR [--baseline EXP] [--backend cosine] [--n_resamples N]
+    qmargin-spk study SPEC.yaml --out DIR [--jobs N] [--n_resamples N]
     qmargin-spk --version
 
 A mistake in the input (missing or malformed file, bad audio, a folder that is not a
@@ -30,6 +31,7 @@ from qmargin_spk.cli.commands import (
     run_export,
     run_import,
     run_score,
+    run_study,
     run_verify,
 )
 
@@ -60,13 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = commands.add_parser(
         "embed",
-        help="L2-normalised embeddings of audio files into an .npz",
-        description="Embed audio files; writes ids [N] and embeddings [N, D] to an .npz.",
+        help="L2-normalised embeddings of audio files into .ark/.scp, .npz or a folder of .npy",
+        description="Embed audio files; the output's name picks the form: X.ark (Kaldi ark with X.scp beside it), "
+        "X.npz (ids [N], embeddings [N, D]) or a folder X/ (one <id>.npy each; a trailing '/' or no extension).",
     )
     _model_options(embed)
     embed.add_argument("files", nargs="*", type=Path, metavar="FILE", help="audio files (ids: the paths)")
     embed.add_argument("--list", type=Path, help="Kaldi wav.scp: one '<id> <path>' per line (instead of FILEs)")
-    embed.add_argument("--out", type=Path, required=True, help="output .npz (written atomically)")
+    embed.add_argument("--out", required=True, help="output .ark, .npz or folder/ (written atomically)")
     _embedding_options(embed)
     embed.set_defaults(run=run_embed)
 
@@ -91,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_options(score)
     score.add_argument(
-        "--trials", type=Path, action="append", required=True, help="trial list '<label> <enrol> <test>' (repeatable)"
+        "--trials", type=Path, action="append", required=True, help="trial list in any form (repeatable)"
     )
     score.add_argument("--root", type=Path, required=True, help="folder the lists' paths are relative to")
     score.add_argument("--out", type=Path, required=True, help="output folder")
@@ -114,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cohort utterances per speaker, the first by id (20, cohort_utts_per_speaker)",
     )
     score.add_argument("--top_n", type=int, default=300, help="top cohort scores per utterance in AS-norm (300)")
+    score.add_argument(
+        "--enroll_map",
+        type=Path,
+        help="'<model> <utt1> <utt2> ...' per line: an enrolment item naming a model scores the average of its "
+        "utterances' normalised embeddings (CN-Celeb enroll.map, Kaldi spk2utt)",
+    )
     _embedding_options(score)
     score.set_defaults(run=run_score)
 
@@ -169,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_compare_options(compare)
     compare.set_defaults(run=run_compare)
+
+    study = commands.add_parser(
+        "study",
+        help="run systems x grid points x seeds of the recipe and pool them (docs/studies.md)",
+        description="Run (or resume) every run a study spec names as experiment folders under DIR/runs, "
+        "then write DIR/report.md and report.json: per system the mean over seeds, the seed spread and "
+        "the seed-and-speaker pooled interval, paired differences to the baseline, ablations, plots.",
+    )
+    study.add_argument("spec", type=Path, metavar="SPEC", help="the study's SPEC.yaml")
+    study.add_argument("--out", type=Path, required=True, help="the study's folder (runs, report)")
+    study.add_argument("--jobs", type=_positive_int, default=1, help="runs at once, threads split among them (1)")
+    study.add_argument("--n_resamples", type=_positive_int, default=1000, help="speaker-bootstrap resamples (1000)")
+    study.set_defaults(run=run_study)
     return parser
 
 

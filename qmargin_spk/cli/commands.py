@@ -15,7 +15,7 @@ class UserError(Exception):
 
 
 def run_embed(args: argparse.Namespace) -> None:
-    from qmargin_spk.utils.atomic import atomic_open
+    from qmargin_spk.scoring.embedding_files import check_output, write_embeddings
 
     if (args.list is None) == (not args.files):
         raise UserError("give either audio files or --list wav.scp (not both)")
@@ -23,11 +23,12 @@ def run_embed(args: argparse.Namespace) -> None:
         ids, paths = _read_wav_scp(args.list)
     else:
         ids, paths = [str(path) for path in args.files], list(args.files)
+    form = check_output(args.out, ids)  # a refused output (unknown extension, ids it cannot hold) costs no embedding
     model = _load_model(args)
     embeddings = model.embed(paths, batch_size=args.batch_size, chunk_seconds=args.chunk_seconds, progress=True)
-    with atomic_open(args.out, "wb") as handle:
-        np.savez(handle, ids=np.array(ids, dtype=str), embeddings=embeddings)
-    print(f"{len(ids)} embeddings of size {embeddings.shape[1]} written to {args.out}")
+    written = write_embeddings(args.out, ids, embeddings)
+    where = f"{written[0]} and {written[1]}" if form == "ark" else args.out
+    print(f"{len(ids)} embeddings of size {embeddings.shape[1]} written to {where}")
 
 
 def run_verify(args: argparse.Namespace) -> None:
@@ -86,6 +87,7 @@ def run_score(args: argparse.Namespace) -> None:
             sample_rate=model.sample_rate,
             frontend=_frontend(model),
             min_samples=model.min_samples,
+            enroll_map=getattr(args, "enroll_map", None),
         )
     finally:
         bar.close()
@@ -217,6 +219,13 @@ def run_compare(
             for entry in summary["lists"]
         )
     )
+
+
+def run_study(args: argparse.Namespace) -> None:
+    """Run (or resume) the study of ``args.spec`` in ``args.out`` and write its report (docs/studies.md)."""
+    from qmargin_spk.studies import run_and_report
+
+    run_and_report(args.spec, args.out, jobs=args.jobs, n_resamples=args.n_resamples)
 
 
 def _load_model(args: argparse.Namespace, calibrated: bool = True):

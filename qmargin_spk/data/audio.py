@@ -5,6 +5,10 @@ README): files must be mono; a sample rate other than the requested one is resam
 on load with ``torchaudio.functional.resample``; empty audio and NaN/inf samples are
 refused. Headers are cheap to read, samples are not: :func:`check_finite_samples`
 reads only files whose coding can hold NaN/inf (float, or decoded to float).
+
+Every function here also takes an address (:mod:`qmargin_spk.data.sources.address`): a
+``wav.scp`` pipe or ark entry, read with kaldiio, or a segment of a recording. Its samples are
+those the same audio gives as a file, so training, scoring and export read every input form alike.
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import soundfile
 import torch
+
+from qmargin_spk.data.sources.address import FILE, SourceAddress, SourceError, is_address, parse_address
+from qmargin_spk.data.sources.kaldi_entry import read_entry
 
 
 class AudioError(ValueError):
@@ -42,7 +50,18 @@ class AudioInfo:
 
 
 def audio_info(path: str | os.PathLike) -> AudioInfo:
-    """Read the header of ``path``; raise :class:`AudioError` if it is missing, unreadable, empty or not mono."""
+    """Read the header of ``path``; raise :class:`AudioError` if it is missing, unreadable, empty or not mono.
+
+    For a pipe or ark address the samples are decoded (there is no header to read).
+    """
+    if is_address(path):
+        address = _parsed(path)
+        if address.kind == FILE:
+            info = audio_info(address.entry)
+            first, last = address.frame_range(info.sample_rate, info.frames)
+            return AudioInfo(info.sample_rate, _checked_segment(path, last - first), 1, info.subtype)
+        rate, samples = _entry_samples(path, address)
+        return AudioInfo(rate, samples.size, 1, "FLOAT")
     problem = _file_problem(path)
     if problem is not None:
         raise AudioError(f"{path}: {problem}")
@@ -92,6 +111,11 @@ def check_finite_samples(path: str | os.PathLike, info: AudioInfo | None = None,
     in blocks of ``block_frames`` (bounded memory).
     """
     info = info or audio_info(path)
+    if is_address(path):
+        address = _parsed(path)
+        if address.kind == FILE:  # pipe and ark samples were checked as they were decoded
+            check_finite_samples(address.entry)
+        return
     if info.subtype.startswith(_INTEGER_CODINGS):
         return
     try:
@@ -113,6 +137,8 @@ def load_audio(
     ``start`` and ``num_samples`` select a segment, counted at ``sample_rate``
     (so crops work the same whether or not the file needs resampling).
     """
+    if is_address(path):
+        return _load_address(path, sample_rate, start, num_samples)
     problem = _file_problem(path)
     if problem is not None:
         raise AudioError(f"{path}: {problem}")
@@ -180,15 +206,29 @@ def _checked_info(name: str, sample_rate: int, frames: int, channels: int) -> Au
     return AudioInfo(int(sample_rate), int(frames), int(channels))
 
 
-def _decode(source: str | io.BytesIO, name: str, sample_rate: int, start: int, num_samples: int | None) -> torch.Tensor:
-    """Open once, check the header, read the segment of :func:`load_audio` and resample it."""
+def _decode(
+    source: str | io.BytesIO,
+    name: str,
+    sample_rate: int,
+    start: int,
+    num_samples: int | None,
+    segment: SourceAddress | None = None,
+) -> torch.Tensor:
+    """Open once, check the header, read the segment of :func:`load_audio` and resample it.
+
+    With ``segment`` (an address of a file), ``start`` and ``num_samples`` count from its start.
+    """
     try:
         with soundfile.SoundFile(source) as handle:
             info = _checked_info(name, handle.samplerate, handle.frames, handle.channels)
             ratio = info.sample_rate / sample_rate
-            first = min(int(round(start * ratio)), info.frames)
+            low, high = (0, info.frames) if segment is None else segment.frame_range(info.sample_rate, info.frames)
+            first = min(low + int(round(start * ratio)), high)
             handle.seek(first)
-            count = -1 if num_samples is None else int(round(num_samples * ratio))
+            if segment is None:
+                count = -1 if num_samples is None else int(round(num_samples * ratio))
+            else:
+                count = high - first if num_samples is None else min(int(round(num_samples * ratio)), high - first)
             data = handle.read(count, dtype="float32", always_2d=False)
     except (RuntimeError, soundfile.LibsndfileError) as err:
         raise AudioError(f"{name}: unreadable audio ({err})") from err
@@ -202,6 +242,69 @@ def _decode(source: str | io.BytesIO, name: str, sample_rate: int, start: int, n
 
         wav = torchaudio.functional.resample(wav, info.sample_rate, sample_rate)
     return wav
+
+
+def _parsed(path: str) -> SourceAddress:
+    try:
+        return parse_address(path)
+    except SourceError as err:
+        raise AudioError(str(err)) from None
+
+
+def _entry_samples(name: str, address: SourceAddress) -> tuple[int, np.ndarray]:
+    """``(rate, float32 samples)`` of a pipe or ark address, cut to its segment; :class:`AudioError` naming it."""
+    try:
+        rate, samples = read_entry(address.entry, name)
+    except SourceError as err:
+        raise AudioError(str(err)) from None
+    first, last = address.frame_range(rate, samples.size)
+    _checked_segment(name, last - first)
+    return rate, samples[first:last]
+
+
+def _checked_segment(name: str, frames: int) -> int:
+    if frames <= 0:
+        raise AudioError(f"{name}: empty segment (0 samples between its start and end)")
+    return frames
+
+
+def _load_address(path: str, sample_rate: int, start: int, num_samples: int | None) -> torch.Tensor:
+    """:func:`load_audio` of an address: a file's segment through soundfile, pipes and arks through kaldiio."""
+    address = _parsed(path)
+    if address.kind == FILE:
+        problem = _file_problem(address.entry)
+        if problem is not None:
+            raise AudioError(f"{path}: {problem}")
+        return _decode(address.entry, path, sample_rate, start, num_samples, segment=address)
+    rate, samples = _entry_samples(path, address)
+    ratio = rate / sample_rate
+    first = min(int(round(start * ratio)), samples.size)
+    count = samples.size - first if num_samples is None else min(int(round(num_samples * ratio)), samples.size - first)
+    if count <= 0:
+        raise AudioError(f"{path}: empty audio segment (start={start}, num_samples={num_samples})")
+    wav = torch.from_numpy(np.ascontiguousarray(samples[first : first + count]))
+    if rate != sample_rate:
+        import torchaudio.functional
+
+        wav = torchaudio.functional.resample(wav, rate, sample_rate)
+    return wav
+
+
+def audio_file_bytes(path: str | os.PathLike) -> tuple[bytes, str]:
+    """``(bytes, extension)`` of the audio ``path`` names, as a file would hold it (for tar shards).
+
+    A plain file's own bytes; an address's samples at their own rate as WAV: 16-bit PCM when
+    every sample is a multiple of 1/32768 (the samples come back bit for bit), else 32-bit float.
+    """
+    if not is_address(path):
+        return Path(path).read_bytes(), Path(path).suffix.lower().lstrip(".")
+    info = audio_info(path)
+    samples = load_audio(path, info.sample_rate).numpy()
+    scaled = samples.astype(np.float64) * 32768
+    exact = bool(np.all(scaled == np.round(scaled)) and np.all(np.abs(scaled) <= 32767))
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, info.sample_rate, subtype="PCM_16" if exact else "FLOAT", format="WAV")
+    return buffer.getvalue(), "wav"
 
 
 def pad_waveforms(wavs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,13 @@ and ``speech/`` each category gets its usual SNR range (0-15, 5-15, 13-20 dB) an
 all ``noise``. Without a noise folder, synthetic coloured noise (power ~ f^-beta,
 beta in [0, 2]) is added at 5-20 dB so that training still sees noise. Reverberation
 convolves with a random RIR from a folder (unit-energy RIR, aligned on its direct
-path, output rescaled to the input level); there is none without a folder.
+path, output rescaled to the input level); there is none without a folder. A folder
+laid out as RIRS_NOISES gives its impulse responses only, never its noises.
+
+In place of the folders, list files (one path per line, written by ``run.sh --stage 0``,
+``qmargin_spk.data.augment_lists``) give the noise, music, babble and RIR files. A
+multichannel file (RIRS_NOISES' real RIRs and isotropic noises) is used through its
+channel 0.
 
 SpeechBrain's AddNoise/AddReverb are not used: they load audio with torchaudio,
 which cannot read files in this environment.
@@ -18,10 +24,13 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
+import soundfile
 import torch
 import torchaudio.functional
 
 from qmargin_spk.data.audio import AudioError, audio_info, load_audio, repeat_pad
+from qmargin_spk.data.augment_lists import read_lists, rir_files, wavs_under
 
 CATEGORY_SNR_DB = {"noise": (0.0, 15.0), "music": (5.0, 15.0), "speech": (13.0, 20.0)}
 SYNTHETIC_SNR_DB = (5.0, 20.0)
@@ -53,8 +62,26 @@ def coloured_noise(length: int, slope: float, generator: torch.Generator | None 
     return torch.fft.irfft(spectrum, n=length)
 
 
-def _wavs_under(folder: Path) -> list[Path]:
-    return sorted(folder.rglob("*.wav"))
+def _channels(path: str | os.PathLike) -> int:
+    """The channel count in the header of ``path``; 1 when it cannot be read (:func:`load_audio` then says why)."""
+    try:
+        return int(soundfile.info(str(path)).channels)
+    except (RuntimeError, soundfile.LibsndfileError):
+        return 1
+
+
+def load_channel_zero(path: str | os.PathLike, sample_rate: int) -> torch.Tensor:
+    """All of ``path`` at ``sample_rate``: :func:`load_audio` for a mono file, channel 0 of a multichannel one."""
+    if _channels(path) == 1:
+        return load_audio(path, sample_rate)
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as err:
+        raise AudioError(f"{path}: unreadable audio ({err})") from err
+    if data.size == 0 or not np.all(np.isfinite(data[:, 0])):
+        raise AudioError(f"{path}: empty audio or NaN/inf samples in channel 0")
+    wav = torch.from_numpy(np.ascontiguousarray(data[:, 0]))
+    return wav if rate == sample_rate else torchaudio.functional.resample(wav, rate, sample_rate)
 
 
 def noise_categories(noise_dir: str | os.PathLike) -> dict[str, list[Path]]:
@@ -62,9 +89,7 @@ def noise_categories(noise_dir: str | os.PathLike) -> dict[str, list[Path]]:
     noise_dir = Path(noise_dir)
     subfolders = [name for name in CATEGORY_SNR_DB if (noise_dir / name).is_dir()]
     found = (
-        {name: _wavs_under(noise_dir / name) for name in subfolders}
-        if subfolders
-        else {"noise": _wavs_under(noise_dir)}
+        {name: wavs_under(noise_dir / name) for name in subfolders} if subfolders else {"noise": wavs_under(noise_dir)}
     )
     categories = {name: files for name, files in found.items() if files}
     if not categories:
@@ -75,9 +100,14 @@ def noise_categories(noise_dir: str | os.PathLike) -> dict[str, list[Path]]:
 class WaveformAugmenter:
     """Augment a batch ``[B, T]``: each row is reverberated with ``reverb_prob`` and noised with ``noise_prob``.
 
-    Random draws use torch's global generator, which training checkpoints save, so a
-    resumed run augments as an uninterrupted one would; an integer ``seed`` gives the
-    augmenter a private generator instead (reproducible on its own, not checkpointed).
+    Noise comes from ``noise_dir`` or from lists (``lists_dir`` holding ``noise.list``, ``music.list``,
+    ``babble.list``, ``rir.list``, or ``noise_list``/``music_list``/``babble_list``/``rir_list`` each);
+    impulse responses from ``rir_dir`` or the lists. A folder and lists of the same kind are refused.
+
+    An integer ``seed`` gives the augmenter a private generator (``self.generator``; the settings
+    fragments seed it from the run's seed, ``qmargin_spk/utils/seeds.py``, and training checkpoints
+    save its state, so a resumed run augments as an uninterrupted one would); ``None`` draws from
+    torch's global generator.
     """
 
     def __init__(
@@ -88,9 +118,20 @@ class WaveformAugmenter:
         reverb_prob: float = 0.2,
         sample_rate: int = 16000,
         seed: int | None = None,
+        lists_dir: str | os.PathLike | None = None,
+        noise_list: str | os.PathLike | None = None,
+        music_list: str | os.PathLike | None = None,
+        babble_list: str | os.PathLike | None = None,
+        rir_list: str | os.PathLike | None = None,
     ):
-        self.noise = noise_categories(noise_dir) if noise_dir is not None else {}
-        self.rirs = _wavs_under(Path(rir_dir)) if rir_dir is not None else []
+        listed = read_lists(lists_dir, noise=noise_list, music=music_list, speech=babble_list, rir=rir_list)
+        listed_noise = {name: files for name, files in listed.items() if name in CATEGORY_SNR_DB}
+        if noise_dir is not None and listed_noise:
+            raise ValueError(f"{noise_dir}: a noise folder and noise lists were both given; give one")
+        if rir_dir is not None and "rir" in listed:
+            raise ValueError(f"{rir_dir}: an RIR folder and an RIR list were both given; give one")
+        self.noise = noise_categories(noise_dir) if noise_dir is not None else listed_noise
+        self.rirs = rir_files(rir_dir) if rir_dir is not None else listed.get("rir", [])
         if rir_dir is not None and not self.rirs:
             raise ValueError(f"{rir_dir}: no RIR wavs found")
         self.noise_prob = noise_prob
@@ -119,7 +160,11 @@ class WaveformAugmenter:
         """A whole file, or a random ``length``-sample segment of it (repeat-padded); None if unreadable."""
         try:
             if length is None:
-                return load_audio(path, self.sample_rate)
+                return load_channel_zero(path, self.sample_rate)
+            if _channels(path) > 1:  # RIRS_NOISES' isotropic noises: read whole, then cut
+                wav = load_channel_zero(path, self.sample_rate)
+                start = self._index(len(wav) - length + 1) if len(wav) > length else 0
+                return repeat_pad(wav[start : start + length], length)
             available = int(audio_info(path).duration * self.sample_rate)
             start = self._index(available - length + 1) if available > length else 0
             return repeat_pad(

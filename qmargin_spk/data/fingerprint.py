@@ -3,6 +3,11 @@
 The embedding cache (:func:`qmargin_spk.scoring.embeddings.extract_embeddings`, its partial
 file included) and the tar shards' index (:mod:`qmargin_spk.data.shards.writer`) put it in
 their keys, so an audio file changed in place invalidates what was computed from it.
+
+Addresses (:mod:`qmargin_spk.data.sources.address`) are fingerprinted by what they read: a pipe
+entry by its command and the SHA-256 of the samples it writes (the command runs once more), an
+ark entry by the ark file's fingerprint plus the offset, a plain file by its own; a segment adds
+its start and end.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import os
 import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+
+from qmargin_spk.data.sources.address import ARK, PIPE, SourceError, ark_location, is_address, parse_address
+from qmargin_spk.data.sources.kaldi_entry import read_entry
 
 EDGE_BYTES = 64 * 1024
 
@@ -28,6 +36,8 @@ def audio_fingerprint(path: str | os.PathLike) -> str:
     fingerprint is taken before the file is read, so a file changed while it is being read
     is taken again next time. Raises ``OSError`` if it is not a regular file or cannot be opened.
     """
+    if is_address(path):
+        return _address_fingerprint(path)
     if not stat.S_ISREG(os.stat(path).st_mode):  # never open a FIFO or a device: it could block
         raise OSError(f"{path}: not a regular file")
     with open(path, "rb") as handle:
@@ -37,6 +47,25 @@ def audio_fingerprint(path: str | os.PathLike) -> str:
             handle.seek(max(EDGE_BYTES, status.st_size - EDGE_BYTES))
             digest.update(handle.read(EDGE_BYTES))
     return f"{status.st_size}:{status.st_mtime_ns}:{digest.hexdigest()}"
+
+
+def _address_fingerprint(text: str) -> str:
+    """``<kind>:<start>:<end>:<what it reads>`` of an address; ``OSError`` if its samples cannot be reached."""
+    try:
+        address = parse_address(text)
+        if address.kind == PIPE:
+            rate, samples = read_entry(address.entry, text)
+            digest = hashlib.sha256(address.entry.strip().encode())
+            digest.update(str(rate).encode() + b"\0" + samples.tobytes())
+            content = digest.hexdigest()
+        elif address.kind == ARK:
+            ark, offset = ark_location(address.entry)
+            content = f"{audio_fingerprint(ark)}@{offset}"
+        else:
+            content = audio_fingerprint(address.entry)
+    except SourceError as err:
+        raise OSError(str(err)) from None
+    return f"{address.kind}:{address.start}:{address.end}:{content}"
 
 
 def audio_fingerprints(paths: Sequence[str | os.PathLike], num_workers: int = 8, chunk: int = 1024) -> list[str | None]:

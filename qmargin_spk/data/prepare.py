@@ -1,9 +1,12 @@
-"""The recipe's prepare stage: VoxCeleb-layout audio trees -> checked manifests.
+"""The recipe's prepare stage: audio trees, Kaldi data dirs or manifests -> checked manifests.
 
-Inputs are roots laid out as ``<root>/wav/<spk>/<video>/<utt>.wav`` (VoxCeleb1) or
-``<root>/aac/<spk>/<video>/<utt>.m4a`` (VoxCeleb2 dev), plus trial lists whose paths
-are relative to the test root's ``wav/``. Everything that could break a later stage
-is found here, once:
+Each root is one of three forms, told apart by its content (:mod:`qmargin_spk.data.sources`;
+``input_format`` decides when a folder looks like two): an audio tree (``<root>/wav/<spk>/<video>/<utt>.wav``
+as VoxCeleb1, ``<root>/aac/<spk>/<video>/<utt>.m4a`` as VoxCeleb2 dev, or ``<root>/<spk>/.../<utt>.flac``),
+a Kaldi data dir (``wav.scp`` with files, pipes and ark entries, ``utt2spk``, ``segments``) or a
+CSV/JSONL manifest. Trial items are paths relative to a tree's base, utterance ids for the other
+forms; speakers come from the folders, ``utt2spk`` or the manifest. Everything that could break a
+later stage is found here, once, for every form:
 
 - m4a files are decoded with ffmpeg into the same root's ``wav/`` tree (threads
   running ffmpeg processes; resumable; failures listed, not fatal);
@@ -16,14 +19,15 @@ is found here, once:
   :func:`qmargin_spk.data.audio.load_audio` resamples them on every load, so
   durations here are in seconds, whatever the file's rate;
 - training and test speakers must be disjoint (VoxCeleb1-E/H use all of VoxCeleb1);
-- every trial must name a usable test utterance by a canonical relative path inside
-  the test root's ``wav/``, with a label that agrees with the speaker folders, and
-  every list must hold both target and non-target trials (parsing, paths, labels and
+- every trial must name a usable test utterance (trees: by a canonical relative path
+  inside the base), with a label that agrees with the speakers, and every list must
+  hold both target and non-target trials (parsing, paths, labels and
   file checks shared with :mod:`qmargin_spk.data.trials`).
 
 Outputs in ``out_dir`` (all written atomically, and only after every check passed, so
 a failed prepare leaves no new output): ``train.csv`` and ``test.csv``
-(``ID,wav,duration,spk_id``; ``ID`` is ``spk/video/utt``, ``wav`` an absolute path,
+(``ID,wav,duration,spk_id``; ``ID`` is ``spk/video/utt`` for trees, the utterance id
+otherwise; ``wav`` an absolute path or an address (:mod:`qmargin_spk.data.sources.address`);
 ``duration`` seconds), ``skipped.txt``, ``resampled.txt``, ``conversion_failures.txt``
 and, last, ``prepare_done.json``, which holds a cheap fingerprint of the inputs (file
 counts, sizes, newest mtimes, settings) so that re-running a finished prepare does
@@ -45,12 +49,15 @@ import numpy as np
 
 from qmargin_spk.data.audio import AudioError, audio_info, check_finite_samples
 from qmargin_spk.data.m4a import FfmpegMissingError, convert_m4a
-from qmargin_spk.data.manifest import ManifestRow, utterance_id, write_manifest
+from qmargin_spk.data.manifest import ManifestRow, write_manifest
+from qmargin_spk.data.sources.detect import read_input
+from qmargin_spk.data.sources.tree import is_voxceleb_layout, tree_files
+from qmargin_spk.data.sources.utterances import TREE, InputError, InputSource
 from qmargin_spk.data.trials import (
-    MissingTrialFilesError,
     TrialList,
-    check_trial_files,
+    TrialPathError,
     check_trial_labels,
+    check_trial_paths,
     read_trial_lists,
     unique_utterances,
 )
@@ -85,6 +92,8 @@ class PrepareResult:
     num_resampled: int
     num_conversion_failures: int
     reused: bool = False
+    input_formats: dict[str, str] | None = None  # root -> kaldi | manifest | tree
+    dropped: dict[str, int] | None = None  # reason -> utterances left out, every root together
 
     def to_json(self) -> dict:
         """Plain JSON values (paths as strings)."""
@@ -94,22 +103,17 @@ class PrepareResult:
     @classmethod
     def from_json(cls, data: dict) -> PrepareResult:
         path_fields = {"out_dir", "train_manifest", "test_manifest"}
-        values = {f.name: data[f.name] for f in fields(cls)}
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
         values.update({k: Path(values[k]) for k in path_fields})
         values["trial_files"] = [Path(p) for p in values["trial_files"]]
         return cls(**values)
 
 
-def _audio_files(folder: Path, extension: str) -> list[Path]:
-    """Files ``<folder>/<spk>/<video>/<utt>.<extension>``, sorted."""
-    return sorted(folder.glob(f"*/*/*.{extension}")) if folder.is_dir() else []
-
-
-def _check_layout(root: Path) -> None:
-    if not root.is_dir():
-        raise PrepareError(f"{root}: no such folder")
-    if not (root / "wav").is_dir() and not (root / "aac").is_dir():
-        raise PrepareError(f"{root}: no wav/ or aac/ folder (expected <root>/wav/<spk>/<video>/<utt>.wav)")
+def _read_source(root: Path, input_format: str | None) -> InputSource:
+    try:
+        return read_input(root, input_format)
+    except InputError as err:
+        raise PrepareError(str(err)) from None
 
 
 # --- scanning ---------------------------------------------------------------------
@@ -117,52 +121,76 @@ def _check_layout(root: Path) -> None:
 
 @dataclass
 class RootScan:
-    """One root's usable utterances, skipped files (with reasons) and files needing resampling."""
+    """One root's usable utterances, skipped ones (name and reason; by id too) and files needing resampling."""
 
     rows: list[ManifestRow]
-    skipped: list[tuple[Path, str]]
-    resampled: list[tuple[Path, int]]
+    skipped: list[tuple[str, str]]
+    resampled: list[tuple[str, int]]
+    skipped_ids: dict[str, str]
 
 
-def scan_root(root: Path, sample_rate: int, min_duration: float, num_workers: int, min_samples: int = 0) -> RootScan:
-    """Check every wav under ``root/wav`` (header; samples if they may be NaN/inf); sort usable files from the rest.
+def drop_reason(problem: str) -> str:
+    """The kind of a skip reason, for the counts prepare reports."""
+    for words, kind in (
+        (("channels",), "not mono"),
+        (("NaN",), "NaN or inf samples"),
+        (("too short",), "too short"),
+        (("empty", "0 samples"), "empty"),
+        (("no speaker",), "no speaker"),
+        (("no such", "dangling", "link loop", "not found", "not a regular"), "missing"),
+        (("command failed", "no audio object"), "failed pipe or ark entry"),
+    ):
+        if any(word in problem for word in words):
+            return kind
+    return "unreadable"
 
-    Files under ``min_samples`` (the model's shortest input, at ``sample_rate``) are skipped.
+
+def scan_source(
+    source: InputSource, sample_rate: int, min_duration: float, num_workers: int, min_samples: int = 0
+) -> RootScan:
+    """Check every utterance (header; samples if they may be NaN/inf, or came from a pipe or ark).
+
+    Utterances under ``min_duration`` seconds or ``min_samples`` (the model's shortest input,
+    at ``sample_rate``) are skipped.
     """
-    paths = _audio_files(root / "wav", "wav")
-    if not paths:
-        raise PrepareError(f"{root}: no audio files under {root / 'wav'} (expected <spk>/<video>/<utt>.wav)")
+    utterances = source.utterances
+    if not utterances and source.kind == TREE:
+        base = source.trial_root
+        raise PrepareError(f"{source.root}: no audio files under {base} (expected <spk>/<video>/<utt>.wav)")
+    if not utterances:
+        raise PrepareError(f"{source.root}: no utterances with a speaker")
 
-    def probe(path: Path):
+    def probe(address: str):
         try:
-            info = audio_info(path)
-            check_finite_samples(path, info)
+            info = audio_info(address)
+            check_finite_samples(address, info)
             return info, None
         except AudioError as err:
-            return None, str(err).removeprefix(f"{path}: ")
+            return None, str(err).removeprefix(f"{address}: ")
 
-    scan = RootScan([], [], [])
+    scan = RootScan([], list(source.dropped), [], dict(source.dropped))
     with ThreadPoolExecutor(num_workers) as pool:
-        for path, (info, problem) in zip(paths, pool.map(probe, paths, chunksize=64)):
+        probed = pool.map(probe, [u.address for u in utterances], chunksize=64)
+        for utterance, (info, problem) in zip(utterances, probed):
             if info is not None and info.duration < min_duration:
                 problem = f"too short ({info.duration:.2f} s < min_duration {min_duration} s)"
             elif info is not None and info.frames * sample_rate // info.sample_rate < min_samples:
                 problem = f"too short for the model ({info.duration:g} s < its minimum {min_samples / sample_rate:g} s)"
             if problem is not None:
-                scan.skipped.append((path, problem))
+                scan.skipped.append((utterance.name, problem))
+                scan.skipped_ids[utterance.id] = problem
                 continue
             if info.sample_rate != sample_rate:
-                scan.resampled.append((path, info.sample_rate))
-            relative = path.relative_to(root / "wav").as_posix()
-            scan.rows.append(
-                ManifestRow(utterance_id(relative), os.path.abspath(path), info.duration, relative.split("/")[0])
-            )
+                scan.resampled.append((utterance.name, info.sample_rate))
+            scan.rows.append(ManifestRow(utterance.id, utterance.address, info.duration, utterance.spk))
+    total = len(utterances) + len(source.dropped)
     if scan.skipped:
-        logger.warning("%s: skipped %d of %d files, e.g. %s: %s", root, len(scan.skipped), len(paths), *scan.skipped[0])
-    if not scan.rows:
-        raise PrepareError(
-            f"{root}: none of the {len(paths)} audio files is usable, e.g. {scan.skipped[0][0]}: {scan.skipped[0][1]}"
+        logger.warning(
+            "%s: skipped %d of %d utterances, e.g. %s: %s", source.root, len(scan.skipped), total, *scan.skipped[0]
         )
+    if not scan.rows:
+        example = scan.skipped[0]
+        raise PrepareError(f"{source.root}: none of the {total} utterances is usable, e.g. {example[0]}: {example[1]}")
     return scan
 
 
@@ -183,43 +211,50 @@ def check_disjoint_speakers(train_speakers: set[str], test_speakers: set[str], a
     logger.warning(message)
 
 
-def validate_trial_lists(
-    trial_files: Sequence[Path], test_root: Path, usable_ids: set[str], skipped: dict[str, str]
-) -> list[TrialList]:
-    """Check trial lists against the scanned test root; every problem is reported as ``file:line``.
+def validate_trial_lists(trial_files: Sequence[Path], test: InputSource, scan: RootScan) -> list[TrialList]:
+    """Check trial lists against the scanned test input; every problem is reported as ``file:line``.
 
-    Parsing and the existence of files are checked by :mod:`qmargin_spk.data.trials`
-    (the same code that scoring uses); on top of that every utterance must be usable
-    (not in ``skipped``), each label must agree with the speaker folders, and each list
-    must hold both target and non-target trials.
+    Parsing is :mod:`qmargin_spk.data.trials`'s (the code scoring uses), and so is the path check
+    of trees (canonical, relative, inside the base). Every item must name a usable test
+    utterance (a path for trees, whatever its extension; an id otherwise), each label must agree
+    with the speakers (folders, ``utt2spk`` or the manifest), and each list must hold both
+    target and non-target trials.
     """
     for path in trial_files:
         if not path.is_file():
             raise PrepareError(f"{path}: trial list not found")
     try:
         lists = read_trial_lists(trial_files)
-        check_trial_files(lists, test_root / "wav")
-    except (ValueError, MissingTrialFilesError) as err:
+        if test.kind == TREE:
+            check_trial_paths(lists)
+    except (ValueError, TrialPathError) as err:
         raise PrepareError(str(err)) from err
-    unusable = {
-        u: skipped.get(utterance_id(u), "not in the test manifest")
-        for u in unique_utterances(lists)
-        if utterance_id(u) not in usable_ids
-    }
+    speakers = {row.id: row.spk_id for row in scan.rows}
+    where = f"under {test.trial_root}" if test.kind == TREE else f"in {test.root}"
+    unusable = {}
+    for item in unique_utterances(lists).tolist():
+        utt = test.item_id(item)
+        if utt not in speakers:
+            unusable[item] = scan.skipped_ids.get(utt, f"not {where}")
     problems: list[str] = []
     for trials in lists:
         found: list[tuple[int, str]] = []
         for side in (trials.enrol, trials.test):
             for i in np.flatnonzero(np.isin(side, list(unusable))):
-                found.append((trials.line_numbers[i], f"{side[i]} is unusable ({unusable[side[i]]})"))
-        same_speaker = np.char.partition(trials.enrol, "/")[:, 0] == np.char.partition(trials.test, "/")[:, 0]
-        for i in np.flatnonzero(same_speaker != trials.labels.astype(bool)):
-            found.append(
-                (
-                    trials.line_numbers[i],
-                    f"label {trials.labels[i]} disagrees with the speakers of {trials.enrol[i]} and {trials.test[i]}",
+                reason = unusable[side[i]]
+                found.append((trials.line_numbers[i], f"{side[i]} is unusable ({reason})"))
+        for i in range(len(trials)):
+            enrol, test_item = trials.enrol[i], trials.test[i]
+            if enrol in unusable or test_item in unusable:
+                continue
+            same = speakers[test.item_id(enrol)] == speakers[test.item_id(test_item)]
+            if same != bool(trials.labels[i]):
+                found.append(
+                    (
+                        trials.line_numbers[i],
+                        f"label {trials.labels[i]} disagrees with the speakers of {enrol} and {test_item}",
+                    )
                 )
-            )
         problems += [f"{trials.path}:{line}: {message}" for line, message in sorted(found)]
     if problems:
         more = f"\n... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
@@ -253,16 +288,20 @@ def _tree_summary(paths: list[Path]) -> dict:
     }
 
 
-def input_fingerprint(
-    train_roots: Sequence[Path], test_root: Path, trial_files: Sequence[Path], settings: dict
-) -> dict:
-    """A cheap summary of everything prepare reads: audio trees (counts, sizes, mtimes), trial lists, settings."""
-    trees = {
-        str(root): {
-            ext: _tree_summary(_audio_files(root / folder, ext)) for folder, ext in (("wav", "wav"), ("aac", "m4a"))
-        }
-        for root in [*train_roots, test_root]
-    }
+def _source_summary(root: Path, source: InputSource) -> dict:
+    """What a root's fingerprint holds: per extension for trees (as before other forms existed), else its files."""
+    if source.kind != TREE:
+        present = [path for path in source.watched if os.path.lexists(path)]
+        return {"form": source.kind, "files": _tree_summary(present), "missing": len(source.watched) - len(present)}
+    by_extension = {"wav": [], "m4a": sorted((root / "aac").glob("*/*/*.m4a")) if (root / "aac").is_dir() else []}
+    for path in source.watched:
+        by_extension.setdefault(path.suffix.lower().lstrip("."), []).append(path)
+    return {ext: _tree_summary(paths) for ext, paths in by_extension.items() if ext in ("wav", "m4a") or paths}
+
+
+def input_fingerprint(sources: dict[Path, InputSource], trial_files: Sequence[Path], settings: dict) -> dict:
+    """A cheap summary of everything prepare reads: the inputs (counts, sizes, mtimes), trial lists, settings."""
+    trees = {str(root): _source_summary(root, source) for root, source in sources.items()}
     trials = {str(p): _tree_summary([p]) if p.is_file() else None for p in trial_files}
     return {"version": MARKER_VERSION, "trees": trees, "trials": trials, "settings": settings}
 
@@ -284,6 +323,7 @@ def prepare(
     allow_overlap: bool = False,
     num_workers: int = 4,
     test_min_samples: int = 0,
+    input_format: str | None = None,
 ) -> PrepareResult:
     """Decode, scan and check the data; write manifests and listings to ``out_dir``.
 
@@ -291,7 +331,8 @@ def prepare(
     it is readable and at least ``test_min_samples`` long (the model's shortest input at
     ``sample_rate``; trials naming a shorter file are refused). Raises :class:`PrepareError` for a
     missing layout, a root without usable audio, duplicate training ids, overlapping
-    speakers (unless ``allow_overlap``) and bad trial lists.
+    speakers (unless ``allow_overlap``) and bad trial lists. ``input_format`` (``kaldi``,
+    ``manifest`` or ``tree``) forces the form of every root instead of detecting it.
     """
     train_roots = [Path(os.path.abspath(r)) for r in train_roots]
     test_root = Path(os.path.abspath(test_root))
@@ -301,28 +342,28 @@ def prepare(
     settings |= {"test_min_samples": test_min_samples} if test_min_samples else {}  # earlier fingerprints stay valid
     if not train_roots:
         raise PrepareError("no training root given")
-    for root in [*train_roots, test_root]:
-        _check_layout(root)
+    sources = {root: _read_source(root, input_format) for root in dict.fromkeys([*train_roots, test_root])}
 
     marker = out_dir / DONE_MARKER
     if marker.is_file():
         done = json.loads(marker.read_text(encoding="utf-8"))
         outputs_present = all((out_dir / name).is_file() for name in ("train.csv", "test.csv"))
-        if outputs_present and done.get("fingerprint") == input_fingerprint(
-            train_roots, test_root, trial_paths, settings
-        ):
+        if outputs_present and done.get("fingerprint") == input_fingerprint(sources, trial_paths, settings):
             logger.info("%s: inputs unchanged since the last prepare, nothing to do", out_dir)
             return PrepareResult.from_json(done["result"] | {"reused": True})
         marker.unlink()
 
+    trees = [root for root, source in sources.items() if source.kind == TREE and is_voxceleb_layout(root)]
     try:
-        failures = convert_m4a([*train_roots, test_root], sample_rate, num_workers)
+        failures = convert_m4a(trees, sample_rate, num_workers)
     except FfmpegMissingError as err:
         raise PrepareError(str(err)) from None
-    fingerprint = input_fingerprint(train_roots, test_root, trial_paths, settings)  # the inputs as scanned below
+    if failures or any(len(tree_files(root)) != len(sources[root].utterances) for root in trees):
+        sources |= {root: _read_source(root, input_format) for root in trees}  # with the decoded files
+    fingerprint = input_fingerprint(sources, trial_paths, settings)  # the inputs as scanned below
 
-    train = [scan_root(root, sample_rate, min_duration, num_workers) for root in train_roots]
-    test = scan_root(test_root, sample_rate, 0.0, num_workers, test_min_samples)
+    train = [scan_source(sources[root], sample_rate, min_duration, num_workers) for root in train_roots]
+    test = scan_source(sources[test_root], sample_rate, 0.0, num_workers, test_min_samples)
     train_rows = [row for scan in train for row in scan.rows]
     duplicates = [utt for utt, count in Counter(row.id for row in train_rows).items() if count > 1]
     if duplicates:
@@ -331,8 +372,7 @@ def prepare(
         )
     check_disjoint_speakers({r.spk_id for r in train_rows}, {r.spk_id for r in test.rows}, allow_overlap)
 
-    test_skipped = {utterance_id(p.relative_to(test_root / "wav").as_posix()): why for p, why in test.skipped}
-    for trials in validate_trial_lists(trial_paths, test_root, {row.id for row in test.rows}, test_skipped):
+    for trials in validate_trial_lists(trial_paths, sources[test_root], test):
         logger.info(
             "%s: %d target and %d non-target trials",
             trials.path,
@@ -358,6 +398,10 @@ def prepare(
         num_skipped=sum(len(scan.skipped) for scan in scans),
         num_resampled=sum(len(scan.resampled) for scan in scans),
         num_conversion_failures=len(failures),
+        input_formats={str(root): source.kind for root, source in sources.items()},
+        dropped=dict(sorted(Counter(drop_reason(why) for scan in scans for _, why in scan.skipped).items())),
     )
+    kept = f"kept {len(train_rows)} training and {len(test.rows)} test utterances"
+    logger.info("%s; dropped: %s", kept, ", ".join(f"{n} {why}" for why, n in result.dropped.items()) or "none")
     atomic_write_text(marker, json.dumps({"fingerprint": fingerprint, "result": result.to_json()}, indent=1) + "\n")
     return result

@@ -58,7 +58,7 @@ from qmargin_spk.models.registry import (
     validate_frontend,
 )
 from qmargin_spk.scoring.report import results_table
-from qmargin_spk.utils.atomic import _umask, write_error
+from qmargin_spk.utils.atomic import _umask, swap_folder_into_place, write_error
 
 MODEL_FORMAT = 2
 READABLE_FORMATS = (1, 2)  # format 1: ECAPA-TDNN settings under "model" (before the registry)
@@ -232,7 +232,7 @@ def package_model(
             calibration = _keep_matching_calibration(out_dir, staging, info)
         (staging / CARD_FILE).write_text(model_card(info, calibration), encoding="utf-8")
         os.chmod(staging, 0o777 & ~_umask())
-        _swap_into_place(staging, out_dir)
+        swap_folder_into_place(staging, out_dir)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         failed = write_error(err, out_dir, staging)  # a full disk: one line naming the folder not written
@@ -366,14 +366,3 @@ def _keep_matching_calibration(old_dir: Path, staging: Path, info: Mapping) -> C
                 shutil.copy2(old_dir / COHORT_FILE, staging / COHORT_FILE)
             return calibration
     return None
-
-
-def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename ``staging`` to ``out_dir``; an existing ``out_dir`` is moved aside first, then deleted."""
-    if not out_dir.exists():
-        os.rename(staging, out_dir)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    os.rename(out_dir, retired / out_dir.name)
-    os.rename(staging, out_dir)
-    shutil.rmtree(retired, ignore_errors=True)

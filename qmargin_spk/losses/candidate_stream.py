@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from qmargin_spk.losses.posterior import candidates_from_pairs, posterior_on_candidates
-from qmargin_spk.losses.threshold import f_prime_inv_q, group_maxima_tau, tau_rounding_slack
+from qmargin_spk.losses.threshold import f_prime_inv_q, group_maxima_tau, tau_lower_bound_in
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class CandidateStream:
 
     def _raise_lo(self, subset_tau: torch.Tensor) -> None:
         """``lo = max(lo, tau of a subset of the classes)``: a lower bound of tau."""
-        self.lo = torch.fmax(self.lo, subset_tau - tau_rounding_slack(subset_tau))
+        self.lo = torch.fmax(self.lo, tau_lower_bound_in(subset_tau, self.lo.dtype))
 
     def _padded(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's candidates (its ``limit`` largest), sorted, as ``solve_on_candidates`` takes them."""

@@ -12,7 +12,7 @@ import torch
 
 from qmargin_spk.losses.posterior import SparsePosterior, dense_sparse_posterior, softmax_posterior
 from qmargin_spk.losses.stats import PosteriorStats, posterior_statistics
-from qmargin_spk.losses.threshold import solver_dtype
+from qmargin_spk.losses.threshold import TAU_DTYPE, solver_dtype
 from qmargin_spk.losses.validation import validate_inputs
 
 
@@ -88,7 +88,8 @@ def fenchel_young_loss_and_stats(
     """:func:`fenchel_young_loss` and the :class:`PosteriorStats` of the batch."""
     with torch.no_grad():
         validate_inputs(logits, target, alpha)
-        work = solver_dtype(logits.dtype)
+        # alpha > 1: the candidates' logits, tau, p and the loss in float64 (docs/loss.md, "Exactness").
+        work = solver_dtype(logits.dtype) if alpha == 1.0 else TAU_DTYPE
         target = target.long()
         log_q = torch.as_tensor(log_q_target, dtype=work, device=logits.device).expand(logits.shape[0])
         if alpha == 1.0:

@@ -12,6 +12,8 @@ The support of ``p`` is a prefix of the classes sorted by logit and every class 
 ``tau_lo - 1/(alpha - 1)`` is inactive (``tau_lo`` any lower bound of tau), so the solver only ever
 looks at those *candidates*: a few per row, found with one comparison over the row once the maxima
 of a few groups of classes have bounded tau from below (the threshold itself: ``threshold.py``).
+tau and ``p`` are computed in float64 on the candidates, whatever the logits' dtype, which makes
+them exact for alpha up to ``MAX_ALPHA`` (``docs/loss.md``, "Exactness").
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qmargin_spk.losses.threshold import DENSE_PROBE_GROUPS, group_maxima_tau, solve_tau, solver_dtype
+from qmargin_spk.losses.threshold import DENSE_PROBE_GROUPS, TAU_DTYPE, group_maxima_tau, solve_tau, solver_dtype
 from qmargin_spk.losses.validation import validate_inputs
 
 
@@ -30,20 +32,13 @@ class SparsePosterior:
 
     indices: torch.Tensor  # [B, K] long, candidate classes (padding entries carry value 0)
     values: torch.Tensor  # [B, K] float, p on the candidates (sums to 1 per row)
-    tau: torch.Tensor  # [B] the threshold (nan for alpha == 1, which has none)
+    tau: torch.Tensor  # [B] the threshold, float64 (nan for alpha == 1, which has none)
     support_size: torch.Tensor  # [B] long, number of classes with p > 0
 
     def to_dense(self, num_classes: int) -> torch.Tensor:
         """Scatter into a dense ``[B, C]`` tensor."""
         dense = self.values.new_zeros(self.values.shape[0], num_classes)
         return dense.scatter_add_(1, self.indices, self.values)
-
-
-def _mass(theta: torch.Tensor, log_q: torch.Tensor, tau: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Unnormalised posterior ``q_j [1 + (alpha-1)(theta_j - tau)]_+^(1/(alpha-1))`` for a row-wise ``tau``."""
-    am1 = alpha - 1.0
-    u = torch.clamp_min(1.0 + am1 * (theta - tau.unsqueeze(1)), 0.0)
-    return torch.exp(log_q + torch.log(u) / am1)  # log 0 = -inf: inactive classes get exactly 0
 
 
 def _dense_candidates(
@@ -58,11 +53,15 @@ def _dense_candidates(
 
     Returns the candidates in the layout of :func:`candidates_from_pairs` and the probe's lower
     bound of tau. The floor is compared with ``x`` itself (``x_j > floor / scale``, the quotient
-    rounded down), so the scaled ``B x C`` logits are never formed.
+    rounded down, then cast to ``x``'s dtype rounded down), so the scaled ``B x C`` logits are never
+    formed and the comparison needs no ``B x C`` conversion. The candidates' logits are formed in
+    ``log_q_target``'s dtype (float64 on the dense path: ``scale * x`` exactly).
     """
     lower = group_maxima_tau(x, target_x, log_q_target, alpha, scale, DENSE_PROBE_GROUPS)
     floor = lower - 1.0 / (alpha - 1.0)
     cut = floor if scale == 1.0 else torch.nextafter(floor / scale, floor.new_tensor(float("-inf")))
+    # Rounding to nearest moves a value by at most eps |v| / 2: a cut lowered by eps |cut| stays below.
+    cut = (cut - torch.finfo(x.dtype).eps * cut.abs()).to(x.dtype)
     rows, cols = (x > cut.unsqueeze(1)).nonzero(as_tuple=True)
     theta = x[rows, cols].to(floor.dtype)
     theta = theta if scale == 1.0 else theta * scale
@@ -130,11 +129,15 @@ def posterior_on_candidates(
     alpha: float,
     lower: torch.Tensor | None = None,
 ) -> SparsePosterior:
-    """:func:`solve_on_candidates`, the Newton solve started from ``lower``, a known lower bound of tau (or None)."""
-    tau = solve_tau(cand_theta, log_q, alpha, lower)
-    values = _mass(cand_theta, log_q, tau, alpha)
+    """:func:`solve_on_candidates`, the Newton solve started from ``lower``, a known lower bound of tau (or None).
+
+    tau and ``p`` are solved in ``TAU_DTYPE`` (float64) on the candidates as given; ``p`` comes back in
+    ``cand_theta``'s dtype, tau in float64.
+    """
+    threshold = solve_tau(cand_theta, log_q, alpha, lower)
+    values = threshold.mass(cand_theta.to(TAU_DTYPE), log_q.to(TAU_DTYPE), alpha)
     values = values / values.sum(dim=1, keepdim=True)
-    return SparsePosterior(cand_idx, values, tau, (values > 0).sum(dim=1))
+    return SparsePosterior(cand_idx, values.to(cand_theta.dtype), threshold.tau, (values > 0).sum(dim=1))
 
 
 def softmax_posterior(theta: torch.Tensor, target: torch.Tensor, log_q_target: torch.Tensor) -> SparsePosterior:
@@ -163,10 +166,11 @@ def solve_sparse_posterior(
     """The alpha-divergence posterior with the Q-Margin-style prior, as (index, value) pairs.
 
     ``log_q_target`` is ``log q_y`` per row (or one float for all rows); every other class has
-    ``q_j = 1``. Solved in float64 for float64 logits and float32 otherwise; deterministic.
+    ``q_j = 1``. alpha > 1 is solved in float64 on the logits upcast (values in float64); alpha 1, a
+    softmax, in float64 for float64 logits and float32 otherwise. Deterministic.
     """
     validate_inputs(logits, target, alpha)
-    work = solver_dtype(logits.dtype)
+    work = solver_dtype(logits.dtype) if alpha == 1.0 else TAU_DTYPE
     target = target.long()
     log_q_target = torch.as_tensor(log_q_target, dtype=work, device=logits.device).expand(logits.shape[0])
     if alpha == 1.0:

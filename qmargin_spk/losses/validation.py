@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-# alpha above this makes u^(1/(alpha-1)) underflow-prone and the loss's q_y^(1-alpha) overflow in
-# float32 for usual scales and margins; alpha 2 (sparsemax) is already very sparse.
+# The solver is exact (docs/loss.md, "Exactness"; tests/test_solver_exactness.py) over [1, MAX_ALPHA].
+# Above it the loss's q_y^(1-alpha) overflows float32 for usual scales and margins; alpha 2
+# (sparsemax) is already very sparse.
 MAX_ALPHA = 10.0
 
 

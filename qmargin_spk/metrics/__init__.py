@@ -1,4 +1,4 @@
-"""Speaker-verification metrics: EER, minDCF, TAR at fixed FAR, DET curves, speaker-bootstrap intervals.
+"""Speaker-verification metrics: EER, minDCF, TAR at fixed FAR, DET curves, speaker-bootstrap intervals, seed pooling.
 
 Cllr and actual DCF of calibrated LLRs are :mod:`qmargin_spk.calibration`'s."""
 
@@ -14,6 +14,7 @@ from qmargin_spk.metrics.bootstrap import (
     utterance_speakers,
 )
 from qmargin_spk.metrics.det import det_available, plot_det, plot_det_curves, probit
+from qmargin_spk.metrics.pooled import PooledEntry, PooledResult, pool_difference, pool_system
 from qmargin_spk.metrics.verification import (
     CONVENTIONS,
     DEFAULT_FARS,
@@ -37,6 +38,8 @@ __all__ = [
     "Interval",
     "MinDcf",
     "OperatingPoints",
+    "PooledEntry",
+    "PooledResult",
     "Replicates",
     "SpeakerBootstrap",
     "TarAtFar",
@@ -48,6 +51,8 @@ __all__ = [
     "paired_comparison",
     "plot_det",
     "plot_det_curves",
+    "pool_difference",
+    "pool_system",
     "probit",
     "utterance_speakers",
     "validate_trials",

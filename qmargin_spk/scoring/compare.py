@@ -3,7 +3,9 @@
 Reads each experiment's scored system (:func:`~qmargin_spk.scoring.scored_system.load_scored_system`:
 results JSON, score files and the experiment's own description; no re-extraction),
 bootstraps every system on every trial list with the same speaker resamples
-(:class:`~qmargin_spk.metrics.SpeakerBootstrap`), and writes to the output folder:
+(:class:`~qmargin_spk.metrics.SpeakerBootstrap`; each item's speaker as stage 3 recorded it in
+``<list>.speakers``, from the test manifest or the enrollment map, else, for runs older than that
+file, the first path component of the item), and writes to the output folder:
 ``<list>.md`` (one table per list, plus the differences to the baseline), ``summary.md``
 (the wide table, one column group per list, plus the wide table of differences),
 ``comparison.json`` (every number) and ``<list>.det.png`` (all systems overlaid, when
@@ -37,6 +39,7 @@ from qmargin_spk.scoring.scored_system import (
     check_same_trials,
     load_scored_system,
     load_scored_systems,
+    trial_speakers,
 )
 from qmargin_spk.utils.atomic import atomic_write_text
 
@@ -141,11 +144,13 @@ def _compare_list(
     reference = present[0].lists[list_name]
     for system in present[1:]:
         check_same_trials(reference, present[0].name, system.lists[list_name], system.name)
+    speakers = trial_speakers([(s.name, s.lists[list_name]) for s in present])
     try:
         bootstrap = SpeakerBootstrap(
             reference.labels,
             reference.enrol,
             reference.test,
+            speakers,
             n_resamples=n_resamples,
             seed=seed,
             p_targets=DEFAULT_P_TARGETS,

@@ -171,6 +171,12 @@ def extract_embeddings(
     return table
 
 
+def cached_embeddings(cache_path: str | os.PathLike) -> EmbeddingTable:
+    """The table a finished :func:`extract_embeddings` stored at ``cache_path`` (what that call returned)."""
+    stored = torch.load(cache_path, map_location="cpu", weights_only=True)
+    return EmbeddingTable(list(stored["utt_ids"]), stored["vectors"])
+
+
 class _Progress:
     """What an extraction has finished, kept on disk (``<cache>.partial``) so a failed run resumes.
 

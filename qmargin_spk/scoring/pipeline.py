@@ -7,11 +7,15 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from qmargin_spk.data.enrollment import EnrollmentMap, read_enroll_map
 from qmargin_spk.data.trials import (
     TrialFiles,
+    TrialList,
     check_trial_files,
+    check_trial_items,
     check_trial_labels,
     read_trial_lists,
     unique_utterances,
@@ -24,9 +28,13 @@ from qmargin_spk.metrics import (
     det_available,
     plot_det,
 )
-from qmargin_spk.scoring.backends import asnorm_scores, cosine_scores, speaker_means
-from qmargin_spk.scoring.embeddings import EmbeddingTable, EmbedFn, extract_embeddings
+from qmargin_spk.scoring.backends import asnorm_scores, cosine_scores
+from qmargin_spk.scoring.cohort import cohort_means
+from qmargin_spk.scoring.embeddings import EmbedFn, extract_embeddings
+from qmargin_spk.scoring.enrollment import model_speakers, model_vectors
 from qmargin_spk.scoring.report import write_results, write_score_file
+from qmargin_spk.scoring.test_set import TestUtterances
+from qmargin_spk.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +65,8 @@ def score_trial_lists(
     bootstrap_resamples: int = 1000,
     frontend: Mapping | None = None,
     min_samples: int | None = None,
+    test_set: TestUtterances | None = None,
+    enroll_map: str | os.PathLike | EnrollmentMap | None = None,
 ) -> dict:
     """Score every trial list with one set of embeddings and write all result files to ``out_dir``.
 
@@ -77,6 +87,15 @@ def score_trial_lists(
     the run, naming the files, before its extraction embeds anything: no list is scored in part.
     Every metric gets a 95 % speaker-bootstrap interval from ``bootstrap_resamples`` resamples
     (``intervals`` of each result; 0 turns them off).
+
+    ``test_set`` (:class:`~qmargin_spk.scoring.test_set.TestUtterances`, default: the tree
+    ``test_root``) says where items find their audio and speaker: with a manifest, items are its
+    ids and speakers its ``spk_id``. ``enroll_map`` (a file or :class:`EnrollmentMap`) makes an
+    enrolment item that names a model stand for the average of its utterances' normalised
+    embeddings (:mod:`qmargin_spk.scoring.enrollment`), with the speaker of those utterances.
+    With the bootstrap on, every trial label must agree with the speakers of its items (checked
+    before anything is embedded); the speaker of each item goes to ``<list>.speakers`` (``item speaker`` lines),
+    which the bootstrap here and ``compare`` resample by.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}, expected one of {BACKENDS}")
@@ -86,10 +105,23 @@ def score_trial_lists(
         raise ValueError(f"backend {backend!r} with subtract_mean={subtract_mean} needs cohort_paths")
     out_dir = Path(out_dir)
     test_root = Path(test_root)
+    test_set = test_set or TestUtterances(test_root)
 
     trial_lists = read_trial_lists(trial_files)
-    check_trial_files(trial_lists, test_root, max_missing_listed)
+    enrollment = _enrollment(enroll_map)
+    models = _models_used(trial_lists, enrollment)
+    if test_set.is_tree:
+        check_trial_files(trial_lists, test_set.root, max_missing_listed, models=models)
+    else:
+        check_trial_items(trial_lists, test_set.present, test_set.where(), max_missing_listed, models=models)
     check_trial_labels(trial_lists)
+    model_utterances = _check_model_utterances(enrollment, models, test_set)
+    speakers = {utt: test_set.speaker(utt) for utt in _utterances(trial_lists, models) | set(model_utterances)}
+    if models:
+        speakers |= model_speakers(enrollment, models, speakers.__getitem__)
+    if bootstrap_resamples:  # the speakers are what the bootstrap resamples: they must agree with the labels
+        for trials in trial_lists:
+            _check_labels_match_speakers(trials, speakers)
     settings = dict(
         batch_size=batch_size,
         chunk_seconds=chunk_seconds,
@@ -98,23 +130,31 @@ def score_trial_lists(
         max_batch_seconds=max_batch_seconds,
     )
     extraction = dict(settings, frontend=frontend, min_samples=min_samples)
-    test_paths = {utt: test_root / utt for utt in unique_utterances(trial_lists).tolist()}
+    utterances = sorted(_utterances(trial_lists, models) | set(model_utterances))
+    test_paths = {utt: test_set.audio(utt) for utt in utterances}
     test_table = extract_embeddings(test_paths, embed_fn, out_dir / "embeddings" / "test.pt", model_id, **extraction)
 
     cohort = mean = None
     if cohort_paths is not None:
         cohort_cache = out_dir / "embeddings" / "cohort.pt"
         cohort_table = extract_embeddings(cohort_paths, embed_fn, cohort_cache, model_id, **extraction)
-        cohort, mean = _cohort(cohort_table, cohort_speakers, subtract_mean)
+        cohort, mean = cohort_means(cohort_table, cohort_speakers, subtract_mean)
+
+    vectors, row_of = test_table.vectors, dict(zip(test_table.utt_ids, range(len(test_table.utt_ids))))
+    if models:
+        rows = [[row_of[utt] for utt in enrollment.models[model]] for model in models]
+        vectors = torch.cat([vectors.to(torch.float64), model_vectors(vectors, rows, mean)])
+        row_of |= {model: len(test_table.utt_ids) + k for k, model in enumerate(models)}
 
     results = []
     for trials in trial_lists:
-        enrol_index = test_table.indices(trials.enrol)
-        test_index = test_table.indices(trials.test)
+        enrol_index = np.array([row_of[item] for item in trials.enrol.tolist()], dtype=np.int64)
+        test_index = np.array([row_of[item] for item in trials.test.tolist()], dtype=np.int64)
         if backend == "asnorm":
-            scores = asnorm_scores(test_table.vectors, enrol_index, test_index, cohort, top_n=top_n, mean=mean)
+            scores = asnorm_scores(vectors, enrol_index, test_index, cohort, top_n=top_n, mean=mean)
         else:
-            scores = cosine_scores(test_table.vectors, enrol_index, test_index, mean=mean)
+            scores = cosine_scores(vectors, enrol_index, test_index, mean=mean)
+        speaker_file = _write_speakers(out_dir / f"{trials.name}.speakers", trials, speakers)
         score_file = out_dir / f"{trials.name}.{backend}.scores"
         write_score_file(score_file, trials.enrol, trials.test, scores, trials.labels)
         metrics = compute_metrics(scores, trials.labels, p_targets=p_targets, fars=fars)
@@ -125,6 +165,7 @@ def score_trial_lists(
                 trials.labels,
                 trials.enrol,
                 trials.test,
+                speakers=speakers,
                 n_resamples=bootstrap_resamples,
                 p_targets=p_targets,
                 fars=fars,
@@ -143,6 +184,7 @@ def score_trial_lists(
                 "metrics": metrics.to_dict(),
                 "intervals": intervals,
                 "score_file": str(score_file),
+                "speaker_file": str(speaker_file),
                 "det_plot": None if det_file is None else str(det_file),
             }
         )
@@ -157,6 +199,7 @@ def score_trial_lists(
             "subtract_mean": subtract_mean,
             "top_n": top_n if backend == "asnorm" else None,
             "n_cohort_speakers": None if cohort is None else int(cohort.shape[0]),
+            **({} if enrollment is None else {"enroll_map": str(enrollment.path)}),  # older results stay mergeable
         },
         "results": results,
     }
@@ -166,16 +209,53 @@ def score_trial_lists(
     return {**merged, "table": table}
 
 
-def _cohort(
-    table: EmbeddingTable, speakers: Mapping[str, str] | None, subtract_mean: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-speaker mean embeddings of the cohort and, if asked, the mean cohort embedding."""
-    if speakers is None:
-        labels = [utt.split("/")[0] for utt in table.utt_ids]
-    else:
-        absent = [utt for utt in table.utt_ids if utt not in speakers]
+def _enrollment(enroll_map: str | os.PathLike | EnrollmentMap | None) -> EnrollmentMap | None:
+    if enroll_map is None or isinstance(enroll_map, EnrollmentMap):
+        return enroll_map
+    return read_enroll_map(enroll_map)
+
+
+def _models_used(trial_lists: Sequence[TrialList], enrollment: EnrollmentMap | None) -> list[str]:
+    """The enrollment models named on the enrolment side of some trial, sorted."""
+    if enrollment is None:
+        return []
+    enrol_items = set(np.concatenate([trials.enrol for trials in trial_lists]).tolist())
+    return sorted(enrol_items & set(enrollment.models))
+
+
+def _utterances(trial_lists: Sequence[TrialList], models: Sequence[str]) -> set[str]:
+    """Trial items that are utterances (every item but the enrolment models)."""
+    return set(unique_utterances(trial_lists).tolist()) - set(models)
+
+
+def _check_model_utterances(
+    enrollment: EnrollmentMap | None, models: Sequence[str], test_set: TestUtterances
+) -> list[str]:
+    """Every utterance of the models used, each once; ValueError at ``map:line`` for one the test set lacks."""
+    if enrollment is None:
+        return []
+    for model in models:
+        absent = [utt for utt in enrollment.models[model] if not test_set.present(utt)]
         if absent:
-            raise KeyError(f"{len(absent)} cohort utterances have no speaker in cohort_speakers, e.g. {absent[:5]}")
-        labels = [speakers[utt] for utt in table.utt_ids]
-    means, _ = speaker_means(table.vectors, labels)
-    return means, table.vectors.mean(dim=0) if subtract_mean else None
+            raise ValueError(
+                f"{enrollment.path}:{enrollment.line_numbers[model]}: {len(absent)} utterances of model {model!r} "
+                f"are {test_set.where()}, e.g. {absent[0]}"
+            )
+    return sorted({utt for model in models for utt in enrollment.models[model]})
+
+
+def _check_labels_match_speakers(trials: TrialList, speakers: Mapping[str, str]) -> None:
+    """A target trial pairs one speaker with itself, a non-target one two speakers: ValueError at ``list:line``."""
+    for i, (enrol, test, label) in enumerate(zip(trials.enrol.tolist(), trials.test.tolist(), trials.labels)):
+        if (speakers[enrol] == speakers[test]) != bool(label):
+            raise ValueError(
+                f"{trials.path}:{trials.line_numbers[i]}: label {int(label)} disagrees with the speakers of "
+                f"{enrol} ({speakers[enrol]}) and {test} ({speakers[test]})"
+            )
+
+
+def _write_speakers(path: Path, trials: TrialList, speakers: Mapping[str, str]) -> Path:
+    """``item speaker`` for every item of the list, sorted: what the bootstrap of this list resamples by."""
+    items = unique_utterances([trials]).tolist()
+    atomic_write_text(path, "".join(f"{item} {speakers[item]}\n" for item in items))
+    return path

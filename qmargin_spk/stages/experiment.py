@@ -33,6 +33,7 @@ from speechbrain.utils.checkpoints import Checkpoint, Checkpointer, average_chec
 from qmargin_spk.models.identity import model_identity
 from qmargin_spk.stages.compose import KINDS, RECORD_KEY, Composition, CompositionError, compose, load_tree
 from qmargin_spk.stages.resume import epochs_trained, record_training_data, training_data_change
+from qmargin_spk.training.validation import best_valid_checkpoints
 from qmargin_spk.utils.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -279,8 +280,17 @@ class Experiment:
     # ---------------------------------------------------------------- the trained model
 
     def last_checkpoints(self, num: int | None = None) -> list[Checkpoint]:
-        """The last ``num`` (default ``average_checkpoints``) end-of-epoch checkpoints, oldest first."""
-        return last_checkpoints(self.hparams["checkpointer"], num or int(self.hparams.get("average_checkpoints", 1)))
+        """The last ``num`` (default ``average_checkpoints``) end-of-epoch checkpoints, oldest first.
+
+        With ``keep_best_valid``, the ``num`` best by validation EER instead (the last ones if none was validated).
+        """
+        num = num or int(self.hparams.get("average_checkpoints", 1))
+        if self.hparams.get("keep_best_valid"):
+            best = best_valid_checkpoints(self.hparams["checkpointer"], num)
+            if best:
+                return best
+            logger.warning("keep_best_valid: no checkpoint holds a validation metric; averaging the last ones")
+        return last_checkpoints(self.hparams["checkpointer"], num)
 
     def load_averaged_model(self) -> list[Checkpoint]:
         """Load the average of the last ``average_checkpoints`` checkpoints into ``embedding_model``; returns them."""

@@ -64,6 +64,7 @@ TRAINING_RULES: dict[str, Rule] = {
     "margin_ramp_start": _at_least(0),
     "margin_ramp_end": _at_least(0),
     "keep_checkpoints": _at_least(1, integer=True),
+    "valid_every": _at_least(0, integer=True, nullable=True),
     "lm_crop_seconds": _above(0),
     "lm_number_of_epochs": _at_least(1, integer=True),
     "lm_base_lr": _above(0),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qmargin_spk.inference.package import code_version, package_model
 from qmargin_spk.models.min_input import shortest_input
+from qmargin_spk.scoring.scored_roots import ScoredRoot, scored_roots
 from qmargin_spk.stages.experiment import Experiment, StageError
 
 logger = logging.getLogger(__name__)
@@ -24,9 +25,10 @@ def package_stage(
 
     ``model.json`` describes the model with the run's resolved ``frontend_description`` and
     ``backbone_description`` (the record's, so the folder rebuilds exactly the trained model) and
-    names the training loss and its settings, the number of training speakers and the results of
-    every scored list found in ``EXP/scores`` (cosine back-end first), and ``min_samples``, the
-    shortest input the model embeds (probed; every way of embedding with the folder checks it).
+    names the training loss and its settings, the number of training speakers, the results of
+    every scored list of every test root (``EXP/scores``, cosine back-end first, then each
+    ``EXP/scores/<test_name>/``), and ``min_samples``, the shortest input the model embeds (probed;
+    every way of embedding with the folder checks it).
     """
     experiment = Experiment.from_record(folder, hparams_file, choices, overrides)
     hparams = experiment.hparams
@@ -55,21 +57,29 @@ def package_stage(
 
 
 def _scored_lists(scores: Path, identity: str) -> list[dict]:
-    """The result entries of the scoring stage's ``results.<backend>.json`` files, cosine first, each naming the model.
+    """The result entries of the scoring stage's ``results.<backend>.json`` files, each naming the model: the first
+    test root's first (cosine first), then every other root's, whose lists are labelled ``<list>@<test_name>``.
 
     Every file must hold results of the model being packaged (its ``model_id`` is ``identity``): the
     thresholds ``verify`` and the model card take from them are only valid for those weights.
     """
-    files = sorted(scores.glob("results.*.json"), key=lambda path: (path.name != "results.cosine.json", path.name))
     entries = []
-    for path in files:
-        if path.name.endswith(".calibrated.json"):
-            continue
-        run = json.loads(path.read_text(encoding="utf-8"))
-        if run.get("model_id") != identity:
-            raise StageError(
-                f"{path} holds results of model {run.get('model_id')}, not of the averaged model {identity}: "
-                "re-run stage 3 (score) before packaging"
-            )
-        entries += [{**entry, "model_id": identity} for entry in run["results"]]
+    for scored in scored_roots(scores) or [ScoredRoot(None, "", scores)]:
+        files = sorted(
+            scored.folder.glob("results.*.json"), key=lambda path: (path.name != "results.cosine.json", path.name)
+        )
+        for path in files:
+            if path.name.endswith(".calibrated.json"):
+                continue
+            run = json.loads(path.read_text(encoding="utf-8"))
+            if run.get("model_id") != identity:
+                raise StageError(
+                    f"{path} holds results of model {run.get('model_id')}, not of the averaged model {identity}: "
+                    "re-run stage 3 (score) before packaging"
+                )
+            named = {} if scored.name is None else {"test_name": scored.name}
+            entries += [
+                {**entry, "list": scored.list_label(entry["list"]), **named, "model_id": identity}
+                for entry in run["results"]
+            ]
     return entries

@@ -10,6 +10,7 @@ from pathlib import Path
 from qmargin_spk.data.manifest import read_manifest
 from qmargin_spk.data.prepare import prepare
 from qmargin_spk.data.shards import write_shards
+from qmargin_spk.data.validation_split import split_validation
 from qmargin_spk.models.min_input import shortest_input
 from qmargin_spk.stages.experiment import composed_hparams
 
@@ -29,6 +30,12 @@ def prepare_stage(
     seed: int = 0,
     hparams_file: str | os.PathLike | None = None,
     choices: Mapping[str, str] | None = None,
+    input_format: str | None = None,
+    valid_speakers: int | None = None,
+    valid_trials: str | os.PathLike | None = None,
+    valid_root: str | os.PathLike | None = None,
+    data_seed: int = 0,
+    valid_utts_per_speaker: int = 8,
 ) -> dict:
     """Write ``out/train.csv``, ``out/test.csv`` and the listings (``out/shards/`` too for ``data_format='shards'``).
 
@@ -38,7 +45,12 @@ def prepare_stage(
     With the experiment (``hparams_file`` and fragment ``choices``), test files shorter than its
     model's shortest input are skipped (``skipped.txt``) and trials naming them are refused: the
     minimum is probed on the composed model with random weights (it depends on the front-end and
-    the architecture, not on the weights), at the experiment's sample rate.
+    the architecture, not on the weights), at the experiment's sample rate. ``input_format`` forces
+    the form of the roots (Kaldi dir, manifest, tree; detected otherwise, :mod:`qmargin_spk.data.sources`).
+
+    ``valid_speakers`` (drawn with ``data_seed``) or ``valid_trials`` (``valid_root`` for utterances
+    outside the training data) make a validation list and hold its speakers out of ``train.csv``
+    (and the shards): :func:`qmargin_spk.data.validation_split.split_validation`.
     """
     model_input = {}
     if hparams_file is not None:
@@ -55,9 +67,22 @@ def prepare_stage(
         min_duration=min_duration,
         allow_overlap=allow_overlap,
         num_workers=num_workers,
+        input_format=input_format,
         **model_input,
     )
     summary = result.to_json()
+    split = split_validation(
+        out,
+        num_speakers=valid_speakers,
+        trial_file=valid_trials,
+        valid_root=valid_root,
+        data_seed=data_seed,
+        utts_per_speaker=valid_utts_per_speaker,
+        test_trial_files=trial_files,
+        test_root=test_root,
+    )
+    if split is not None:
+        summary["validation"] = split.to_json()
     if data_format == "shards":
         folder = Path(out) / "shards"
         index = write_shards(

@@ -29,6 +29,8 @@ RUN_OUTPUTS = (
     "hyperparams.yaml",
     TRAIN_DATA_FILE,
     "train_log.txt",
+    "valid_curve.csv",  # this and the next: the learning curve (training/learning_curves.py)
+    "valid_curve.png",
     "finetune.json",
     "init_model.json",  # this and the next: a run started from a model folder (stages/init_model.py)
     "init_class_means.pt",

@@ -27,6 +27,8 @@ from qmargin_spk.stages.numeric_hparams import check_numeric_hparams
 from qmargin_spk.stages.resume import set_aside
 from qmargin_spk.stages.runner import world_size
 from qmargin_spk.training.brain import SpeakerBrain
+from qmargin_spk.training.validation import EpochValidation
+from qmargin_spk.utils.seeds import component_seed, seeded_global_rng
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +198,9 @@ def _train(
         loader_kwargs = hparams["train_loader_kwargs"]
     else:
         raise StageError(f"hparams key 'data_format' must be 'files' or 'shards', got {hparams['data_format']!r}")
-    try:
-        head = hparams["classifier"](num_classes=train_data.num_classes, embedding_dim=hparams["embedding_dim"])
+    try:  # the head draws from its own generator: its size cannot shift what other components draw
+        with seeded_global_rng(None if hparams.get("seed") is None else component_seed(hparams["seed"], "head")):
+            head = hparams["classifier"](num_classes=train_data.num_classes, embedding_dim=hparams["embedding_dim"])
     except HeadSettingsError as err:
         raise StageError(f"{experiment.record_path}: {err}") from None
     hparams["modules"]["classifier"] = head
@@ -227,6 +230,7 @@ def _train(
             global_batch,
             threads,
         )
+    validation = _validation(experiment)
     if if_main_process():  # data, head and schedule are in place: this run is the one the record describes
         experiment.write_record()
         if init_model is not None:
@@ -240,5 +244,24 @@ def _train(
         run_opts=run_opts,
         checkpointer=hparams["checkpointer"],
     )
+    brain.validation = validation
     brain.fit(hparams["epoch_counter"], train_data, train_loader_kwargs=loader_kwargs)
+    if validation is not None and if_main_process():
+        validation.plot()
     return brain
+
+
+def _validation(experiment: Experiment) -> EpochValidation | None:
+    """The validation list stage 1 wrote (scored every ``valid_every`` epochs), or None; a bad one is a StageError."""
+    try:
+        validation = EpochValidation.from_hparams(experiment.hparams)
+    except ValueError as err:
+        raise StageError(f"validation list: {err}") from None
+    if validation is not None and if_main_process():
+        logger.info(
+            "validating every %d epochs on %d trials of %s",
+            validation.every,
+            len(validation.trials),
+            validation.trials.path,
+        )
+    return validation

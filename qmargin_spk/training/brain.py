@@ -16,6 +16,7 @@ from speechbrain.utils.checkpoints import mark_as_loader, register_checkpoint_ho
 from torch.nn.parallel import DistributedDataParallel
 
 from qmargin_spk.training.epoch_stats import EpochStatistics
+from qmargin_spk.training.validation import EpochValidation, checkpoint_meta, retention
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +37,15 @@ class SpeakerBrain(sb.Brain):
 
     Resuming from an intra-epoch checkpoint continues the uninterrupted run exactly: the shuffling
     order of each epoch comes from its own generator seeded by ``(seed, epoch)``, never from the
-    global RNG (which the checkpoint restores for augmentation), and the epoch statistics are
-    checkpointed with the rest.
+    global RNG, augmentation draws from its own generator (``utils/seeds.py``; the checkpoint's
+    ``rng_state`` restores both), and the epoch statistics are checkpointed with the rest.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.epoch_stats = EpochStatistics()
         self.shuffle_generator = torch.Generator()
+        self.validation: EpochValidation | None = None  # the training stage sets it when there is a validation list
         if self.checkpointer is not None:
             self.checkpointer.add_recoverable("epoch_stats", self.epoch_stats)
 
@@ -151,16 +153,27 @@ class SpeakerBrain(sb.Brain):
         if stage != sb.Stage.TRAIN:
             return
         stats = self.epoch_statistics(stage_loss)
-        self.hparams.train_logger.log_stats(stats_meta={"epoch": epoch}, train_stats=stats)
+        valid = self._validate(epoch, stats["loss"])
+        self.hparams.train_logger.log_stats(stats_meta={"epoch": epoch}, train_stats=stats, valid_stats=valid)
         tensorboard = self._tensorboard_logger()
         if tensorboard is not None:
-            tensorboard.log_stats(stats_meta={"epoch": epoch}, train_stats=stats)
+            tensorboard.log_stats(stats_meta={"epoch": epoch}, train_stats=stats, valid_stats=valid)
         self.checkpointer.save_and_keep_only(
-            meta={"epoch": epoch, "loss": stage_loss},
+            meta={"epoch": epoch, "loss": stage_loss, **checkpoint_meta(valid or {})},
             end_of_epoch=True,
-            num_to_keep=self.hparams.keep_checkpoints,
+            **retention(self.hparams.keep_checkpoints, bool(getattr(self.hparams, "keep_best_valid", False))),
             ckpt_predicate=lambda ckpt: ckpt.meta.get("end-of-epoch", False),
         )
+
+    def _validate(self, epoch: int, train_loss: float) -> dict[str, float] | None:
+        """The validation metrics of ``epoch`` (main process, when due; docs/training.md), and its curve row."""
+        if self.validation is None or not sb.utils.distributed.if_main_process():
+            return None
+        valid = None
+        if self.validation.due(epoch):
+            valid = self.validation.score(_unwrap(self.modules.embedder), self.device).stats()
+        self.validation.record(epoch, train_loss, valid or {})
+        return valid
 
     def epoch_statistics(self, stage_loss: float) -> dict[str, float]:
         """Loss, LR, margin and the head's statistics of the epoch so far."""

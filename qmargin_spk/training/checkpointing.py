@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from speechbrain.utils.checkpoints import (
 from speechbrain.utils.distributed import ddp_barrier, ddp_broadcast, if_main_process
 
 _TMP_PREFIX = ".partial-"
+_GENERATOR_PREFIX = "generator_"
 _LOCK_NAME = ".owner.lock"
 logger = logging.getLogger(__name__)
 
@@ -111,7 +113,20 @@ def _storage_error(folder, err: RuntimeError) -> Exception:
 
 @register_checkpoint_hooks
 class RNGState:
-    """Saves and restores the Python, NumPy and torch random generators with the checkpoint, as plain tensors."""
+    """Saves and restores the Python, NumPy and torch random generators with the checkpoint, as plain tensors.
+
+    ``generator_owners`` maps a name to an object whose ``generator`` attribute is a private
+    ``torch.Generator`` (or None), e.g. the augmenter (``qmargin_spk/utils/seeds.py``): its state is
+    saved too, so a resumed run draws what the uninterrupted one would. A checkpoint written
+    before an owner was added has no state for it: the generator is left as it was seeded.
+    """
+
+    def __init__(self, generator_owners: Mapping[str, object] | None = None) -> None:
+        self.generator_owners = dict(generator_owners or {})
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        owned = {name: getattr(owner, "generator", None) for name, owner in self.generator_owners.items()}
+        return {name: generator for name, generator in owned.items() if generator is not None}
 
     @mark_as_saver
     def save(self, path) -> None:
@@ -128,6 +143,7 @@ class RNGState:
                 "numpy_pos": torch.tensor(pos),
                 "numpy_gauss": torch.tensor([has_gauss, cached], dtype=torch.float64),
                 "torch": torch.get_rng_state(),
+                **{_GENERATOR_PREFIX + name: g.get_state() for name, g in self._generators().items()},
             },
             path,
         )
@@ -150,3 +166,8 @@ class RNGState:
             )
         )
         torch.set_rng_state(state["torch"])
+        for name, generator in self._generators().items():
+            if _GENERATOR_PREFIX + name in state:
+                generator.set_state(state[_GENERATOR_PREFIX + name])
+            else:
+                logger.warning("%s holds no state for the %s generator: it continues from its seed", path, name)

@@ -29,12 +29,20 @@ class EpochLog:
     def _format(self, value) -> str:
         return f"{value:.{self.precision + 2}g}" if isinstance(value, float) else str(value)
 
-    def log_stats(self, stats_meta: dict, train_stats: dict | None = None, **_) -> None:
-        """Write (or replace) the line of ``stats_meta["epoch"]``; lines of later epochs are dropped too."""
+    def log_stats(
+        self, stats_meta: dict, train_stats: dict | None = None, valid_stats: dict | None = None, **_
+    ) -> None:
+        """Write (or replace) the line of ``stats_meta["epoch"]``; lines of later epochs are dropped too.
+
+        ``valid_stats`` (the validation metrics of the epoch, when it was validated) follow as ``valid <key>: ...``.
+        """
         if not if_main_process():
             return
         epoch = int(stats_meta["epoch"])
-        fields = ", ".join(f"train {key}: {self._format(value)}" for key, value in (train_stats or {}).items())
+        fields = ", ".join(
+            [f"train {key}: {self._format(value)}" for key, value in (train_stats or {}).items()]
+            + [f"valid {key}: {self._format(value)}" for key, value in (valid_stats or {}).items()]
+        )
         line = f"epoch: {epoch} - {fields}"
         kept = []
         if self.save_file.is_file():

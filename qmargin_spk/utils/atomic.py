@@ -168,3 +168,20 @@ def atomic_torch_save(obj: object, path: PathLike) -> None:
 
     with atomic_open(path, "wb") as handle:
         torch.save(obj, handle)
+
+
+def swap_folder_into_place(staging: PathLike, target: PathLike) -> None:
+    """Rename the finished folder ``staging`` to ``target``; an existing ``target`` is moved aside first, then deleted.
+
+    A reader sees the old complete folder or the new one, never a mix (``staging`` must be a sibling of ``target``).
+    """
+    import shutil
+
+    staging, target = Path(staging), Path(target)
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.rename(target, retired / target.name)
+    os.rename(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -2,22 +2,30 @@
 """The embedded demo: synthesise a small corpus, run the whole recipe for Q-Margin and AAM, compare.
 
     python recipes/voxceleb/demo.py [--out exp/demo] [--losses qmargin aam] [--backbone ecapa_tdnn]
-        [--setting demo_cpu] [--corpus_seed 0] [--key=value ...]
+        [--setting demo_cpu] [--corpus_seed 0] [--seeds S1 S2 ... [--jobs N]] [--key=value ...]
 
 Each name of ``--losses`` is a loss fragment (hparams/losses/), optionally with a head
 (``qmargin_sparse``, ``qmargin_sharded``); every run composes it with the same backbone and
 setting, so only the loss differs. Extra ``--key=value`` arguments go to every run (hparams
 overrides, e.g. ``--number_of_epochs=4``).
+
+With ``--seeds`` the losses are trained once per training seed, as a study (``qmargin-spk study``,
+docs/studies.md: the spec is written to ``OUT/study.yaml``, the runs go to ``OUT/study/runs``), on the
+``study`` corpus preset (200 test speakers) unless ``--preset`` says otherwise, and the verdict is pooled
+over the seeds and the test speakers. Without it, one run per loss with the experiment's own seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import ruamel.yaml
 
 from qmargin_spk.data.synthetic import PRESETS, CorpusPaths, generate_corpus
 from qmargin_spk.losses import HEADS
@@ -95,6 +103,84 @@ def verdict(summary: dict, baseline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def study_spec(corpus: CorpusPaths, losses: list[str], seeds: list[int], choices: dict, overrides: list[str]) -> dict:
+    """The study of the seeded demo: one system per loss (the demo experiment with that loss), every seed."""
+    common = {}
+    for override in overrides:
+        key, equals, value = override.removeprefix("--").partition("=")
+        if not override.startswith("--") or not equals:
+            raise SystemExit(f"demo.py: error: expected --key=value, got {override!r}")
+        common[key] = ruamel.yaml.YAML(typ="safe").load(value)
+    systems = {}
+    for loss in losses:
+        flags = loss_flags(loss)
+        system = {"hparams": str(BASE_EXPERIMENT), **choices, "loss": flags[1]}
+        if len(flags) > 2:  # --head=<head>
+            system["overrides"] = {"head": flags[2].partition("=")[2]}
+        systems[loss] = system
+    return {
+        "train_root": str(corpus.train_root),
+        "test_root": str(corpus.test_root),
+        "trials": {"test": str(corpus.trials)},
+        "seeds": seeds,
+        "baseline": "aam" if "aam" in losses else losses[0],
+        "overrides": common,
+        "systems": systems,
+    }
+
+
+def pooled_verdict(report: dict) -> str:
+    """One sentence per system and list: its EER and TAR@FAR=1e-3 against the baseline, pooled over the seeds."""
+    from qmargin_spk.studies.report import metric_kind
+
+    lines = [f"{warning}." for warning in report["warnings"]]
+    for entry in report["lists"]:
+        for name, difference in entry["differences"].items():
+            for metric, value in difference.items():
+                kind, key = metric_kind(metric)
+                if not (kind == "eer" or (kind == "tar_at_far" and key == "0.001")):
+                    continue
+                title = "EER" if kind == "eer" else "TAR@FAR=1e-3"
+                if value.get("mean") is None:
+                    lines.append(f"{entry['label']}: {name} - {report['baseline']} {title}: not defined on this list.")
+                    continue
+                low, high, p_value = 100 * value["low"], 100 * value["high"], value["p_value"]
+                lines.append(
+                    f"{entry['label']}: {name} - {report['baseline']} {title} {100 * value['mean']:+.2f} points "
+                    f"[{low:+.2f}, {high:+.2f}] over {value['n_seeds']} seeds, p = {p_value:.3f}: "
+                    + (
+                        "a significant difference at the 5 % level."
+                        if p_value < 0.05
+                        else "no significant difference at the 5 % level (the interval covers zero)."
+                    )
+                )
+    return "\n".join(lines) + "\n"
+
+
+def run_seeded(args: argparse.Namespace, fragments: list[str], overrides: list[str]) -> None:
+    """The losses over ``args.seeds`` as a study, with the verdict pooled over seeds and test speakers."""
+    from qmargin_spk.studies import StudyError, run_and_report
+
+    corpus = ensure_corpus(args.out / "corpus", args.corpus_seed, args.preset or "study")
+    choices = dict(zip(fragments[::2], fragments[1::2]))
+    spec = study_spec(corpus, args.losses, args.seeds, {k.removeprefix("--"): v for k, v in choices.items()}, overrides)
+    spec_file = args.out / "study.yaml"
+    atomic_write_text(spec_file, json.dumps(spec, indent=1) + "\n")  # JSON is YAML
+    try:
+        report = run_and_report(spec_file, args.out / "study", jobs=args.jobs)
+    except StudyError as err:
+        raise SystemExit(f"demo.py: error: {err}") from None
+    text = (args.out / "study" / "report.md").read_text(encoding="utf-8")
+    verdict_text = pooled_verdict(report)
+    atomic_write_text(args.out / "study_verdict.md", verdict_text)
+    backbone, setting = args.backbone or "ecapa_tdnn", args.setting or "demo_cpu"
+    print(
+        f"\n{text}\nDemo over seeds {args.seeds}: synthetic corpus, {backbone} ({setting}), cosine scoring, "
+        "95 % intervals pooled over seeds and test speakers\n"
+    )
+    print(verdict_text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "exp" / "demo")
@@ -114,14 +200,21 @@ def main() -> None:
         default=0,
         help="seed of the synthetic corpus (not of training: that is the hparams' seed)",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="synthetic corpus size")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="synthetic corpus size (demo; study with --seeds)")
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, help="training seeds: run every loss once per seed and pool them (a study)"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="with --seeds: runs at once, threads split among them")
     args, overrides = parser.parse_known_args()
     fragments = [
         flag for kind in ("backbone", "setting") if getattr(args, kind) for flag in (f"--{kind}", getattr(args, kind))
     ]
     for loss in args.losses:
         loss_flags(loss)  # every name is checked before anything runs
-    corpus = ensure_corpus(args.out / "corpus", args.corpus_seed, args.preset)
+    if args.seeds:
+        run_seeded(args, fragments, overrides)
+        return
+    corpus = ensure_corpus(args.out / "corpus", args.corpus_seed, args.preset or "demo")
     for loss in args.losses:
         seconds = run_loss(loss, corpus, args.out / loss, fragments, overrides)
         print(f"{loss}: recipe {seconds:.0f} s")

@@ -3,7 +3,8 @@
 The manifest rows are shuffled with a seed (so every shard mixes speakers) and cut into
 ``ceil(N / utts_per_shard)`` shards of near-equal size, ``shard-000000.tar`` ... Utterance ``i``
 of the manifest is the pair of members ``{i:09d}.json`` (``{"id", "spk_id", "duration", "index": i}``)
-and ``{i:09d}.wav`` (the audio file's bytes as stored; ``.flac`` / ``.ogg`` keep their extension).
+and ``{i:09d}.wav`` (the audio file's bytes as stored; ``.flac`` / ``.ogg`` keep their extension; a pipe,
+ark or segment address is stored as the WAV of its samples, :func:`~qmargin_spk.data.audio.audio_file_bytes`).
 ``shards.json`` indexes them. Each shard is written to a temporary file and renamed; re-running
 keeps the shards whose content is unchanged and rewrites the rest: a shard's fingerprint covers
 its rows and each source file's content fingerprint (size, mtime and edge blocks,
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qmargin_spk.data.audio import AudioError, audio_file_bytes
 from qmargin_spk.data.fingerprint import audio_fingerprints
 from qmargin_spk.data.manifest import ManifestRow
 from qmargin_spk.data.shards.index import (
@@ -36,6 +38,7 @@ from qmargin_spk.data.shards.index import (
     ShardInfo,
     shard_name,
 )
+from qmargin_spk.data.sources.address import is_address
 from qmargin_spk.utils.atomic import atomic_open
 
 
@@ -52,6 +55,8 @@ def _member_stem(row_number: int) -> str:
 
 
 def _audio_extension(path: str) -> str:
+    if is_address(path):
+        return "wav"
     extension = Path(path).suffix.lower().lstrip(".")
     if extension not in AUDIO_EXTENSIONS:
         raise ValueError(f"{path}: audio must be one of {AUDIO_EXTENSIONS} to be sharded")
@@ -101,10 +106,10 @@ def _write_shard(job: _ShardJob) -> None:
             text = json.dumps(metadata).encode()
             tar.addfile(_tar_member(f"{stem}.json", len(text)), io.BytesIO(text))
             try:
-                audio = Path(audio_path).read_bytes()
-            except OSError as err:
+                audio, extension = audio_file_bytes(audio_path)
+            except (OSError, AudioError) as err:
                 raise FileNotFoundError(f"{audio_path}: cannot read audio for {job.path} ({err})") from err
-            tar.addfile(_tar_member(f"{stem}.{_audio_extension(audio_path)}", len(audio)), io.BytesIO(audio))
+            tar.addfile(_tar_member(f"{stem}.{extension}", len(audio)), io.BytesIO(audio))
 
 
 def _previous_fingerprints(out_dir: Path) -> dict[str, str]:
