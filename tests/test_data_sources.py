@@ -21,7 +21,7 @@ from conftest import stage_script, write_wav
 from qmargin_spk.data.audio import AudioError, audio_info, load_audio
 from qmargin_spk.data.fingerprint import audio_fingerprint
 from qmargin_spk.data.manifest import read_manifest, utterance_id
-from qmargin_spk.data.prepare import prepare
+from qmargin_spk.data.prepare import PrepareError, prepare
 from qmargin_spk.data.sources.address import format_address, parse_address
 from qmargin_spk.data.sources.detect import detect_format, read_input
 from qmargin_spk.data.sources.utterances import InputError
@@ -58,10 +58,13 @@ def kaldi_dir_from_tree(tree_root: Path, out: Path) -> dict[str, str]:
     return ids
 
 
-def kaldi_trials(trials: Path, ids: dict[str, str], out: Path) -> Path:
-    """The VoxCeleb list with utterance ids for items, in Kaldi form (``enrol test target|nontarget``)."""
+def kaldi_trials(trials: Path, ids: dict[str, str], out: Path, max_lines: int | None = None) -> Path:
+    """The first ``max_lines`` of a VoxCeleb list with utterance ids for items, in Kaldi form.
+
+    Kaldi form is ``enrol test target|nontarget``.
+    """
     lines = []
-    for line in trials.read_text().splitlines():
+    for line in trials.read_text().splitlines()[:max_lines]:
         label, enrol, test = line.split()
         kind = "target" if label == "1" else "nontarget"
         lines.append(f"{ids[utterance_id(enrol)]} {ids[utterance_id(test)]} {kind}\n")
@@ -217,73 +220,6 @@ def test_csv_and_jsonl_manifests_with_segments_and_their_line_errors(tmp_path):
             read_input(tmp_path / "m.csv", "manifest")
 
 
-# --- the issue's "done when": train, score and export from a Kaldi dir as from the tree ------------------
-
-HPARAMS = Path(__file__).resolve().parents[1] / "hparams" / "demo_cpu_qmargin.yaml"
-RUN_OPTS = {"device": "cpu", "noprogressbar": True}
-ONE_EPOCH = {"batch_size": 8, "channels": 16, "embedding_dim": 16, "num_workers": 0, "warmup_epochs": 1}
-
-
-def _scores(folder: Path) -> np.ndarray:
-    (path,) = sorted((folder / "scores").glob("*.cosine.scores"))
-    return np.array([float(line.split()[2]) for line in path.read_text().splitlines()])  # enrol test score label
-
-
-def _first_batch(train_manifest: Path) -> list[tuple[torch.Tensor, int]]:
-    """The first 8 training items (random crops at random speeds, labels), as stage 2 draws them."""
-    from qmargin_spk.data.dataset import CropDataset, SpeakerLabelEncoder
-
-    rows = read_manifest(train_manifest)
-    crops = CropDataset(rows, SpeakerLabelEncoder.from_rows(rows), crop_seconds=1.0, speed_factors=(0.9, 1.0, 1.1))
-    return [crops[i][1:] for i in range(8)]
-
-
-@pytest.mark.e2e
-def test_a_kaldi_dir_of_file_pipe_and_ark_entries_trains_scores_and_exports_like_the_tree(corpus, tmp_path):
-    """Trained once, from the Kaldi dir; the tree form is checked against it: the same first batch (so the
-    same training) and, with the exported model, the same scores for the tree's files (within 1e-5)."""
-    from qmargin_spk.inference import SpeakerModel
-    from qmargin_spk.stages.package import package_stage
-    from qmargin_spk.stages.score import score_stage
-    from qmargin_spk.stages.train import train_stage
-
-    test_ids = kaldi_dir_from_tree(corpus.test_root, tmp_path / "kaldi_test")
-    train_ids = kaldi_dir_from_tree(corpus.train_root, tmp_path / "kaldi_train")
-    trials = kaldi_trials(corpus.trials, test_ids, tmp_path / "kaldi_trials.txt")
-    exp = tmp_path / "exp"
-    prepare([tmp_path / "kaldi_train"], tmp_path / "kaldi_test", [trials], exp / "data", num_workers=1)
-    prepare([corpus.train_root], corpus.test_root, [corpus.trials], tmp_path / "tree_data", num_workers=1)
-    kaldi_rows, tree_rows = (
-        read_manifest(exp / "data" / "train.csv"),
-        read_manifest(tmp_path / "tree_data" / "train.csv"),
-    )
-    assert [train_ids[row.id] for row in tree_rows] == [row.id for row in kaldi_rows]  # the same order
-    assert {parse_address(row.wav).kind for row in kaldi_rows} == {"file", "pipe", "ark"}
-    for (tree_wav, tree_label), (kaldi_wav, kaldi_label) in zip(
-        _first_batch(tmp_path / "tree_data" / "train.csv"), _first_batch(exp / "data" / "train.csv")
-    ):
-        assert torch.equal(tree_wav, kaldi_wav) and tree_label == kaldi_label
-
-    train_stage(exp, HPARAMS, RUN_OPTS, None, {**ONE_EPOCH, "number_of_epochs": 1})
-    scoring = {"test_root": str(tmp_path / "kaldi_test"), "trial_files": [str(trials)], "bootstrap_resamples": 0}
-    score_stage(exp, overrides=scoring, device="cpu")
-    model = SpeakerModel.from_folder(package_stage(exp))
-
-    tree_files = _tree_files(corpus.test_root)
-    items = [line.split()[1:] for line in corpus.trials.read_text().splitlines()]
-    embedded = dict(zip(tree_files, model.embed([str(path) for path in tree_files.values()])))
-    tree_scores = [float(embedded[utterance_id(a)] @ embedded[utterance_id(b)]) for a, b in items]
-    np.testing.assert_allclose(_scores(exp), tree_scores, rtol=0, atol=1e-5)
-    test_rows = read_manifest(exp / "data" / "test.csv")
-    by_kaldi_id = {kaldi: tree for tree, kaldi in test_ids.items()}
-    np.testing.assert_allclose(
-        model.embed([row.wav for row in test_rows]),
-        np.stack([embedded[by_kaldi_id[row.id]] for row in test_rows]),
-        rtol=0,
-        atol=1e-6,
-    )
-
-
 def test_a_flac_tree_in_any_layout_scores_like_the_wav_tree(corpus, tiny_model, tmp_path):
     """CN-Celeb/LibriSpeech-like: ROOT/<spk>/<video>/<utt>.flac, trial lists naming .wav paths as released."""
     from qmargin_spk.inference import SpeakerModel
@@ -310,6 +246,52 @@ def test_a_flac_tree_in_any_layout_scores_like_the_wav_tree(corpus, tiny_model, 
     np.testing.assert_allclose(scores["flac"], scores["wav"], rtol=0, atol=1e-5)
 
 
+def test_m4a_files_in_any_tree_are_decoded_beside_themselves(corpus, tmp_path, monkeypatch):
+    from test_prepare import FAKE_FFMPEG  # a stand-in that copies its input (here WAV bytes named .m4a)
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ffmpeg").write_text(FAKE_FFMPEG)
+    (bin_dir / "ffmpeg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    tree = tmp_path / "m4a"
+    for number, path in enumerate(list(_tree_files(corpus.train_root).values())[:4]):
+        target = tree / f"spk{number % 2}" / "session" / f"{number}.m4a"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    assert detect_format(tree) == "tree"
+    result = prepare([tree], corpus.test_root, [corpus.trials], tmp_path / "out", num_workers=1)
+    rows = read_manifest(result.train_manifest)
+    assert [row.id for row in rows] == ["spk0/session/0", "spk0/session/2", "spk1/session/1", "spk1/session/3"]
+    assert all(Path(row.wav).with_suffix(".m4a").is_file() and row.wav.endswith(".wav") for row in rows)
+    assert len((bin_dir / "calls.log").read_text().splitlines()) == 4
+
+
+def test_the_command_line_embeds_a_wav_scp_of_pipes_and_arks_and_scores_a_kaldi_dir_like_the_tree(
+    corpus, tiny_model, tmp_path, capsys
+):
+    from qmargin_spk.cli import main
+
+    test_ids = kaldi_dir_from_tree(corpus.test_root, tmp_path / "kaldi")
+    trials = kaldi_trials(corpus.trials, test_ids, tmp_path / "trials.txt", max_lines=6)
+    model = ["--model", str(tiny_model[0])]
+    for name, root, lists in (("tree", corpus.test_root / "wav", corpus.trials), ("kaldi", tmp_path / "kaldi", trials)):
+        argv = ["score", *model, "--trials", str(lists), "--root", str(root), "--out", str(tmp_path / name)]
+        assert main(argv) == 0
+    kaldi_scores = _scores(tmp_path / "kaldi", "")
+    np.testing.assert_allclose(kaldi_scores, _scores(tmp_path / "tree", "")[:6], rtol=0, atol=1e-5)
+    assert main(["embed", *model, "--list", str(tmp_path / "kaldi" / "wav.scp"), "--out", str(tmp_path / "e.npz")]) == 0
+    stored = np.load(tmp_path / "e.npz")
+    files = _tree_files(corpus.test_root)
+    by_kaldi_id = {kaldi: tree for tree, kaldi in test_ids.items()}
+    assert (
+        main(["embed", *model, *[str(files[by_kaldi_id[i]]) for i in stored["ids"]], "--out", str(tmp_path / "f.npz")])
+        == 0
+    )
+    np.testing.assert_allclose(stored["embeddings"], np.load(tmp_path / "f.npz")["embeddings"], rtol=0, atol=1e-6)
+    capsys.readouterr()
+
+
 def test_shards_of_a_kaldi_manifest_hold_the_samples_of_its_pipe_and_ark_entries(corpus, tmp_path):
     import tarfile
 
@@ -331,3 +313,104 @@ def read_manifest_rows(kaldi: Path):
     from qmargin_spk.data.manifest import ManifestRow
 
     return [ManifestRow(u.id, u.address, 1.0, u.spk) for u in read_input(kaldi).utterances]
+
+
+def test_segments_spk2utt_and_a_trial_naming_a_failed_pipe_at_prepare(corpus, tmp_path):
+    files = list(_tree_files(corpus.train_root).values())[:2]
+    data = tmp_path / "seg"
+    data.mkdir()
+    (data / "wav.scp").write_text(f"r1 {files[0]}\nr2 cat {files[1]} |\n")
+    (data / "segments").write_text("a-1 r1 0.0 0.75\na-2 r1 0.75 -1\nb-1 r2 0.25 1.0\n")
+    (data / "spk2utt").write_text("spkA a-1 a-2\nspkB b-1\n")
+    (data / "utt2dur").write_text("a-1 0.75\n")
+    source = read_input(data)
+    assert [(u.id, u.spk) for u in source.utterances] == [("a-1", "spkA"), ("a-2", "spkA"), ("b-1", "spkB")]
+    whole = {u.id: load_audio(u.address, SR) for u in source.utterances}
+    first = torch.from_numpy(soundfile.read(files[0], dtype="float32")[0])
+    assert torch.equal(torch.cat([whole["a-1"], whole["a-2"]]), first)
+    assert whole["b-1"].numel() == 12000
+
+    test = tmp_path / "kaldi_test"
+    ids = kaldi_dir_from_tree(corpus.test_root, test)
+    trials = kaldi_trials(corpus.trials, ids, tmp_path / "trials.txt")
+    enrol = trials.read_text().split()[0]
+    scp = (test / "wav.scp").read_text().splitlines()
+    (test / "wav.scp").write_text(
+        "".join(f"{enrol} false |\n" if line.startswith(f"{enrol} ") else f"{line}\n" for line in scp)
+    )
+    with pytest.raises(PrepareError) as caught:
+        prepare([data], test, [trials], tmp_path / "out", num_workers=1)
+    assert f"{trials}:1: {enrol} is unusable (the command failed or wrote no audio (false |))" in str(caught.value)
+    (test / "wav.scp").write_text("".join(f"{line}\n" for line in scp))
+    result = prepare([data], test, [trials], tmp_path / "out", num_workers=1)
+    durations = [row.duration for row in read_manifest(result.train_manifest)]
+    np.testing.assert_allclose(durations, [0.75, first.numel() / SR - 0.75, 0.75], atol=1e-6)  # written to 6 places
+    assert result.input_formats == {str(data): "kaldi", str(test): "kaldi"}
+    assert prepare([data], test, [trials], tmp_path / "out", num_workers=1).reused
+    (data / "segments").write_text("a-1 r1 0.0 0.5\n")
+    assert not prepare([data], test, [trials], tmp_path / "out", num_workers=1).reused
+
+
+# --- the issue's "done when": train, score and export from a Kaldi dir as from the tree ------------------
+
+HPARAMS = Path(__file__).resolve().parents[1] / "hparams" / "demo_cpu_qmargin.yaml"
+RUN_OPTS = {"device": "cpu", "noprogressbar": True}
+ONE_EPOCH = {"batch_size": 16, "crop_seconds": 1.0, "channels": 16, "embedding_dim": 16, "num_workers": 0}
+
+
+def _scores(folder: Path, scores: str = "scores") -> np.ndarray:
+    (path,) = sorted((folder / scores).glob("*.cosine.scores"))
+    return np.array([float(line.split()[2]) for line in path.read_text().splitlines()])  # enrol test score label
+
+
+def _first_batch(train_manifest: Path) -> list[tuple[torch.Tensor, int]]:
+    """The first 8 training items (random crops at random speeds, labels), as stage 2 draws them."""
+    from qmargin_spk.data.dataset import CropDataset, SpeakerLabelEncoder
+
+    rows = read_manifest(train_manifest)
+    crops = CropDataset(rows, SpeakerLabelEncoder.from_rows(rows), crop_seconds=1.0, speed_factors=(0.9, 1.0, 1.1))
+    return [crops[i][1:] for i in range(8)]
+
+
+@pytest.mark.e2e
+def test_a_kaldi_dir_of_file_pipe_and_ark_entries_trains_scores_and_exports_like_the_tree(corpus, tmp_path):
+    """Trained once, from the Kaldi dir; the tree form is checked against it: the same first batch (so the
+    same training) and, with the exported model, the same scores for the tree's files (within 1e-5)."""
+    from qmargin_spk.inference import SpeakerModel
+    from qmargin_spk.stages.package import package_stage
+    from qmargin_spk.stages.score import score_stage
+    from qmargin_spk.stages.train import train_stage
+
+    test_ids = kaldi_dir_from_tree(corpus.test_root, tmp_path / "kaldi_test")
+    train_ids = kaldi_dir_from_tree(corpus.train_root, tmp_path / "kaldi_train")
+    trials = kaldi_trials(corpus.trials, test_ids, tmp_path / "kaldi_trials.txt", max_lines=12)
+    exp = tmp_path / "exp"
+    prepare([tmp_path / "kaldi_train"], tmp_path / "kaldi_test", [trials], exp / "data", num_workers=1)
+    prepare([corpus.train_root], corpus.test_root, [corpus.trials], tmp_path / "tree_data", num_workers=1)
+    kaldi_rows, tree_rows = (
+        read_manifest(exp / "data" / "train.csv"),
+        read_manifest(tmp_path / "tree_data" / "train.csv"),
+    )
+    assert [train_ids[row.id] for row in tree_rows] == [row.id for row in kaldi_rows]  # the same order
+    assert {parse_address(row.wav).kind for row in kaldi_rows} == {"file", "pipe", "ark"}
+    for (tree_wav, tree_label), (kaldi_wav, kaldi_label) in zip(
+        _first_batch(tmp_path / "tree_data" / "train.csv"), _first_batch(exp / "data" / "train.csv")
+    ):
+        assert torch.equal(tree_wav, kaldi_wav) and tree_label == kaldi_label
+
+    threads = torch.get_num_threads()
+    try:
+        train_stage(exp, HPARAMS, RUN_OPTS, None, {**ONE_EPOCH, "warmup_epochs": 1, "number_of_epochs": 1})
+    finally:
+        torch.set_num_threads(threads)  # stage 2 sets its own for the process; the tests after it keep theirs
+    scoring = {"test_root": str(tmp_path / "kaldi_test"), "trial_files": [str(trials)], "bootstrap_resamples": 0}
+    score_stage(exp, overrides=scoring, device="cpu")
+    model = SpeakerModel.from_folder(package_stage(exp))
+
+    # the tree form of the same trials, embedded from its files by the exported model
+    tree_files = _tree_files(corpus.test_root)
+    items = [[utterance_id(item) for item in line.split()[1:]] for line in corpus.trials.read_text().splitlines()[:12]]
+    used = sorted({item for pair in items for item in pair})
+    embedded = dict(zip(used, model.embed([str(tree_files[item]) for item in used])))
+    tree_scores = [float(embedded[a] @ embedded[b]) for a, b in items]
+    np.testing.assert_allclose(_scores(exp), tree_scores, rtol=0, atol=1e-5)

@@ -20,6 +20,7 @@ from qmargin_spk.data.synthetic import PRESETS
 from qmargin_spk.metrics import det_available
 from qmargin_spk.scoring import write_score_file
 from qmargin_spk.studies import load_spec, plan_runs, run_and_report
+from qmargin_spk.training.learning_curves import write_curve_row
 
 # The fastest settings that still train and score: 1 epoch of 6 steps, a 16-channel ECAPA, no stage-3 bootstrap.
 FAST = {
@@ -78,6 +79,8 @@ def test_spec_mistakes_are_one_line_naming_the_file_system_and_key(corpus, tmp_p
     assert "baseline 'aam'" in one_error_line(capsys, ["study", str(spec), *out])
     spec = write_spec(tmp_path / "seeds.yaml", corpus, {"q": qmargin}, [1, 1])
     assert "'seeds'" in one_error_line(capsys, ["study", str(spec), *out])
+    spec = write_spec(tmp_path / "seed.yaml", corpus, {"q": {**qmargin, "grid": {"seed": [1, 2]}}}, [1])
+    assert "'seed' is set by 'seeds'" in one_error_line(capsys, ["study", str(spec), *out])
     assert not (tmp_path / "out").exists()  # nothing ran
 
 
@@ -119,6 +122,8 @@ def test_a_grid_study_writes_its_ablation_table_and_plot(corpus, tmp_path):
         noise = 0.01 * rng.random(labels.size)
         scores = {None: rng.random(labels.size), 1.5: labels + noise, 2.0: -labels - noise}[alpha]
         fake_run(run.folder, "trials", enrol, test, scores, labels, {"alpha": alpha or 1.0})
+        for epoch in (1, 2):  # runs that validated during training leave a learning curve
+            write_curve_row(run.folder / "valid_curve.csv", epoch, 5.0 / epoch, {"eer": 0.3 / epoch})
     report = run_and_report(spec_file, out, n_resamples=50, log=lambda line: None)
     assert not (out / "prepare.log").exists()  # every run was finished: nothing prepared, nothing trained
     (entry,) = report["lists"]
@@ -136,6 +141,9 @@ def test_a_grid_study_writes_its_ablation_table_and_plot(corpus, tmp_path):
     if det_available():
         (plot,) = ablation["plots"]
         assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(plot).name in markdown
+        curves = Path(report["learning_curves"])  # the six runs' curves overlaid
+        assert curves == out / "plots" / "learning_curves.png" and curves.read_bytes()[:4] == b"\x89PNG"
+        assert "learning_curves.png" in markdown
 
 
 def test_the_study_preset_has_the_speakers_and_non_targets_the_seeded_demo_needs():
@@ -177,8 +185,7 @@ def test_a_study_killed_mid_way_resumes_without_redoing_finished_runs(corpus, tm
         "aam": {"backbone": "ecapa_tdnn", "loss": "aam", "setting": "demo_cpu"},
         "qmargin": {"hparams": str(REPO / "hparams" / "demo_cpu_qmargin.yaml")},
     }
-    # Two training speakers held out for validation (stage 1, once for the study): every run has a learning curve.
-    spec = write_spec(tmp_path / "spec.yaml", corpus, systems, [1, 2, 3], valid_speakers=2)
+    spec = write_spec(tmp_path / "spec.yaml", corpus, systems, [1, 2, 3])
     out = tmp_path / "study"
     command = [sys.executable, "-m", "qmargin_spk.cli", "study", str(spec), "--out", str(out), "--jobs", "2"]
     runs = plan_runs(load_spec(spec), out)
@@ -201,9 +208,10 @@ def test_a_study_killed_mid_way_resumes_without_redoing_finished_runs(corpus, tm
     for name, mtime in finished.items():  # finished runs were not redone
         assert results[name].stat().st_mtime_ns == mtime
         assert sorted((out / "runs" / name / "save").glob("CKPT+*")) == checkpoints[name]
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # 2 jobs share the cores
     for run in runs:  # every run an ordinary experiment folder, trained with its seed and its share of the cores
         record = (run.folder / "hyperparams.yaml").read_text()
-        assert f"\nseed: {run.seed}\n" in record and f"\nnum_threads: {max(1, os.cpu_count() // 2)}\n" in record
+        assert f"\nseed: {run.seed}\n" in record and f"\nnum_threads: {threads}\n" in record
 
     report = json.loads((out / "report.json").read_text())
     assert report["seeds"] == [1, 2, 3] and report["baseline"] == "aam"
@@ -227,6 +235,6 @@ def test_a_study_killed_mid_way_resumes_without_redoing_finished_runs(corpus, tm
     markdown = (out / "report.md").read_text()
     for part in ("Paired differences to aam", "Smallest difference", "## Published layout", "O EER %", "Warning"):
         assert part in markdown
-    if det_available():  # the runs' validation curves overlaid, and each metric per system with its interval
-        assert Path(report["learning_curves"]).read_bytes()[:4] == b"\x89PNG"
+    assert report["learning_curves"] is None  # no run validated
+    if det_available():  # each metric per system with its interval
         assert [Path(png).name for png in report["plots"]] == ["systems_trials.png"]

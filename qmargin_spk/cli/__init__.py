@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--trials", type=Path, action="append", required=True, help="trial list in any form (repeatable)"
     )
-    score.add_argument("--root", type=Path, required=True, help="folder the lists' paths are relative to")
+    score.add_argument(
+        "--root", type=Path, required=True, help="folder the lists' paths are relative to, Kaldi data dir or manifest"
+    )
     score.add_argument("--out", type=Path, required=True, help="output folder")
     score.add_argument(
         "--backend",

@@ -88,6 +88,7 @@ def run_score(args: argparse.Namespace) -> None:
             frontend=_frontend(model),
             min_samples=model.min_samples,
             enroll_map=getattr(args, "enroll_map", None),
+            test_set=_test_set(args.root),
         )
     finally:
         bar.close()
@@ -234,25 +235,38 @@ def _load_model(args: argparse.Namespace, calibrated: bool = True):
     return SpeakerModel.from_folder(args.model, device=args.device, calibrated=calibrated)
 
 
-def _read_wav_scp(path: Path) -> tuple[list[str], list[Path]]:
-    """``(ids, paths)`` of a Kaldi wav.scp (``<id> <path>`` lines; blank lines skipped; ids unique)."""
+def _test_set(root: Path):
+    """Where trial items find their audio: files under ``root`` for an audio tree (as before), the
+    utterances of a Kaldi data dir or CSV/JSONL manifest (items are their ids, speakers theirs)."""
+    from qmargin_spk.data.sources.detect import detect_format, read_input
+    from qmargin_spk.data.sources.utterances import InputError
+    from qmargin_spk.scoring.test_set import TestUtterances
+
+    try:
+        if detect_format(root) == "tree":
+            return TestUtterances(root)
+        source = read_input(root)
+    except InputError as err:
+        raise UserError(str(err)) from None
+    audio = {u.id: u.address for u in source.utterances}
+    return TestUtterances(root, audio, {u.id: u.spk for u in source.utterances}, source=root)
+
+
+def _read_wav_scp(path: Path) -> tuple[list[str], list[str]]:
+    """``(ids, audio)`` of a Kaldi wav.scp: files, ``cmd |`` pipes and ``file.ark:offset`` entries (docs/data.md)."""
+    from qmargin_spk.data.sources.address import format_address
+    from qmargin_spk.data.sources.kaldi_dir import read_wav_scp
+    from qmargin_spk.data.sources.utterances import InputError
+
     if not path.is_file():
         raise UserError(f"{path}: no such list")
-    ids, paths = [], []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                raise UserError(f"{path}:{number}: expected '<id> <path>', got {line.strip()!r}")
-            ids.append(fields[0])
-            paths.append(Path(fields[1]))
-    if not ids:
+    try:
+        entries = read_wav_scp(path)
+    except InputError as err:
+        raise UserError(str(err)) from None
+    if not entries:
         raise UserError(f"{path}: no entries")
-    if len(set(ids)) != len(ids):
-        raise UserError(f"{path}: ids must be unique")
-    return ids, paths
+    return list(entries), [format_address(entry) for _, entry in entries.values()]
 
 
 def _trial_quality(enrol, test, utts, embeddings, root: Path, cohort, top_n: int) -> dict:

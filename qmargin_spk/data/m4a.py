@@ -1,4 +1,8 @@
-"""VoxCeleb2's m4a audio -> 16-bit WAV beside it, with ffmpeg (the prepare stage's first step)."""
+"""m4a audio (VoxCeleb2's) -> 16-bit WAV beside it, with ffmpeg (the prepare stage's first step).
+
+In the VoxCeleb layout ``ROOT/aac/<spk>/<video>/<utt>.m4a`` becomes ``ROOT/wav/<spk>/<video>/<utt>.wav``;
+in any other audio tree ``ROOT/<spk>/.../<utt>.m4a`` becomes ``<utt>.wav`` in the same folder.
+"""
 
 from __future__ import annotations
 
@@ -32,19 +36,26 @@ def decode_m4a(source: Path, target: Path, sample_rate: int) -> str | None:
     return None
 
 
+def m4a_targets(root: Path) -> list[tuple[Path, Path]]:
+    """``(m4a file, the WAV it decodes to)`` for every m4a file of the tree ``root``, sorted."""
+    if (root / "aac").is_dir():
+        return [
+            (source, root / "wav" / source.relative_to(root / "aac").with_suffix(".wav"))
+            for source in sorted((root / "aac").glob("*/*/*.m4a"))
+        ]
+    if (root / "wav").is_dir():
+        return []
+    return [(source, source.with_suffix(".wav")) for source in sorted(root.glob("*/**/*.m4a"))]
+
+
 def convert_m4a(roots: Iterable[Path], sample_rate: int, num_workers: int) -> list[tuple[Path, str]]:
-    """Decode every ``aac/**.m4a`` that has no ``wav/`` counterpart yet; return the failures.
+    """Decode every m4a file of the trees ``roots`` that has no WAV counterpart yet; return the failures.
 
     Outputs appear only complete (temporary name, then rename), so an interrupted
     run resumes where it stopped. ffmpeg runs as child processes, so threads suffice
     to keep ``num_workers`` of them busy.
     """
-    pending = [
-        (source, root / "wav" / source.relative_to(root / "aac").with_suffix(".wav"))
-        for root in roots
-        for source in (sorted((root / "aac").glob("*/*/*.m4a")) if (root / "aac").is_dir() else [])
-    ]
-    pending = [(source, target) for source, target in pending if not target.exists()]
+    pending = [(source, target) for root in roots for source, target in m4a_targets(root) if not target.exists()]
     if not pending:
         return []
     if shutil.which("ffmpeg") is None:

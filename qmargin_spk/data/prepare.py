@@ -48,10 +48,10 @@ from pathlib import Path
 import numpy as np
 
 from qmargin_spk.data.audio import AudioError, audio_info, check_finite_samples
-from qmargin_spk.data.m4a import FfmpegMissingError, convert_m4a
+from qmargin_spk.data.m4a import FfmpegMissingError, convert_m4a, m4a_targets
 from qmargin_spk.data.manifest import ManifestRow, write_manifest
 from qmargin_spk.data.sources.detect import read_input
-from qmargin_spk.data.sources.tree import is_voxceleb_layout, tree_files
+from qmargin_spk.data.sources.tree import tree_files
 from qmargin_spk.data.sources.utterances import TREE, InputError, InputSource
 from qmargin_spk.data.trials import (
     TrialList,
@@ -293,7 +293,7 @@ def _source_summary(root: Path, source: InputSource) -> dict:
     if source.kind != TREE:
         present = [path for path in source.watched if os.path.lexists(path)]
         return {"form": source.kind, "files": _tree_summary(present), "missing": len(source.watched) - len(present)}
-    by_extension = {"wav": [], "m4a": sorted((root / "aac").glob("*/*/*.m4a")) if (root / "aac").is_dir() else []}
+    by_extension = {"wav": [], "m4a": [source for source, _ in m4a_targets(root)]}
     for path in source.watched:
         by_extension.setdefault(path.suffix.lower().lstrip("."), []).append(path)
     return {ext: _tree_summary(paths) for ext, paths in by_extension.items() if ext in ("wav", "m4a") or paths}
@@ -353,7 +353,7 @@ def prepare(
             return PrepareResult.from_json(done["result"] | {"reused": True})
         marker.unlink()
 
-    trees = [root for root, source in sources.items() if source.kind == TREE and is_voxceleb_layout(root)]
+    trees = [root for root, source in sources.items() if source.kind == TREE]
     try:
         failures = convert_m4a(trees, sample_rate, num_workers)
     except FfmpegMissingError as err:

@@ -6,10 +6,11 @@ tau is the root of ``sum_j q_j [1 + (alpha - 1)(theta_j - tau)]_+ ** (1 / (alpha
 is solved by Newton steps within an exact bracket. The lower bounds found here without a host sync
 (``group_maxima_tau``) are what lets the posterior look only at a few candidates per row.
 
-tau is always solved in float64 (``TAU_DTYPE``), whatever the dtype of the logits: near-tied logits
-at a large scale make ``p`` of a class near the edge of the support so sensitive to tau that a
-float32 solve is off by up to 0.2 at alpha 10 (``docs/loss.md``, "Exactness"). The candidates are
-few per row, so the cost is small.
+tau is always solved in float64 (``TAU_DTYPE``), whatever the dtype of the logits, and Newton solves
+for ``u`` of a pivot class rather than tau (:class:`Threshold`): near-tied logits at a large scale
+make ``p`` of a class at the edge of the support so sensitive to rounding that a float32 solve on
+tau was off by up to 0.2 at alpha 10, a float64 one by 1e-2 (``docs/loss.md``, "Exactness"). The
+candidates are few per row, so the cost is small.
 
 A training step runs this once per batch on a CPU or a GPU, so the code keeps the number of tensor
 operations and host syncs (reading a value back: ``int()``, ``bool()``) small and independent of
@@ -38,6 +39,7 @@ _STEP_CONVERGED = 1e-9
 
 
 def _step_converged(alpha: float) -> float:
+    """The relative Newton step below which a row has converged at ``alpha``."""
     return _STEP_CONVERGED if alpha <= 2.0 else _RESOLUTION
 
 

@@ -31,11 +31,16 @@ def run_and_report(
     out: str | Path,
     jobs: int = 1,
     n_resamples: int = 1000,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """``qmargin-spk study``: check the spec, run what is unfinished, write the report (returned)."""
+    log = log or _say
     spec = load_spec(spec_file)
     run_study(spec, out, jobs=jobs, log=log)
     report = write_report(spec, out, n_resamples=n_resamples)
     log(f"report: {Path(out) / 'report.md'}")
     return report
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)  # progress of runs that take minutes: shown as it happens, also through a pipe

@@ -40,64 +40,13 @@ def write_report(
     for run in runs:
         groups.setdefault(run.label, []).append(run)
     scored = {run.name: _load(run) for run in runs}
-    names = spec.list_labels()
-    base = spec.baseline  # a grid baseline: its first grid point
-    base_label = next(label for label, members in groups.items() if members[0].system.label == base)
-    lists = []
-    for list_name, list_label in names.items():
-        reference = scored[runs[0].name].lists[list_name]
-        try:
-            for run in runs[1:]:
-                check_same_trials(reference, runs[0].name, scored[run.name].lists[list_name], run.name)
-        except CompareError as err:
-            raise StudyError(str(err)) from None
-        enrol, test = utterance_speakers(reference.enrol), utterance_speakers(reference.test)
-        settings = dict(
-            p_targets=DEFAULT_P_TARGETS, fars=FARS, n_resamples=n_resamples, confidence=confidence, seed=seed
-        )
-
-        def scores_of(label: str, list_name: str = list_name) -> list:
-            return [scored[run.name].lists[list_name].scores for run in groups[label]]
-
-        try:
-            systems = {
-                label: _flat(pool_system(scores_of(label), reference.labels, enrol, test, **settings).to_json())
-                for label in groups
-            }
-            base_scores, labels = scores_of(base_label), reference.labels
-            differences = {
-                label: _flat(pool_difference(base_scores, scores_of(label), labels, enrol, test, **settings).to_json())
-                for label in groups
-                if label != base_label
-            }
-        except ValueError as err:
-            raise StudyError(f"{reference.path}: {str(err).splitlines()[0]}") from None
-        lists.append(
-            {
-                "list": list_name,
-                "label": list_label,
-                "n_trials": int(reference.labels.size),
-                "n_target": int(reference.labels.sum()),
-                "n_speakers": len(set(enrol) | set(test)),
-                "systems": systems,
-                "differences": differences,
-                "resolution": {
-                    metric: {label: diff[metric].get("half_width") for label, diff in differences.items()}
-                    for metric in _metrics(systems)
-                },
-            }
-        )
-    warnings = []
-    if len(spec.seeds) == 1:
-        warnings.append(
-            "one seed: the intervals cover the test speakers only, not the variation between training runs; "
-            f"use {MIN_SEEDS} or more seeds"
-        )
-    elif len(spec.seeds) < MIN_SEEDS:
-        warnings.append(
-            f"only {len(spec.seeds)} seed(s): the seed-to-seed spread rests on few runs, so the pooled intervals "
-            f"are wide (t-quantile with {len(spec.seeds) - 1} degrees of freedom); use {MIN_SEEDS} or more seeds"
-        )
+    # The baseline system's first grid point is the baseline of every difference.
+    base_label = next(label for label, members in groups.items() if members[0].system.label == spec.baseline)
+    settings = dict(p_targets=DEFAULT_P_TARGETS, fars=FARS, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    lists = [
+        _pool_list(name, label, runs, groups, scored, base_label, settings)
+        for name, label in spec.list_labels().items()
+    ]
     report = {
         "spec": str(spec.path),
         "seeds": spec.seeds,
@@ -110,7 +59,7 @@ def write_report(
             "n_resamples": n_resamples,
             "seed": seed,
         },
-        "warnings": warnings,
+        "warnings": seed_warnings(len(spec.seeds)),
         "systems": {
             label: {
                 "system": members[0].system.label,
@@ -129,6 +78,69 @@ def write_report(
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / "report.md", report_markdown(report))
     return report
+
+
+def seed_warnings(n_seeds: int) -> list[str]:
+    """What the report warns about the number of seeds (nothing from ``MIN_SEEDS`` on)."""
+    if n_seeds == 1:
+        return [
+            "one seed: the intervals cover the test speakers only, not the variation between training runs; "
+            f"use {MIN_SEEDS} or more seeds"
+        ]
+    if n_seeds < MIN_SEEDS:
+        return [
+            f"only {n_seeds} seed(s): the seed-to-seed spread rests on few runs, so the pooled intervals "
+            f"are wide (t-quantile with {n_seeds - 1} degrees of freedom); use {MIN_SEEDS} or more seeds"
+        ]
+    return []
+
+
+def _pool_list(
+    list_name: str,
+    list_label: str,
+    runs: list[StudyRun],
+    groups: dict[str, list[StudyRun]],
+    scored: dict[str, ScoredSystem],
+    base_label: str,
+    settings: dict,
+) -> dict:
+    """One trial list: every system pooled over its seeds, and its paired difference to the baseline."""
+    reference = scored[runs[0].name].lists[list_name]
+    try:
+        for run in runs[1:]:
+            check_same_trials(reference, runs[0].name, scored[run.name].lists[list_name], run.name)
+    except CompareError as err:
+        raise StudyError(str(err)) from None
+    labels, enrol, test = reference.labels, utterance_speakers(reference.enrol), utterance_speakers(reference.test)
+
+    def scores_of(label: str) -> list:
+        return [scored[run.name].lists[list_name].scores for run in groups[label]]
+
+    try:
+        systems = {
+            label: _flat(pool_system(scores_of(label), labels, enrol, test, **settings).to_json()) for label in groups
+        }
+        base = scores_of(base_label)
+        differences = {
+            label: _flat(pool_difference(base, scores_of(label), labels, enrol, test, **settings).to_json())
+            for label in groups
+            if label != base_label
+        }
+    except ValueError as err:
+        raise StudyError(f"{reference.path}: {str(err).splitlines()[0]}") from None
+    return {
+        "list": list_name,
+        "label": list_label,
+        "n_trials": int(labels.size),
+        "n_target": int(labels.sum()),
+        "n_speakers": len(set(enrol) | set(test)),
+        "systems": systems,
+        "differences": differences,
+        "resolution": {
+            metric: {label: diff[metric].get("half_width") for label, diff in differences.items()}
+            for metric in _metrics(systems)
+        },
+    }
 
 
 def report_markdown(report: dict) -> str:

@@ -47,6 +47,8 @@ TOP_FIELDS = (
     "valid_speakers",
 )
 SYSTEM_FIELDS = ("hparams", *KINDS, "overrides", "grid")
+# Keys the study sets on every run (runner.py): the seed from ``seeds``, the study's manifests, the threads.
+STUDY_KEYS = ("seed", "data_folder", "output_folder", "num_threads")
 
 
 class StudyError(ValueError):
@@ -170,6 +172,10 @@ def _system(spec: Path, where: Path, label: str, entry: Any, common: dict) -> Sy
     for key, values in grid.items():
         if not isinstance(values, list) or not values or len({repr(v) for v in values}) < len(values):
             raise StudyError(f"{name}: grid key {key!r} must list distinct values, got {values!r}")
+    for key in [*overrides, *grid]:
+        if key in STUDY_KEYS:
+            what = "'seeds'" if key == "seed" else "the study"
+            raise StudyError(f"{name}: {key!r} is set by {what} for every run; remove it from the overrides and grid")
     try:
         composition = compose(hparams, choices, overrides)
     except CompositionError as err:

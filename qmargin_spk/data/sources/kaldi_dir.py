@@ -41,8 +41,11 @@ def _table(path: Path, min_fields: int, max_fields: int | None, what: str) -> di
     return table
 
 
-def _wav_scp(path: Path) -> dict[str, tuple[int, str]]:
-    """``recording -> (line, entry)``; the entry is the rest of the line (a command may hold spaces)."""
+def read_wav_scp(path: Path) -> dict[str, tuple[int, str]]:
+    """``recording -> (line, entry)`` of a ``wav.scp``, in file order; InputError naming ``path:line``.
+
+    The entry is the rest of the line (a command may hold spaces); file and ark paths are made absolute.
+    """
     entries: dict[str, tuple[int, str]] = {}
     for number, line in _lines(path):
         parts = line.split(maxsplit=1)
@@ -88,7 +91,7 @@ def read_kaldi_dir(root: Path) -> InputSource:
     """The utterances of a Kaldi data dir; utterances without a speaker are dropped with that reason."""
     if not is_kaldi_dir(root):
         raise InputError(f"{root}: not a Kaldi data dir (needs wav.scp and utt2spk or spk2utt)")
-    recordings = _wav_scp(root / "wav.scp")
+    recordings = read_wav_scp(root / "wav.scp")
     speakers = _speakers(root)
     for optional, what in (("utt2dur", "'<utterance id> <seconds>'"), ("reco2dur", "'<recording id> <seconds>'")):
         if (root / optional).is_file():

@@ -1,10 +1,11 @@
 """Audio trees: the VoxCeleb layout ``ROOT/wav/<spk>/<video>/<utt>.<ext>`` or any ``ROOT/<spk>/.../<utt>.<ext>``.
 
-Files are read by soundfile (``wav``, ``flac``, ``ogg``); VoxCeleb2's ``ROOT/aac/**.m4a`` are
-decoded into ``ROOT/wav`` by prepare first (:mod:`qmargin_spk.data.m4a`). The speaker is the
-first folder, the utterance id the path below the base (``ROOT/wav`` or ``ROOT``) without its
-extension, and trial items are paths relative to the base: ``spk/video/utt.wav`` names the id
-``spk/video/utt`` whatever the file's extension (CN-Celeb's lists name ``.wav`` for FLAC files).
+Files are read by soundfile (``wav``, ``flac``, ``ogg``); m4a files (VoxCeleb2's ``ROOT/aac/**.m4a``,
+or ``.m4a`` anywhere in another tree) are decoded to WAV by prepare first (:mod:`qmargin_spk.data.m4a`).
+The speaker is the first folder, the utterance id the path below the base (``ROOT/wav`` or
+``ROOT``) without its extension, and trial items are paths relative to the base:
+``spk/video/utt.wav`` names the id ``spk/video/utt`` whatever the file's extension (CN-Celeb's
+lists name ``.wav`` for FLAC files).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def first_audio_file(root: Path) -> Path | None:
     for folder, _, names in os.walk(root):
         if Path(folder) != root:
             for name in sorted(names):
-                if name.rsplit(".", 1)[-1].lower() in TREE_EXTENSIONS:
+                if name.rsplit(".", 1)[-1].lower() in (*TREE_EXTENSIONS, "m4a"):
                     return Path(folder) / name
     return None
 
