@@ -23,7 +23,7 @@ demo: $(STAMP)
 # Q-Margin and AAM over three training seeds on the 200-test-speaker `study` corpus, two runs at a time;
 # prints the verdict pooled over seeds and test speakers (docs/studies.md gives its time on 2 cores).
 study-demo: $(STAMP)
-	$(PY) recipes/voxceleb/demo.py --seeds 1 2 3 --jobs 2 --out exp/study_demo
+	$(PY) recipes/voxceleb/demo.py --seeds 1 2 3 4 5 --jobs 2 --out exp/study_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

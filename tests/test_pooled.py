@@ -197,7 +197,6 @@ def test_student_t_against_tables_and_closed_forms():
         assert student_t_two_sided_p(student_t_quantile(0.995, dof), dof) == pytest.approx(0.01, rel=1e-9)
 
 
-
 def test_student_t_with_huge_degrees_of_freedom_is_the_normal():
     # Nearly equal seeds give Satterthwaite degrees of freedom of 1e12 and more; the exact forms lose precision there.
     # Cornish-Fisher: t_{0.975, dof} = z + (z^3 + z) / (4 dof) + O(dof^-2).
@@ -205,6 +204,7 @@ def test_student_t_with_huge_degrees_of_freedom_is_the_normal():
         expected = Z_975 + (Z_975**3 + Z_975) / (4 * dof)
         assert student_t_quantile(0.975, dof) == pytest.approx(expected, abs=1e-6)
         assert student_t_two_sided_p(expected, dof) == pytest.approx(0.05, abs=1e-6)
+
 
 # ---------------------------------------------------------------- the public functions
 
