@@ -84,10 +84,12 @@ def test_spec_mistakes_are_one_line_naming_the_file_system_and_key(corpus, tmp_p
     assert not (tmp_path / "out").exists()  # nothing ran
 
 
-def fake_run(folder: Path, list_name: str, enrol, test, scores, labels, loss_settings: dict) -> None:
-    """A finished run's stage-3 output as stage 3 writes it: a score file and results naming the experiment."""
+def fake_run(folder: Path, list_name: str, enrol, test, scores, labels, loss_settings: dict, speakers: dict) -> None:
+    """A finished run's stage-3 output as stage 3 writes it: score file, speaker file, results naming the experiment."""
     (folder / "scores").mkdir(parents=True)
     write_score_file(folder / "scores" / f"{list_name}.cosine.scores", enrol, test, scores, labels)
+    lines = "".join(f"{item} {speaker}\n" for item, speaker in sorted(speakers.items()))
+    (folder / "scores" / f"{list_name}.speakers").write_text(lines)
     results = {
         "experiment": {"name": folder.name, "label": "qmargin", "loss": "qmargin", "loss_settings": loss_settings},
         "results": [{"list": list_name, "n_trials": len(labels)}],
@@ -101,9 +103,11 @@ def test_a_grid_study_writes_its_ablation_table_and_plot(corpus, tmp_path):
     spec_file = write_spec(tmp_path / "spec.yaml", corpus, {"aam": aam, "qmargin": qmargin}, [1, 2])
     spec, out = load_spec(spec_file), tmp_path / "study"
     # Hand-made finished runs on 12 speakers: alpha 1.5 separates targets perfectly (EER 0), alpha 2 inverts
-    # every score (EER 1), AAM is chance-like; the runner must start none of them.
+    # every score (EER 1), AAM is chance-like; the runner must start none of them. The items are clip ids
+    # whose speaker only the recorded speaker file knows: the pooling resamples those 12 speakers.
     rng = np.random.default_rng(0)
-    ids = [[f"id{s:03d}/v/{u}.wav" for u in range(3)] for s in range(12)]
+    ids = [[f"clip{3 * s + u:03d}.wav" for u in range(3)] for s in range(12)]
+    speakers = {item: f"speaker{s}" for s, items in enumerate(ids) for item in items}
     pairs = [(a, b, 1) for spk in ids for i, a in enumerate(spk) for b in spk[i + 1 :]]
     pairs += [(ids[s][0], ids[t][1], 0) for s in range(12) for t in range(12) if s != t]
     enrol, test, labels = zip(*pairs)
@@ -121,12 +125,13 @@ def test_a_grid_study_writes_its_ablation_table_and_plot(corpus, tmp_path):
         alpha = run.point.values.get("alpha")
         noise = 0.01 * rng.random(labels.size)
         scores = {None: rng.random(labels.size), 1.5: labels + noise, 2.0: -labels - noise}[alpha]
-        fake_run(run.folder, "trials", enrol, test, scores, labels, {"alpha": alpha or 1.0})
+        fake_run(run.folder, "trials", enrol, test, scores, labels, {"alpha": alpha or 1.0}, speakers)
         for epoch in (1, 2):  # runs that validated during training leave a learning curve
             write_curve_row(run.folder / "valid_curve.csv", epoch, 5.0 / epoch, {"eer": 0.3 / epoch})
     report = run_and_report(spec_file, out, n_resamples=50, log=lambda line: None)
     assert not (out / "prepare.log").exists()  # every run was finished: nothing prepared, nothing trained
     (entry,) = report["lists"]
+    assert entry["n_speakers"] == 12
     assert entry["systems"]["qmargin_alpha-1.5"]["eer"]["mean"] == 0.0
     assert entry["systems"]["qmargin_alpha-2"]["eer"]["mean"] == 1.0
     differences = entry["differences"]

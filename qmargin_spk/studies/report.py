@@ -18,7 +18,13 @@ from pathlib import Path
 from qmargin_spk.metrics import DEFAULT_P_TARGETS, utterance_speakers
 from qmargin_spk.metrics.pooled import METHOD, MIN_SEEDS, pool_difference, pool_system
 from qmargin_spk.scoring.compare_tables import format_settings, wide_table
-from qmargin_spk.scoring.scored_system import CompareError, ScoredSystem, check_same_trials, load_scored_system
+from qmargin_spk.scoring.scored_system import (
+    CompareError,
+    ScoredSystem,
+    check_same_trials,
+    load_scored_system,
+    trial_speakers,
+)
 from qmargin_spk.studies.plots import numeric_values, plot_available, plot_metric_panels
 from qmargin_spk.studies.runner import BACKEND, StudyRun, plan_runs
 from qmargin_spk.studies.spec import StudyError, StudySpec
@@ -111,7 +117,12 @@ def _pool_list(
             check_same_trials(reference, runs[0].name, scored[run.name].lists[list_name], run.name)
     except CompareError as err:
         raise StudyError(str(err)) from None
-    labels, enrol, test = reference.labels, utterance_speakers(reference.enrol), utterance_speakers(reference.test)
+    try:  # the speakers the runs recorded (test manifest or enrollment map), as compare uses them
+        speakers = trial_speakers([(run.name, scored[run.name].lists[list_name]) for run in runs])
+    except CompareError as err:
+        raise StudyError(str(err)) from None
+    labels = reference.labels
+    enrol, test = utterance_speakers(reference.enrol, speakers), utterance_speakers(reference.test, speakers)
 
     def scores_of(label: str) -> list:
         return [scored[run.name].lists[list_name].scores for run in groups[label]]
