@@ -12,7 +12,6 @@ The checksums are OpenSLR's, as published beside the archives (MD5): OpenSLR 17 
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -25,6 +24,8 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from qmargin_spk.utils.hashing import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +64,6 @@ PUBLISHED = {
 }
 
 _INTERRUPTIONS = (http.client.HTTPException, ConnectionError, TimeoutError, urllib.error.URLError)
-
-
-def file_digest(path: str | os.PathLike, algorithm: str) -> str:
-    """Hex digest of a file's bytes with hashlib's ``algorithm`` (``md5``, ``sha256``)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
 def _transfer(url: str, partial: Path, timeout: float, chunk_bytes: int) -> bool:
