@@ -61,6 +61,39 @@ def write_wav(path, seconds, rate=SR, seed=0, channels=1):
     return Path(path)
 
 
+def speech_like(batch: int, seconds: float, seed: int) -> np.ndarray:
+    """Harmonic signals with random pitch plus noise, one row per utterance (float32, ``[batch, samples]``)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    rows = [
+        sum(np.sin(2 * np.pi * k * (90 + 150 * rng.random()) * t) / k for k in range(1, 6)) * 0.2
+        + 0.02 * rng.normal(size=t.size)
+        for _ in range(batch)
+    ]
+    return np.stack(rows).astype(np.float32)
+
+
+def assert_demo_experiment_takes_a_training_step(
+    experiment_file, loss: str, description: dict, model_class: type, parameters: int
+) -> None:
+    """The composed experiment builds ``model_class`` with ``parameters`` from ``description`` and a head
+    computing ``loss``; one training step has finite gradients on every backbone parameter."""
+    from qmargin_spk.models import count_parameters
+    from qmargin_spk.stages.experiment import composed_hparams
+
+    hparams = composed_hparams(experiment_file)
+    assert hparams["backbone_description"] == description
+    embedder, model = hparams["embedder"].train(), hparams["embedding_model"]
+    assert isinstance(model, model_class) and count_parameters(model) == parameters
+    head = hparams["classifier"](num_classes=5, embedding_dim=hparams["embedding_dim"])
+    assert head.loss_settings()["loss"] == loss
+    torch.manual_seed(0)
+    value = head(embedder(torch.randn(4, 8000), torch.tensor([1.0, 1.0, 0.8, 0.6])), torch.tensor([0, 1, 2, 4]))
+    value.backward()
+    assert value.ndim == 0 and torch.isfinite(value)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """``(model folder, recipe embedder with the same weights)`` for a random-weight ECAPA (C=32, D=16)."""

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
+from conftest import speech_like  # noqa: E402
 from qmargin_spk.cli import main as cli_main  # noqa: E402
 from qmargin_spk.data.prepare import prepare  # noqa: E402
 from qmargin_spk.data.synthetic import PRESETS, generate_corpus  # noqa: E402
@@ -22,7 +23,6 @@ from qmargin_spk.stages.train import train_stage  # noqa: E402
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")]
 
 REPO = Path(__file__).resolve().parents[1]
-SR = 16000
 BACKBONES = {"resnet34": 256, "campplus": 128}  # demo-size embedding dimension
 # Batch sizes 1, 3, 8 and durations 0.5 to 20 s, as tests/test_export.py checks ECAPA.
 GRID = [(1, 0.5), (1, 20.0), (3, 2.7), (8, 0.5)]
@@ -63,18 +63,6 @@ def trained(request, prepared_data, tmp_path_factory) -> dict:
         "onnx": export_onnx(model, exp / "m.onnx"),
         "torchscript": torch.jit.load(str(export_torchscript(model, exp / "m.pt"))),
     }
-
-
-def speech_like(batch: int, seconds: float, seed: int) -> np.ndarray:
-    """Harmonic signals with random pitch plus noise, one row per utterance."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SR)) / SR
-    rows = [
-        sum(np.sin(2 * np.pi * k * (90 + 150 * rng.random()) * t) / k for k in range(1, 6)) * 0.2
-        + 0.02 * rng.normal(size=t.size)
-        for _ in range(batch)
-    ]
-    return np.stack(rows).astype(np.float32)
 
 
 def min_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:

@@ -190,19 +190,10 @@ def test_campplus_backbone_fragment_composes_with_the_demo_setting():
 
 @pytest.mark.parametrize("loss", ["qmargin", "aam"])
 def test_campplus_demo_experiment_composes_and_takes_a_training_step(loss):
-    from qmargin_spk.stages.experiment import composed_hparams
+    from conftest import assert_demo_experiment_takes_a_training_step
 
-    hparams = composed_hparams(HPARAMS / f"demo_cpu_campplus_{loss}.yaml")
-    assert hparams["backbone_description"] == DEMO
-    embedder, model = hparams["embedder"].train(), hparams["embedding_model"]
-    assert isinstance(model, CAMPPlus) and count_parameters(model) == DEMO_PARAMETERS
-    head = hparams["classifier"](num_classes=5, embedding_dim=hparams["embedding_dim"])
-    assert head.loss_settings()["loss"] == loss
-    torch.manual_seed(0)
-    value = head(embedder(torch.randn(4, 8000), torch.tensor([1.0, 1.0, 0.8, 0.6])), torch.tensor([0, 1, 2, 4]))
-    value.backward()
-    assert value.ndim == 0 and torch.isfinite(value)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    experiment = HPARAMS / f"demo_cpu_campplus_{loss}.yaml"
+    assert_demo_experiment_takes_a_training_step(experiment, loss, DEMO, CAMPPlus, DEMO_PARAMETERS)
 
 
 def test_speechbrain_hparams_build_the_registered_campplus():

@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from conftest import speech_like  # noqa: E402
 from qmargin_spk.inference import SpeakerModel, export_onnx, export_torchscript  # noqa: E402
 from qmargin_spk.inference.export import ExportableFbank  # noqa: E402
 from qmargin_spk.inference.onnx_runtime import OnnxSpeakerModel  # noqa: E402
@@ -36,18 +37,6 @@ def exported(tiny_model, tmp_path_factory):
         "int8": export_onnx(model, out / "m.int8.onnx", quantize="int8"),
         "torchscript": torch.jit.load(str(export_torchscript(model, out / "m.pt"))),
     }
-
-
-def speech_like(batch, seconds, seed):
-    """Harmonic signals with random pitch plus noise, one row per utterance."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SR)) / SR
-    rows = [
-        sum(np.sin(2 * np.pi * k * (90 + 150 * rng.random()) * t) / k for k in range(1, 6)) * 0.2
-        + 0.02 * rng.normal(size=t.size)
-        for _ in range(batch)
-    ]
-    return np.stack(rows).astype(np.float32)
 
 
 def raw_pytorch(model, wavs):

@@ -124,19 +124,10 @@ def test_speechbrain_hparams_build_the_registered_resnet34(frontend):
 
 @pytest.mark.parametrize("loss", ["qmargin", "aam"])
 def test_resnet34_demo_experiment_composes_and_takes_a_training_step(loss):
-    from qmargin_spk.stages.experiment import composed_hparams
+    from conftest import assert_demo_experiment_takes_a_training_step
 
-    hparams = composed_hparams(HPARAMS / f"demo_cpu_resnet34_{loss}.yaml")
-    assert hparams["backbone_description"] == SMALL
-    embedder, model = hparams["embedder"].train(), hparams["embedding_model"]
-    assert isinstance(model, ResNetSpeaker) and count_parameters(model) == DEMO_PARAMETERS
-    head = hparams["classifier"](num_classes=5, embedding_dim=hparams["embedding_dim"])
-    assert head.loss_settings()["loss"] == loss
-    torch.manual_seed(0)
-    value = head(embedder(torch.randn(4, 8000), torch.tensor([1.0, 1.0, 0.8, 0.6])), torch.tensor([0, 1, 2, 4]))
-    value.backward()
-    assert value.ndim == 0 and torch.isfinite(value)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    experiment = HPARAMS / f"demo_cpu_resnet34_{loss}.yaml"
+    assert_demo_experiment_takes_a_training_step(experiment, loss, SMALL, ResNetSpeaker, DEMO_PARAMETERS)
 
 
 @pytest.mark.parametrize("frontend", [FBANK, WESPEAKER_FBANK], ids=["speechbrain_fbank", "kaldi_fbank"])
