@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from qmargin_spk.scoring.report import format_interval
+from qmargin_spk.scoring.report import format_difference, format_interval
 from qmargin_spk.utils.markdown import markdown_table
 
 # Columns of the wide table per list, as in published VoxCeleb tables.
@@ -143,11 +143,8 @@ def _interval(entry: dict, percent: bool) -> str:
 
 def _difference(entry: dict, percent: bool) -> str:
     """``-0.45 [-0.80, -0.12] p=0.008``; ``n/a`` when either system's metric is not reported."""
-    if entry["difference"] is None:
-        return "n/a"
     scale, digits = (100, 2) if percent else (1, 3)
-    value, low, high = (scale * entry[key] for key in ("difference", "low", "high"))
-    return f"{value:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] p={entry['p_value']:.3f}"
+    return format_difference(entry["difference"], entry["low"], entry["high"], entry["p_value"], scale, digits)
 
 
 def _interval_note(summary: dict) -> str:

@@ -141,6 +141,25 @@ def format_interval(
     return text
 
 
+def format_difference(
+    value: float | None,
+    low: float | None,
+    high: float | None,
+    p_value: float | None,
+    factor: float = 1.0,
+    digits: int = 3,
+) -> str:
+    """``-0.45 [-0.80, -0.12] p=0.008`` (signed, each times ``factor``); parts without a value are left out."""
+    if value is None:
+        return "n/a"
+    text = f"{factor * value:+.{digits}f}"
+    if low is not None and high is not None:
+        text += f" [{factor * low:+.{digits}f}, {factor * high:+.{digits}f}]"
+    if p_value is not None:
+        text += f" p={p_value:.3f}"
+    return text
+
+
 def _with_interval(value: float | None, interval: dict | None, factor: float, digits: int) -> str:
     """A metric of ``results`` with its interval entry (if any) in the table's format."""
     interval = interval or {}

@@ -18,6 +18,7 @@ from pathlib import Path
 from qmargin_spk.metrics import DEFAULT_P_TARGETS, utterance_speakers
 from qmargin_spk.metrics.pooled import METHOD, MIN_SEEDS, pool_difference, pool_system
 from qmargin_spk.scoring.compare_tables import format_settings, wide_table
+from qmargin_spk.scoring.report import format_difference
 from qmargin_spk.scoring.scored_system import (
     CompareError,
     ScoredSystem,
@@ -368,14 +369,9 @@ def _pooled_cell(value: dict, metric: str) -> str:
 def _difference_cell(value: dict, metric: str) -> str:
     """``-0.45 [-0.80, -0.12] p=0.008``; ``n/a`` when undefined."""
     scale, digits = _scale(metric)
-    if value.get("mean") is None:
-        return "n/a"
-    text = f"{scale * value['mean']:+.{digits}f}"
-    if value.get("low") is not None and value.get("high") is not None:
-        text += f" [{scale * value['low']:+.{digits}f}, {scale * value['high']:+.{digits}f}]"
-    if value.get("p_value") is not None:
-        text += f" p={value['p_value']:.3f}"
-    return text
+    return format_difference(
+        value.get("mean"), value.get("low"), value.get("high"), value.get("p_value"), scale, digits
+    )
 
 
 def _half_width(value: float | None, metric: str) -> str:
