@@ -48,7 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from qmargin_spk.data.audio import AudioError, audio_info, check_finite_samples
-from qmargin_spk.data.m4a import FfmpegMissingError, convert_m4a, m4a_targets
+from qmargin_spk.data.input_fingerprint import input_fingerprint
+from qmargin_spk.data.m4a import FfmpegMissingError, convert_m4a
 from qmargin_spk.data.manifest import ManifestRow, write_manifest
 from qmargin_spk.data.sources.detect import read_input
 from qmargin_spk.data.sources.tree import tree_files
@@ -66,7 +67,6 @@ from qmargin_spk.utils.atomic import atomic_write_text
 logger = logging.getLogger(__name__)
 
 DONE_MARKER = "prepare_done.json"
-MARKER_VERSION = 1
 MAX_LISTED_PROBLEMS = 10
 
 PathLike = str | os.PathLike
@@ -266,44 +266,6 @@ def validate_trial_lists(trial_files: Sequence[Path], test: InputSource, scan: R
     except ValueError as err:
         raise PrepareError(str(err)) from err
     return lists
-
-
-# --- fingerprint ------------------------------------------------------------------
-
-
-def _stat(path: Path) -> os.stat_result:
-    """The file's status, or the link's own for a dangling or looping symbolic link."""
-    try:
-        return path.stat()
-    except OSError:
-        return path.lstat()
-
-
-def _tree_summary(paths: list[Path]) -> dict:
-    stats = [_stat(p) for p in paths]
-    return {
-        "files": len(stats),
-        "bytes": sum(s.st_size for s in stats),
-        "newest_mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
-    }
-
-
-def _source_summary(root: Path, source: InputSource) -> dict:
-    """What a root's fingerprint holds: per extension for trees (as before other forms existed), else its files."""
-    if source.kind != TREE:
-        present = [path for path in source.watched if os.path.lexists(path)]
-        return {"form": source.kind, "files": _tree_summary(present), "missing": len(source.watched) - len(present)}
-    by_extension = {"wav": [], "m4a": [source for source, _ in m4a_targets(root)]}
-    for path in source.watched:
-        by_extension.setdefault(path.suffix.lower().lstrip("."), []).append(path)
-    return {ext: _tree_summary(paths) for ext, paths in by_extension.items() if ext in ("wav", "m4a") or paths}
-
-
-def input_fingerprint(sources: dict[Path, InputSource], trial_files: Sequence[Path], settings: dict) -> dict:
-    """A cheap summary of everything prepare reads: the inputs (counts, sizes, mtimes), trial lists, settings."""
-    trees = {str(root): _source_summary(root, source) for root, source in sources.items()}
-    trials = {str(p): _tree_summary([p]) if p.is_file() else None for p in trial_files}
-    return {"version": MARKER_VERSION, "trees": trees, "trials": trials, "settings": settings}
 
 
 def _write_listing(path: Path, entries: Iterable[tuple[object, object]]) -> None:

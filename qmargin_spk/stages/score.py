@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from qmargin_spk.calibration import Calibration, calibrate_run
+from qmargin_spk.data.input_fingerprint import input_fingerprint
 from qmargin_spk.data.manifest import read_manifest, write_manifest
 from qmargin_spk.data.prepare import (
     DONE_MARKER,
     PrepareError,
     check_disjoint_speakers,
-    input_fingerprint,
     scan_source,
     validate_trial_lists,
 )
