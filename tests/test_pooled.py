@@ -35,6 +35,7 @@ from qmargin_spk.metrics.pooled import (
     pool_difference,
     pool_replicates,
     pool_system,
+    pool_systems_against_baseline,
     student_t_quantile,
     student_t_two_sided_p,
 )
@@ -273,3 +274,25 @@ def test_bad_inputs_raise():
         pool_system([scores_a[0][:-1], scores_a[1]], LABELS, ENROL_SPEAKERS, TEST_SPEAKERS, n_resamples=10)
     with pytest.raises(ValueError, match="confidence"):
         pool_system(scores_a[:2], LABELS, ENROL_SPEAKERS, TEST_SPEAKERS, n_resamples=10, confidence=95)
+
+
+@pytest.mark.parametrize("n_seeds", [1, 3])
+def test_pooling_every_system_at_once_equals_the_separate_calls(n_seeds):
+    scores_a, scores_b = simulated_study(1)
+    scores_c = scores_b[::-1] + 0.1  # a third system, paired by seed like the others
+    keywords = {"n_resamples": 60, "seed": 4, "fars": (1e-2,)}
+    by_system = {"a": scores_a[:n_seeds], "b": scores_b[:n_seeds], "c": scores_c[:n_seeds]}
+    systems, differences = pool_systems_against_baseline(
+        by_system, "a", LABELS, ENROL_SPEAKERS, TEST_SPEAKERS, **keywords
+    )
+    for label, scores in by_system.items():
+        separate = pool_system(scores, LABELS, ENROL_SPEAKERS, TEST_SPEAKERS, **keywords)
+        assert systems[label].to_json() == separate.to_json()
+    assert sorted(differences) == ["b", "c"]
+    for label in ("b", "c"):
+        separate = pool_difference(by_system["a"], by_system[label], LABELS, ENROL_SPEAKERS, TEST_SPEAKERS, **keywords)
+        assert differences[label].to_json() == separate.to_json()
+    with pytest.raises(ValueError, match="paired by seed"):
+        pool_systems_against_baseline(
+            {"a": scores_a[:2], "b": scores_b[:3]}, "a", LABELS, ENROL_SPEAKERS, TEST_SPEAKERS
+        )

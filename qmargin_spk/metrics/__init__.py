@@ -14,7 +14,13 @@ from qmargin_spk.metrics.bootstrap import (
     utterance_speakers,
 )
 from qmargin_spk.metrics.det import det_available, plot_det, plot_det_curves, probit
-from qmargin_spk.metrics.pooled import PooledEntry, PooledResult, pool_difference, pool_system
+from qmargin_spk.metrics.pooled import (
+    PooledEntry,
+    PooledResult,
+    pool_difference,
+    pool_system,
+    pool_systems_against_baseline,
+)
 from qmargin_spk.metrics.verification import (
     CONVENTIONS,
     DEFAULT_FARS,
@@ -53,6 +59,7 @@ __all__ = [
     "plot_det_curves",
     "pool_difference",
     "pool_system",
+    "pool_systems_against_baseline",
     "probit",
     "utterance_speakers",
     "validate_trials",

@@ -22,7 +22,7 @@ speaker bootstrap alone (percentile interval, as ``qmargin-spk compare`` reports
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -142,13 +142,7 @@ def pool_system(
     """
     runs = _check_runs(scores_by_seed, "scores_by_seed")
     bootstrap = _speaker_bootstrap(labels, enrol_speakers, test_speakers, p_targets, fars, n_resamples, seed)
-    replicates = [bootstrap.replicates(scores) for scores in runs]
-    if len(replicates) == 1:
-        single = bootstrap.intervals(replicates[0], confidence)
-        return _from_single_seed(single, bootstrap, confidence, is_difference=False)
-    points = np.array([_as_floats(rep) for rep in replicates])  # (seeds, metrics)
-    values = np.stack([rep.values for rep in replicates])  # (seeds, metrics, resamples)
-    return _pooled(points, values, bootstrap, confidence, is_difference=False)
+    return _pool_system_replicates(bootstrap, [bootstrap.replicates(scores) for scores in runs], confidence)
 
 
 def pool_difference(
@@ -172,7 +166,58 @@ def pool_difference(
     bootstrap = _speaker_bootstrap(labels, enrol_speakers, test_speakers, p_targets, fars, n_resamples, seed)
     reps_a = [bootstrap.replicates(scores) for scores in runs_a]
     reps_b = [bootstrap.replicates(scores) for scores in runs_b]
-    if len(runs_a) == 1:
+    return _pool_difference_replicates(bootstrap, reps_a, reps_b, confidence)
+
+
+def pool_systems_against_baseline(
+    scores_by_system: Mapping[str, Sequence[ArrayLike]],
+    baseline: str,
+    labels: ArrayLike,
+    enrol_speakers: Sequence[str],
+    test_speakers: Sequence[str],
+    *,
+    p_targets: Sequence[float] = DEFAULT_P_TARGETS,
+    fars: Sequence[float] = DEFAULT_FARS,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[dict[str, PooledResult], dict[str, PooledResult]]:
+    """:func:`pool_system` of every system and :func:`pool_difference` of each against ``baseline``, at once.
+
+    The same results as those calls, with one speaker bootstrap and each run's resamples computed once
+    (separate calls would recompute the baseline's for every system).
+    """
+    runs = {label: _check_runs(scores, f"scores_by_system[{label!r}]") for label, scores in scores_by_system.items()}
+    if baseline not in runs:
+        raise ValueError(f"baseline {baseline!r} is not one of the systems {sorted(runs)}")
+    bootstrap = _speaker_bootstrap(labels, enrol_speakers, test_speakers, p_targets, fars, n_resamples, seed)
+    replicates = {
+        label: [bootstrap.replicates(scores) for scores in scores_list] for label, scores_list in runs.items()
+    }
+    systems = {label: _pool_system_replicates(bootstrap, reps, confidence) for label, reps in replicates.items()}
+    differences = {}
+    for label, reps in replicates.items():
+        if label != baseline:
+            if len(reps) != len(replicates[baseline]):
+                counts = f"{len(replicates[baseline])} runs of {baseline!r} but {len(reps)} of {label!r}"
+                raise ValueError(f"runs are paired by seed: {counts}")
+            differences[label] = _pool_difference_replicates(bootstrap, replicates[baseline], reps, confidence)
+    return systems, differences
+
+
+def _pool_system_replicates(bootstrap: SpeakerBootstrap, replicates: list, confidence: float) -> PooledResult:
+    if len(replicates) == 1:
+        single = bootstrap.intervals(replicates[0], confidence)
+        return _from_single_seed(single, bootstrap, confidence, is_difference=False)
+    points = np.array([_as_floats(rep) for rep in replicates])  # (seeds, metrics)
+    values = np.stack([rep.values for rep in replicates])  # (seeds, metrics, resamples)
+    return _pooled(points, values, bootstrap, confidence, is_difference=False)
+
+
+def _pool_difference_replicates(
+    bootstrap: SpeakerBootstrap, reps_a: list, reps_b: list, confidence: float
+) -> PooledResult:
+    if len(reps_a) == 1:
         single = bootstrap.compare(reps_a[0], reps_b[0], confidence)
         return _from_single_seed(single, bootstrap, confidence, is_difference=True)
     points = np.array([_as_floats(b) - _as_floats(a) for a, b in zip(reps_a, reps_b)])

@@ -2,9 +2,9 @@
 
 Every run's stage-3 scores are read as compare reads them
 (:func:`~qmargin_spk.scoring.scored_system.load_scored_system`); runs of one system (and grid
-point) over the seeds are pooled with :func:`qmargin_spk.metrics.pooled.pool_system` (the seed
+point) over the seeds are pooled with :func:`qmargin_spk.metrics.pooled.pool_systems_against_baseline` (the seed
 spread with a small-sample t correction and the test speakers' bootstrap, docs/metrics.md), and
-each system is compared with the baseline seed by seed (:func:`~qmargin_spk.metrics.pooled.pool_difference`).
+each system is compared with the baseline seed by seed (the same function, one bootstrap for all runs).
 Writes ``DIR/report.md``, ``DIR/report.json`` and ``DIR/plots/*.png``.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qmargin_spk.metrics import DEFAULT_P_TARGETS, utterance_speakers
-from qmargin_spk.metrics.pooled import METHOD, MIN_SEEDS, pool_difference, pool_system
+from qmargin_spk.metrics.pooled import METHOD, MIN_SEEDS, pool_systems_against_baseline
 from qmargin_spk.scoring.compare_tables import format_settings, wide_table
 from qmargin_spk.scoring.report import format_difference
 from qmargin_spk.scoring.scored_system import (
@@ -129,17 +129,13 @@ def _pool_list(
         return [scored[run.name].lists[list_name].scores for run in groups[label]]
 
     try:
-        systems = {
-            label: _flat(pool_system(scores_of(label), labels, enrol, test, **settings).to_json()) for label in groups
-        }
-        base = scores_of(base_label)
-        differences = {
-            label: _flat(pool_difference(base, scores_of(label), labels, enrol, test, **settings).to_json())
-            for label in groups
-            if label != base_label
-        }
+        pooled, pooled_differences = pool_systems_against_baseline(
+            {label: scores_of(label) for label in groups}, base_label, labels, enrol, test, **settings
+        )
     except ValueError as err:
         raise StudyError(f"{reference.path}: {str(err).splitlines()[0]}") from None
+    systems = {label: _flat(result.to_json()) for label, result in pooled.items()}
+    differences = {label: _flat(result.to_json()) for label, result in pooled_differences.items()}
     return {
         "list": list_name,
         "label": list_label,
